@@ -1,0 +1,274 @@
+"""Typed configuration: YAML in, validated frozen dataclasses out.
+
+Every error names the file, the key path and the reason, e.g.
+``config/x.yaml: channels.news.history: expected a positive integer, got -3``.
+Unknown keys are errors: a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "ChannelConfig",
+    "Config",
+    "ConfigError",
+    "Limits",
+    "Listen",
+    "RedisConfig",
+    "load",
+    "parse",
+]
+
+CHANNEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``str()`` is one line: ``file: key.path: reason``."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        self.file = file
+        self.key = key
+        self.reason = reason
+        where = f"{file}: {key}: " if key else f"{file}: "
+        super().__init__(where + reason)
+
+
+class _Invalid(Exception):
+    """Raised by validators; turned into a ConfigError with the key path."""
+
+
+Check = Callable[[Any], None]
+
+
+def _positive(value: Any) -> None:
+    if value <= 0:
+        raise _Invalid(f"expected a positive number, got {value!r}")
+
+
+def _non_negative(value: Any) -> None:
+    if value < 0:
+        raise _Invalid(f"expected a non-negative number, got {value!r}")
+
+
+def _port(value: Any) -> None:
+    if not 0 <= value <= 65535:
+        raise _Invalid(f"expected a port number 0-65535, got {value!r}")
+
+
+def _redis_url(value: Any) -> None:
+    if not re.match(r"^(redis|rediss|unix)://", value):
+        raise _Invalid(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+
+
+def _not_empty(value: Any) -> None:
+    if not value:
+        raise _Invalid("must not be empty")
+
+
+def _check(*checks: Check) -> dict[str, Any]:
+    return {"checks": checks}
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_check(_port))
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(_redis_url))
+    # Seconds without any traffic on the subscription before a PING is sent,
+    # and seconds to wait for its answer before the connection is declared dead
+    # (catches half-open connections that never send an RST).
+    health_check_interval: float = field(default=5.0, metadata=_check(_positive))
+    health_check_timeout: float = field(default=3.0, metadata=_check(_positive))
+    connect_timeout: float = field(default=3.0, metadata=_check(_positive))
+    # Capped exponential backoff, with full jitter, between reconnect attempts.
+    reconnect_min: float = field(default=0.05, metadata=_check(_positive))
+    reconnect_max: float = field(default=1.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    # A subscriber whose unsent bytes exceed this is cut: a stuck client must
+    # never grow the hub's memory or delay the others.
+    max_buffer_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
+    # Publisher payloads larger than this are rejected (logged and counted).
+    max_message_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    name: str = ""
+    # Redis channel feeding this hub channel; defaults to the channel's own name.
+    redis_channel: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    channels: Mapping[str, ChannelConfig] = field(metadata=_check(_not_empty))
+    listen: Listen = field(default_factory=Listen)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    # Seconds between keepalive comments on every stream.
+    heartbeat: float = field(default=15.0, metadata=_check(_positive))
+    # Reconnection delay (ms) sent to clients in the stream's first line.
+    retry_ms: int = field(default=3000, metadata=_check(_non_negative))
+    limits: Limits = field(default_factory=Limits)
+    source: str = field(default="<config>", metadata={"internal": True})
+
+    def with_listen(self, host: str | None = None, port: int | None = None) -> Config:
+        """Return a copy with the listener overridden (CLI ``--host``/``--port``)."""
+        listen = Listen(
+            host=self.listen.host if host is None else host,
+            port=self.listen.port if port is None else port,
+        )
+        return dataclasses.replace(self, listen=listen)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file."""
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, "", f"cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(name, "", f"invalid YAML{where}: {problem}") from None
+    return parse(data, source=name)
+
+
+def parse(data: Any, source: str = "<config>") -> Config:
+    """Validate an already-parsed mapping into a Config."""
+    if data is None:
+        data = {}
+    config: Config = _build(Config, data, "", source)
+    return config
+
+
+# --- the generic builder --------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, source)
+    if dataclasses.is_dataclass(tp):
+        return _build(typing.cast(type, tp), value, key, source)
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected a mapping, got {_describe(value)}")
+        _, value_tp = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            sub = f"{key}.{k}"
+            if not isinstance(k, str):
+                raise ConfigError(source, sub, "keys must be strings")
+            if dataclasses.is_dataclass(value_tp):
+                v = {} if v is None else v
+                if isinstance(v, dict) and "name" in {f.name for f in dataclasses.fields(value_tp)}:
+                    if "name" in v:
+                        raise ConfigError(source, f"{sub}.name", "unknown key")
+                    v = {**v, "name": k}
+            out[k] = _convert(value_tp, v, sub, source)
+        return types.MappingProxyType(out)
+    if origin is list or origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected a list, got {_describe(value)}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, f"expected a number, got {_describe(value)}")
+        return float(value)
+    if tp in (int, str, bool):
+        if (isinstance(value, bool) and tp is not bool) or not isinstance(value, tp):
+            raise ConfigError(source, key, f"expected {_TYPE_WORDS[tp]}, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, path: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            source, path or "(top level)", f"expected a mapping, got {_describe(data)}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            known = ", ".join(sorted(fields))
+            raise ConfigError(source, where, f"unknown key (known keys: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, key, "required key is missing")
+            continue
+        value = _convert(hints[name], data[name], key, source)
+        for check in f.metadata.get("checks", ()):
+            try:
+                check(value)
+            except _Invalid as exc:
+                raise ConfigError(source, key, str(exc)) from None
+        kwargs[name] = value
+    if cls is Config:
+        kwargs["source"] = source
+    obj = cls(**kwargs)
+    _validate(obj, path, source)
+    return obj
+
+
+def _validate(obj: Any, path: str, source: str) -> None:
+    """Cross-field rules that a single field's check cannot express."""
+    if isinstance(obj, ChannelConfig):
+        if not CHANNEL_NAME.match(obj.name):
+            raise ConfigError(
+                source,
+                path,
+                f"channel name {obj.name!r} is not URL-safe "
+                "(use letters, digits, '.', '_' and '-', at most 200)",
+            )
+        if not obj.redis_channel:
+            object.__setattr__(obj, "redis_channel", obj.name)
+    elif isinstance(obj, RedisConfig) and obj.reconnect_max < obj.reconnect_min:
+        raise ConfigError(source, f"{path}.reconnect_max", "must not be smaller than reconnect_min")

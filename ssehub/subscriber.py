@@ -1,0 +1,44 @@
+"""One streaming connection, as the hub sees it: a transport, a framing mode and a way to end it."""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = ["Subscriber"]
+
+
+class Subscriber:
+    """A connected stream. Kept small and flat: tens of thousands of these live at once.
+
+    The hub writes event bytes straight to ``transport``; the request handler awaits
+    ``waiter``, which resolves with the reason when the hub ends the stream cleanly.
+    A client that goes away cancels the handler instead (``handler_cancellation``).
+    """
+
+    __slots__ = ("chunked", "reason", "transport", "waiter")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        chunked: bool,
+        waiter: asyncio.Future[str],
+    ) -> None:
+        self.transport = transport
+        # HTTP/1.1 bodies are chunked; HTTP/1.0 ones (nginx's default upstream
+        # protocol) are raw bytes delimited by the connection's close.
+        self.chunked = chunked
+        self.waiter = waiter
+        self.reason = ""
+
+    def end(self, reason: str) -> None:
+        """End the stream cleanly: the handler writes the last chunk and returns."""
+        if not self.reason:
+            self.reason = reason
+        if not self.waiter.done():
+            self.waiter.set_result(reason)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, discarding unsent bytes (for stuck clients)."""
+        if not self.reason:
+            self.reason = reason
+        self.transport.abort()

@@ -1,0 +1,253 @@
+"""The hub end to end: real Redis, real hub on port 0, raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from .conftest import StartHub
+from .sseclient import SSEClient, http_request, wait_until
+
+
+async def open_stream(port: int, channel: str, **kw: object) -> SSEClient:
+    client = await SSEClient.connect(port, f"/channels/{channel}", **kw)  # type: ignore[arg-type]
+    assert client.status == 200, client.headers
+    # The stream opens with a retry line; wait for it so the subscription is live.
+    await client.read_until(lambda c: c.parser.retry is not None)
+    return client
+
+
+async def test_stream_headers_and_first_bytes(start_hub: StartHub) -> None:
+    hub = await start_hub(retry_ms=2500)
+    client = await SSEClient.connect(hub.port, "/channels/chat")
+    try:
+        assert client.status == 200
+        assert client.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert client.headers["cache-control"] == "no-cache"
+        assert client.headers["x-accel-buffering"] == "no"
+        assert client.headers["transfer-encoding"] == "chunked"
+        await client.read_until(lambda c: c.body)
+        assert client.body == b"retry: 2500\n\n"
+    finally:
+        await client.close()
+
+
+async def test_delivers_to_every_subscriber_in_publish_order(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub()
+    clients = [await open_stream(hub.port, "chat") for _ in range(5)]
+    try:
+        for i in range(50):
+            await redis_client.publish("chat", f"message {i}")
+        for c in clients:
+            events = await c.next_events(50)
+            assert [e.data for e in events] == [f"message {i}" for i in range(50)]
+            assert all(e.event == "message" for e in events)
+        assert hub.hub.stats.received["chat"] == 50
+        assert hub.hub.stats.delivered == 250
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_channels_are_isolated(start_hub: StartHub, redis_client: aioredis.Redis) -> None:
+    hub = await start_hub({"a": {}, "b": {}})
+    a = await open_stream(hub.port, "a")
+    b = await open_stream(hub.port, "b")
+    try:
+        await redis_client.publish("a", "for a")
+        await redis_client.publish("b", "for b")
+        assert [e.data for e in await a.next_events(1)] == ["for a"]
+        assert [e.data for e in await b.next_events(1)] == ["for b"]
+        await redis_client.publish("b", "b again")
+        await b.next_events(2)
+        assert len(a.events) == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_redis_channel_mapping(start_hub: StartHub, redis_client: aioredis.Redis) -> None:
+    hub = await start_hub({"news": {"redis_channel": "site:news"}})
+    client = await open_stream(hub.port, "news")
+    try:
+        await redis_client.publish("news", "wrong channel")
+        await redis_client.publish("site:news", "right channel")
+        events = await client.next_events(1)
+        assert [e.data for e in events] == ["right channel"]
+    finally:
+        await client.close()
+
+
+async def test_multiline_payloads_arrive_byte_for_byte(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub()
+    client = await open_stream(hub.port, "chat")
+    payloads = [
+        "one\ntwo",
+        "crlf\r\nline",
+        "lone\rcr",
+        "trailing\n",
+        "",
+        "\u010de\u0161tina \U0001f680",
+    ]
+    try:
+        for p in payloads:
+            await redis_client.publish("chat", p.encode())
+        events = await client.next_events(len(payloads))
+        assert [e.data for e in events] == [
+            p.replace("\r\n", "\n").replace("\r", "\n") for p in payloads
+        ]
+        assert client.body.endswith(
+            b"data: one\ndata: two\n\n"
+            b"data: crlf\ndata: line\n\n"
+            b"data: lone\ndata: cr\n\n"
+            b"data: trailing\ndata: \n\n"
+            b"data: \n\n" + "data: \u010de\u0161tina \U0001f680\n\n".encode()
+        )
+    finally:
+        await client.close()
+
+
+async def test_invalid_utf8_is_dropped_counted_and_the_next_message_delivered(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub()
+    client = await open_stream(hub.port, "chat")
+    try:
+        await redis_client.publish("chat", b"bad \xff\xfe bytes")
+        await redis_client.publish("chat", "good")
+        events = await client.next_events(1)
+        assert [e.data for e in events] == ["good"]
+        assert hub.hub.stats.rejected[("chat", "invalid_utf8")] == 1
+    finally:
+        await client.close()
+
+
+async def test_oversized_message_is_rejected(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub(limits={"max_message_bytes": 100})
+    client = await open_stream(hub.port, "chat")
+    try:
+        await redis_client.publish("chat", "x" * 101)
+        await redis_client.publish("chat", "y" * 100)
+        events = await client.next_events(1)
+        assert [e.data for e in events] == ["y" * 100]
+        assert hub.hub.stats.rejected[("chat", "too_large")] == 1
+    finally:
+        await client.close()
+
+
+async def test_heartbeat_comments_on_idle_streams(start_hub: StartHub) -> None:
+    hub = await start_hub(heartbeat=0.1)
+    client = await open_stream(hub.port, "chat")
+    try:
+        await client.read_until(lambda c: len(c.parser.comments) >= 3, timeout=5)
+        assert client.events == []
+    finally:
+        await client.close()
+
+
+async def test_unknown_channel_is_404(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    status, _, body = await http_request(hub.port, "/channels/nope")
+    assert status == 404
+    assert b"unknown channel: nope" in body
+
+
+async def test_traversal_and_encoded_slash_are_404(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    for path in ["/channels/..%2Fchat", "/channels/chat%2F", "/channels/../channels/x"]:
+        status, _, _ = await http_request(hub.port, path)
+        assert status == 404, path
+
+
+async def test_other_methods_are_405(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    for method in ["POST", "PUT", "DELETE", "PATCH"]:
+        status, headers, _ = await http_request(hub.port, "/channels/chat", method=method)
+        assert status == 405, method
+        assert "GET" in headers["allow"]
+
+
+async def test_head_answers_headers_without_subscribing(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    status, headers, _ = await http_request(hub.port, "/channels/chat", method="HEAD")
+    assert status == 200
+    assert headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert hub.hub.connections == 0
+
+
+async def test_readyz_503_without_redis(start_hub: StartHub, dead_redis_url: str) -> None:
+    hub = await start_hub(redis_url=dead_redis_url, wait_ready=False)
+    status, _, body = await http_request(hub.port, "/readyz")
+    assert status == 503
+    assert b"not ready" in body
+    status, _, _ = await http_request(hub.port, "/healthz")
+    assert status == 200
+
+
+async def test_readyz_200_with_redis(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    status, _, body = await http_request(hub.port, "/readyz")
+    assert (status, body) == (200, b"ready\n")
+
+
+async def test_disconnect_removes_subscriber_at_once(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub()
+    clients = [await open_stream(hub.port, "chat") for _ in range(10)]
+    await wait_until(lambda: hub.hub.connections == 10)
+    for c in clients:
+        await c.close()
+    await wait_until(lambda: hub.hub.connections == 0, timeout=2)
+    assert hub.hub.stats.closed["client_gone"] == 10
+    # Publishing afterwards touches no dead transport.
+    await redis_client.publish("chat", "after")
+    tasks = [t for t in asyncio.all_tasks() if "handle" in repr(t.get_coro())]
+    await wait_until(lambda: all(t.done() for t in tasks), timeout=2)
+
+
+async def test_one_redis_connection_for_many_subscribers(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub({"a": {}, "b": {}, "c": {}})
+    before = await redis_client.pubsub_numsub("a", "b", "c")
+    clients = [await open_stream(hub.port, ch) for ch in "abc" for _ in range(5)]
+    try:
+        after = await redis_client.pubsub_numsub("a", "b", "c")
+        assert after == before == [(b"a", 1), (b"b", 1), (b"c", 1)]
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_http10_client_gets_an_unchunked_stream(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub()
+    client = await open_stream(hub.port, "chat", version="1.0")
+    try:
+        assert "transfer-encoding" not in client.headers
+        await redis_client.publish("chat", "plain")
+        await client.next_events(1)
+        assert client.body == b"retry: 3000\n\ndata: plain\n\n"
+    finally:
+        await client.close()
+
+
+async def test_shutdown_ends_streams_cleanly(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    client = await open_stream(hub.port, "chat")
+    try:
+        await hub.stop()
+        await client.read_to_eof(timeout=5)
+        assert client.ended_cleanly
+    finally:
+        await client.close()
+    assert hub.hub.stats.closed["shutdown"] == 1

@@ -1,0 +1,82 @@
+"""The daemon as systemd runs it: a real process, signals and exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .redis_server import RedisServer
+
+
+def start_daemon(config: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssehub", "--config", str(config), *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        match = re.search(r"listening host=\S+ port=(\d+)", line)
+        if match:
+            return proc, int(match.group(1))
+    proc.kill()
+    proc.wait()
+    raise AssertionError("daemon did not start listening")
+
+
+def get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+        return out
+
+
+def test_daemon_serves_and_exits_0_on_sigterm(tmp_path: Path, redis_server: RedisServer) -> None:
+    config = tmp_path / "hub.yaml"
+    config.write_text(f"redis: {{url: '{redis_server.url}'}}\nchannels: {{chat: {{}}}}\n")
+    proc, port = start_daemon(config, "--host", "127.0.0.1", "--port", "0")
+    try:
+        assert get(port, "/healthz").startswith(b"HTTP/1.0 200")
+        deadline = time.monotonic() + 10
+        while not get(port, "/readyz").startswith(b"HTTP/1.0 200"):
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_port_in_use_exits_3(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "hub.yaml"
+        config.write_text("channels: {chat: {}}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "ssehub", "--config", str(config), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ},
+        )
+    assert result.returncode == 3
+    assert "cannot start" in result.stderr
