@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from . import sse
 from .config import ChannelConfig, Config
@@ -31,7 +31,16 @@ _HEARTBEAT_CHUNK = sse.chunk(_HEARTBEAT)
 class Stats:
     """Plain counters, read by the metrics collector at scrape time (never on the hot path)."""
 
-    __slots__ = ("closed", "delivered", "opened", "received", "rejected", "slow_cut")
+    __slots__ = (
+        "closed",
+        "delivered",
+        "gaps",
+        "opened",
+        "received",
+        "rejected",
+        "replays",
+        "slow_cut",
+    )
 
     def __init__(self) -> None:
         self.received: Counter[str] = Counter()  # per channel
@@ -40,12 +49,14 @@ class Stats:
         self.opened: Counter[str] = Counter()  # per channel
         self.closed: Counter[str] = Counter()  # per reason
         self.slow_cut = 0
+        self.replays: Counter[str] = Counter()  # per channel: resumes served from history
+        self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
 
 
 class Channel:
     """One configured channel: its subscribers and the bytes waiting to go out."""
 
-    __slots__ = ("chunked", "config", "last_write", "name", "pending", "plain")
+    __slots__ = ("chunked", "config", "last_write", "name", "pending", "pending_since", "plain")
 
     def __init__(self, config: ChannelConfig) -> None:
         self.config = config
@@ -55,6 +66,7 @@ class Channel:
         self.chunked: dict[asyncio.Transport, Subscriber] = {}
         self.plain: dict[asyncio.Transport, Subscriber] = {}
         self.pending: list[bytes] = []
+        self.pending_since = 0.0
         self.last_write = 0.0
 
     def __len__(self) -> int:
@@ -80,6 +92,9 @@ class Hub:
         self._heartbeat: asyncio.TimerHandle | None = None
         self._max_buffer = config.limits.max_buffer_bytes
         self._max_message = config.limits.max_message_bytes
+        # Called once per channel per flush with the seconds from the first pending
+        # message's arrival to its write (the metrics histogram); never per subscriber.
+        self.observe_delay: Callable[[float], None] | None = None
         for ch in config.channels.values():
             self._add_channel(ch)
 
@@ -142,6 +157,7 @@ class Hub:
             if not channel:
                 continue  # nobody listening: nothing to write
             if not channel.pending:
+                channel.pending_since = time.monotonic()
                 self._dirty.append(channel)
             channel.pending.append(data)
         if self._dirty and not self._flush_scheduled:
@@ -159,6 +175,7 @@ class Hub:
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         now = time.monotonic()
+        observe = self.observe_delay
         for channel in dirty:
             pending = channel.pending
             channel.pending = []
@@ -166,6 +183,8 @@ class Hub:
             channel.last_write = now
             self._write(channel, raw, sse.chunk(raw))
             self.stats.delivered += len(pending) * len(channel)
+            if observe is not None:
+                observe(time.monotonic() - channel.pending_since)
 
     def _write(self, channel: Channel, raw: bytes, framed: bytes) -> None:
         limit = self._max_buffer
