@@ -1,19 +1,23 @@
-"""HTTP surface: stream set-up for ``/channels/{name}``, health and readiness."""
+"""HTTP surface: stream set-up for ``/channels/{name}`` and ``/events``, health, readiness."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from collections.abc import Sequence
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from . import sse
 from .broker import Broker
-from .hub import Hub
+from .cors import add_cors
+from .hub import Channel, Hub
+from .messages import MAX_ID_LENGTH
 from .subscriber import Subscriber
 
-__all__ = ["BROKER", "HUB", "create_app"]
+__all__ = ["BROKER", "HUB", "create_app", "healthz", "readyz"]
 
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
@@ -25,15 +29,53 @@ STREAM_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
+_BAD_ID = re.compile(r"[\r\n\x00]")
 
-async def stream(request: web.Request) -> web.StreamResponse:
-    """Open an event stream on one channel and hold it until either side ends it."""
+
+def _last_event_id(request: web.Request) -> str | None:
+    """The position to resume from: the header browsers send on reconnect wins over
+    ``?lastEventId=`` (which only a first connection needs, and which stays in the URL)."""
+    value = request.headers.get("Last-Event-ID")
+    if value is None:
+        value = request.query.get("lastEventId")
+    if not value:
+        return None  # an empty id means "none", as in the SSE spec
+    if len(value) > MAX_ID_LENGTH or _BAD_ID.search(value):
+        raise web.HTTPBadRequest(text=f"malformed Last-Event-ID (at most {MAX_ID_LENGTH} chars)\n")
+    return value
+
+
+async def channel_stream(request: web.Request) -> web.StreamResponse:
+    """``GET /channels/{name}``: one channel's events."""
     hub = request.app[HUB]
     name = request.match_info["name"]
     channel = hub.channels.get(name)
     if channel is None:
         raise web.HTTPNotFound(text=f"unknown channel: {name}\n")
+    return await _stream(request, [channel], mux=False)
 
+
+async def events_stream(request: web.Request) -> web.StreamResponse:
+    """``GET /events?channel=a&channel=b``: several channels through one connection."""
+    hub = request.app[HUB]
+    names = list(dict.fromkeys(request.query.getall("channel", [])))
+    if not names:
+        raise web.HTTPBadRequest(text="give at least one ?channel=\n")
+    limit = hub.config.limits.max_channels_per_connection
+    if len(names) > limit:
+        raise web.HTTPBadRequest(text=f"at most {limit} channels per connection\n")
+    unknown = [n for n in names if n not in hub.channels]
+    if unknown:
+        raise web.HTTPNotFound(text=f"unknown channel: {', '.join(unknown)}\n")
+    return await _stream(request, [hub.channels[n] for n in names], mux=True)
+
+
+async def _stream(
+    request: web.Request, channels: Sequence[Channel], mux: bool
+) -> web.StreamResponse:
+    """Open an event stream and hold it until either side ends it."""
+    hub = request.app[HUB]
+    last_event_id = _last_event_id(request)
     resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     chunked = request.version >= HttpVersion11
     if chunked:
@@ -51,12 +93,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if transport is None or transport.is_closing():
         return resp
 
-    sub = Subscriber(transport, chunked, asyncio.get_running_loop().create_future())
-    hub.subscribe(channel, sub)
+    sub = Subscriber(transport, chunked, asyncio.get_running_loop().create_future(), channels)
+    hub.subscribe(sub, last_event_id, mux)
     try:
         await sub.waiter
     finally:
-        hub.unsubscribe(channel, sub)
+        hub.unsubscribe(sub)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
     resp.force_close()
@@ -83,9 +125,11 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
-    app.router.add_get("/channels/{name}", stream)
+    app.router.add_get("/channels/{name}", channel_stream)
+    app.router.add_get("/events", events_stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_cors(app, hub.config.cors, ["/channels/{name}", "/events"])
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")

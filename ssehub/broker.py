@@ -129,7 +129,7 @@ class Broker:
         config: RedisConfig,
         channels: Iterable[str],
         on_message: Callable[[bytes, bytes], None],
-        on_state: Callable[[BrokerState], None] | None = None,
+        on_state: Callable[[BrokerState, BrokerState], None] | None = None,
     ) -> None:
         self.config = config
         self.channels = list(channels)
@@ -146,7 +146,8 @@ class Broker:
         return self.state is BrokerState.UP
 
     def _set_state(self, state: BrokerState, why: str = "") -> None:
-        if state is self.state:
+        old = self.state
+        if state is old:
             return
         self.state = state
         if state is BrokerState.UP:
@@ -154,7 +155,7 @@ class Broker:
         else:
             log.warning("redis down url=%s reason=%s", self._safe_url(), why)
         if self._on_state is not None:
-            self._on_state(state)
+            self._on_state(old, state)
 
     def _safe_url(self) -> str:
         p = self._params

@@ -23,6 +23,8 @@ __all__ = [
     "ChannelConfig",
     "Config",
     "ConfigError",
+    "Cors",
+    "Juggernaut",
     "Limits",
     "Listen",
     "RedisConfig",
@@ -71,6 +73,19 @@ def _redis_url(value: Any) -> None:
         raise _Invalid(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
 
 
+def _one_of(*allowed: str) -> Check:
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise _Invalid(f"expected one of {', '.join(allowed)}, got {value!r}")
+
+    return check
+
+
+def _non_negative_int(value: Any) -> None:
+    if value < 0:
+        raise _Invalid(f"expected a non-negative integer, got {value!r}")
+
+
 def _not_empty(value: Any) -> None:
     if not value:
         raise _Invalid("must not be empty")
@@ -107,6 +122,25 @@ class Limits:
     max_buffer_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
     # Publisher payloads larger than this are rejected (logged and counted).
     max_message_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
+    # Channels one /events connection may follow.
+    max_channels_per_connection: int = field(default=32, metadata=_check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
+class Cors:
+    # Origins allowed to open streams from other sites; empty = same origin only.
+    # "*" allows any origin, and only without credentials.
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    # Seconds a browser may cache a preflight answer.
+    max_age: int = field(default=600, metadata=_check(_non_negative_int))
+
+
+@dataclass(frozen=True, slots=True)
+class Juggernaut:
+    # Also accept Juggernaut's publish format on this Redis channel.
+    enabled: bool = False
+    redis_channel: str = field(default="juggernaut", metadata=_check(_not_empty))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +148,12 @@ class ChannelConfig:
     name: str = ""
     # Redis channel feeding this hub channel; defaults to the channel's own name.
     redis_channel: str = ""
+    # Publisher payload format: "text" (payload = data) or "json" (data/event/id/retry).
+    format: str = field(default="text", metadata=_check(_one_of("text", "json")))
+    # Events kept in memory for Last-Event-ID resume (0 = none), and their maximum
+    # age in seconds (0 = no age limit).
+    history: int = field(default=100, metadata=_check(_non_negative_int))
+    history_ttl: float = field(default=0.0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +166,8 @@ class Config:
     # Reconnection delay (ms) sent to clients in the stream's first line.
     retry_ms: int = field(default=3000, metadata=_check(_non_negative))
     limits: Limits = field(default_factory=Limits)
+    cors: Cors = field(default_factory=Cors)
+    juggernaut: Juggernaut = field(default_factory=Juggernaut)
     source: str = field(default="<config>", metadata={"internal": True})
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:
@@ -270,5 +312,23 @@ def _validate(obj: Any, path: str, source: str) -> None:
             )
         if not obj.redis_channel:
             object.__setattr__(obj, "redis_channel", obj.name)
+    elif isinstance(obj, Cors):
+        if "*" in obj.allow_origins and obj.allow_credentials:
+            raise ConfigError(
+                source,
+                f"{path}.allow_origins",
+                "'*' cannot be combined with allow_credentials (browsers refuse it); "
+                "list the origins",
+            )
+    elif isinstance(obj, Config):
+        jug = obj.juggernaut
+        if jug.enabled:
+            for ch in obj.channels.values():
+                if ch.redis_channel == jug.redis_channel:
+                    raise ConfigError(
+                        source,
+                        f"channels.{ch.name}.redis_channel",
+                        f"{jug.redis_channel!r} is the Juggernaut channel",
+                    )
     elif isinstance(obj, RedisConfig) and obj.reconnect_max < obj.reconnect_min:
         raise ConfigError(source, f"{path}.reconnect_max", "must not be smaller than reconnect_min")

@@ -1,31 +1,53 @@
-"""Channels, their subscribers, and the hot path: one message in, the same bytes out to all.
+"""Channels, their subscribers and history, and the hot path: one message in, the same bytes out.
 
 Rules this module keeps (see DESIGN.md): no task, queue or await per subscriber per
-message; each message is encoded once; the write buffer of every transport is
-checked before writing and a subscriber over ``limits.max_buffer_bytes`` is cut.
-Messages that arrive within one event-loop iteration are coalesced into one write
-per subscriber.
+message; each message is encoded once per stream kind; the write buffer of every
+transport is checked before writing and a subscriber over ``limits.max_buffer_bytes``
+is cut. Messages that arrive within one event-loop iteration are coalesced into one
+write per subscriber.
+
+Ids: every event carries one. The hub numbers events with one sequence for the whole
+process and prefixes a per-run epoch (``<epoch>-<seq>``), so ids from an earlier run
+are recognised as unknown instead of matching another message. A publisher-given id
+(``json`` format) is sent as is on ``/channels`` streams and resolved through the
+history. ``/events`` streams always carry hub ids: one number is a position in every
+channel at once, so one ``Last-Event-ID`` resumes them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from . import sse
 from .config import ChannelConfig, Config
-from .messages import Event, Rejected, parse_text
+from .history import Entry, History
+from .messages import Event, Rejected, parse, parse_juggernaut
 from .subscriber import Subscriber
 
-__all__ = ["Channel", "Hub", "Stats"]
+__all__ = ["GAP_EVENT", "Channel", "Group", "Hub", "Stats"]
 
 log = logging.getLogger(__name__)
 
+# The named event that tells a client it missed events it cannot get back.
+GAP_EVENT = "ssehub-gap"
+
 _HEARTBEAT = sse.comment()
 _HEARTBEAT_CHUNK = sse.chunk(_HEARTBEAT)
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
 
 
 class Stats:
@@ -53,29 +75,59 @@ class Stats:
         self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
 
 
-class Channel:
-    """One configured channel: its subscribers and the bytes waiting to go out."""
+class Group:
+    """Subscribers that receive exactly the same bytes."""
 
-    __slots__ = ("chunked", "config", "last_write", "name", "pending", "pending_since", "plain")
+    __slots__ = ("chunked", "plain")
 
-    def __init__(self, config: ChannelConfig) -> None:
-        self.config = config
-        self.name = config.name
+    def __init__(self) -> None:
         # transport -> subscriber; iterated on every message, so keyed by the
         # object the loop needs (saves an attribute lookup per write).
         self.chunked: dict[asyncio.Transport, Subscriber] = {}
+        # HTTP/1.0 streams: unframed bytes.
         self.plain: dict[asyncio.Transport, Subscriber] = {}
-        self.pending: list[bytes] = []
-        self.pending_since = 0.0
-        self.last_write = 0.0
 
     def __len__(self) -> int:
         return len(self.chunked) + len(self.plain)
 
-    def subscribers(self) -> Iterable[Subscriber]:
-        """Every subscriber, whatever its framing."""
-        yield from self.chunked.values()
-        yield from self.plain.values()
+    def add(self, sub: Subscriber) -> None:
+        (self.chunked if sub.chunked else self.plain)[sub.transport] = sub
+
+    def remove(self, sub: Subscriber) -> bool:
+        return (self.chunked if sub.chunked else self.plain).pop(sub.transport, None) is not None
+
+    def subscribers(self) -> list[Subscriber]:
+        return [*self.chunked.values(), *self.plain.values()]
+
+
+class MuxGroup(Group):
+    """``/events`` subscribers following the same set of channels."""
+
+    __slots__ = ("channels", "names")
+
+    def __init__(self, channels: Sequence[Channel]) -> None:
+        super().__init__()
+        self.channels = tuple(channels)
+        self.names = frozenset(c.name for c in channels)
+
+
+class Channel:
+    """One configured channel: its direct subscribers, its /events groups, its history."""
+
+    __slots__ = ("config", "history", "last_seq", "last_write", "mux_groups", "name", "subs")
+
+    def __init__(self, config: ChannelConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.subs = Group()
+        self.mux_groups: set[MuxGroup] = set()
+        self.history = History(config.history, config.history_ttl)
+        self.last_seq = 0  # hub sequence number of this channel's newest event
+        self.last_write = 0.0
+
+    def __len__(self) -> int:
+        """Open streams receiving this channel (direct and through /events)."""
+        return len(self.subs) + sum(len(g) for g in self.mux_groups)
 
 
 class Hub:
@@ -87,135 +139,286 @@ class Hub:
         self.channels: dict[str, Channel] = {}
         # Keyed by the raw Redis channel name, as the broker reads it off the wire.
         self._by_redis: dict[bytes, list[Channel]] = {}
-        self._dirty: list[Channel] = []
+        self._mux: dict[frozenset[str], MuxGroup] = {}
+        self._pending: list[tuple[Channel, Entry]] = []
         self._flush_scheduled = False
         self._heartbeat: asyncio.TimerHandle | None = None
         self._max_buffer = config.limits.max_buffer_bytes
         self._max_message = config.limits.max_message_bytes
+        self._juggernaut = (
+            config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
+        )
+        # Per-run epoch: start time in ms, base 36 (8 characters for centuries).
+        self.epoch = _base36(time.time_ns() // 1_000_000)
+        self.seq = 0  # last hub sequence number handed out
+        self.outage_seq = 0  # positions up to this one predate the last Redis outage
         # Called once per channel per flush with the seconds from the first pending
         # message's arrival to its write (the metrics histogram); never per subscriber.
         self.observe_delay: Callable[[float], None] | None = None
         for ch in config.channels.values():
-            self._add_channel(ch)
-
-    # --- channels -----------------------------------------------------------------
-
-    def _add_channel(self, ch: ChannelConfig) -> None:
-        channel = Channel(ch)
-        self.channels[ch.name] = channel
-        self._by_redis.setdefault(ch.redis_channel.encode(), []).append(channel)
+            channel = Channel(ch)
+            self.channels[ch.name] = channel
+            self._by_redis.setdefault(ch.redis_channel.encode(), []).append(channel)
 
     def redis_channels(self) -> list[str]:
         """The Redis channels the broker must subscribe to."""
-        return sorted(k.decode() for k in self._by_redis)
+        names = {k.decode() for k in self._by_redis}
+        if self._juggernaut is not None:
+            names.add(self._juggernaut.decode())
+        return sorted(names)
 
     @property
     def connections(self) -> int:
         """Open streams across all channels."""
-        return sum(len(c) for c in self.channels.values())
+        return sum(len(c.subs) for c in self.channels.values()) + sum(
+            len(g) for g in self._mux.values()
+        )
 
-    # --- subscribers --------------------------------------------------------------
+    def position(self) -> str:
+        """The id of the current position: everything up to now has been delivered."""
+        return f"{self.epoch}-{self.seq}"
 
-    def subscribe(self, channel: Channel, sub: Subscriber) -> None:
-        """Start delivering ``channel``'s events to ``sub``. Synchronous: no await, no gap."""
-        (channel.chunked if sub.chunked else channel.plain)[sub.transport] = sub
-        self.stats.opened[channel.name] += 1
-
-    def unsubscribe(self, channel: Channel, sub: Subscriber) -> None:
-        """Stop delivering to ``sub`` and count why it ended."""
-        group = channel.chunked if sub.chunked else channel.plain
-        if group.pop(sub.transport, None) is not None:
-            self.stats.closed[sub.reason or "client_gone"] += 1
-
-    def close_all(self, reason: str) -> None:
-        """End every stream cleanly (shutdown): browsers reconnect, elsewhere or later."""
-        for channel in self.channels.values():
-            for sub in list(channel.subscribers()):
-                sub.end(reason)
-
-    # --- the hot path -------------------------------------------------------------
+    # --- input --------------------------------------------------------------------
 
     def publish(self, redis_channel: bytes, payload: bytes) -> None:
-        """Take one message from Redis; validated and encoded once, delivered on flush."""
+        """Take one message from Redis: validate and encode it once, deliver on flush."""
         channels = self._by_redis.get(redis_channel)
-        if not channels:
+        if channels is None:
+            if redis_channel == self._juggernaut:
+                self._publish_juggernaut(payload)
             return
         for channel in channels:
             self.stats.received[channel.name] += 1
             try:
-                event = parse_text(payload, self._max_message)
-                data = self.encode(channel, event)
+                event = parse(channel.config.format, payload, self._max_message)
+                self._ingest(channel, event)
             except Rejected as exc:
-                self.stats.rejected[(channel.name, exc.reason)] += 1
-                log.warning(
-                    "message rejected channel=%s reason=%s detail=%s",
-                    channel.name,
-                    exc.reason,
-                    exc.detail,
-                )
-                continue
-            if not channel:
-                continue  # nobody listening: nothing to write
-            if not channel.pending:
-                channel.pending_since = time.monotonic()
-                self._dirty.append(channel)
-            channel.pending.append(data)
-        if self._dirty and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+                self._reject(channel.name, exc)
 
-    def encode(self, channel: Channel, event: Event) -> bytes:
-        """Event to wire bytes (once per message, whatever the number of subscribers)."""
+    def _publish_juggernaut(self, payload: bytes) -> None:
         try:
-            return sse.encode(event.data, event=event.event, id=event.id, retry=event.retry)
+            names, event = parse_juggernaut(payload, self._max_message)
+        except Rejected as exc:
+            self._reject("juggernaut", exc)
+            return
+        for name in names:
+            channel = self.channels.get(name)
+            if channel is None:
+                self._reject("juggernaut", Rejected("unknown_channel", name))
+                continue
+            self.stats.received[name] += 1
+            self._ingest(channel, event)
+
+    def _reject(self, channel: str, exc: Rejected) -> None:
+        self.stats.rejected[(channel, exc.reason)] += 1
+        log.warning(
+            "message rejected channel=%s reason=%s detail=%s", channel, exc.reason, exc.detail
+        )
+
+    def _ingest(self, channel: Channel, event: Event) -> None:
+        seq = self.seq + 1
+        event_id = event.id if event.id is not None else f"{self.epoch}-{seq}"
+        try:
+            raw = sse.encode(event.data, event=event.event, id=event_id, retry=event.retry)
         except sse.EncodeError as exc:
             raise Rejected("bad_field", str(exc)) from None
+        self.seq = seq
+        entry = Entry(seq, event_id, event, raw)
+        channel.history.append(entry, publisher_id=event.id is not None)
+        channel.last_seq = seq
+        if channel.subs or channel.mux_groups:
+            self._pending.append((channel, entry))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    def _mux_bytes(self, channel: Channel, entry: Entry) -> bytes:
+        """The event as /events streams carry it: typed by channel, with the hub id."""
+        if entry.mux is None:
+            ev = entry.event
+            kind = channel.name if not ev.event else f"{channel.name}:{ev.event}"
+            entry.mux = sse.encode(
+                ev.data, event=kind, id=f"{self.epoch}-{entry.seq}", retry=ev.retry
+            )
+        return entry.mux
+
+    # --- the hot path -------------------------------------------------------------
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
         now = time.monotonic()
-        observe = self.observe_delay
-        for channel in dirty:
-            pending = channel.pending
-            channel.pending = []
-            raw = pending[0] if len(pending) == 1 else b"".join(pending)
+        by_channel: dict[Channel, list[bytes]] = {}
+        for channel, entry in pending:
+            by_channel.setdefault(channel, []).append(entry.raw)
+        touched: set[MuxGroup] = set()
+        for channel, raws in by_channel.items():
             channel.last_write = now
-            self._write(channel, raw, sse.chunk(raw))
-            self.stats.delivered += len(pending) * len(channel)
-            if observe is not None:
-                observe(time.monotonic() - channel.pending_since)
+            if channel.subs:
+                raw = raws[0] if len(raws) == 1 else b"".join(raws)
+                self._write(channel.subs, raw, sse.chunk(raw))
+                self.stats.delivered += len(raws) * len(channel.subs)
+            touched.update(channel.mux_groups)
+        for group in touched:
+            # Keep hub order across channels: /events ids must only increase.
+            parts = [self._mux_bytes(c, e) for c, e in pending if c.name in group.names]
+            raw = b"".join(parts)
+            self._write(group, raw, sse.chunk(raw))
+            self.stats.delivered += len(parts) * len(group)
+        if self.observe_delay is not None:
+            first = pending[0][1].at
+            self.observe_delay(time.monotonic() - first)
 
-    def _write(self, channel: Channel, raw: bytes, framed: bytes) -> None:
+    def _write(self, group: Group, raw: bytes, framed: bytes) -> None:
         limit = self._max_buffer
         slow: list[Subscriber] | None = None
-        for transport, sub in channel.chunked.items():
+        for transport, sub in group.chunked.items():
             if transport.get_write_buffer_size() > limit:
                 slow = slow or []
                 slow.append(sub)
             else:
                 transport.write(framed)
-        if channel.plain:
-            for transport, sub in channel.plain.items():
+        if group.plain:
+            for transport, sub in group.plain.items():
                 if transport.get_write_buffer_size() > limit:
                     slow = slow or []
                     slow.append(sub)
                 else:
                     transport.write(raw)
         if slow:
-            self._cut_slow(channel, slow)
+            for sub in slow:
+                self.stats.slow_cut += 1
+                log.warning(
+                    "slow subscriber cut channels=%s buffered=%d limit=%d",
+                    ",".join(c.name for c in sub.channels),
+                    sub.transport.get_write_buffer_size(),
+                    limit,
+                )
+                sub.abort("slow")
+                self.unsubscribe(sub)
 
-    def _cut_slow(self, channel: Channel, slow: list[Subscriber]) -> None:
-        for sub in slow:
-            self.stats.slow_cut += 1
-            log.warning(
-                "slow subscriber cut channel=%s buffered=%d limit=%d",
-                channel.name,
-                sub.transport.get_write_buffer_size(),
-                self._max_buffer,
-            )
-            sub.abort("slow")
-            self.unsubscribe(channel, sub)
+    # --- subscribers --------------------------------------------------------------
+
+    def subscribe(self, sub: Subscriber, last_event_id: str | None, mux: bool) -> None:
+        """Replay what ``sub`` missed, then deliver live events; no gap, no duplicate.
+
+        Synchronous on purpose: the history snapshot, the registration and the
+        write of the replay happen in one step, with no await in between, so every
+        event is either in the replay or arrives live behind it.
+        """
+        self._flush()  # events already taken in reach current subscribers first
+        preamble = self._resume(sub.channels, last_event_id, mux)
+        sub.transport.write(sse.chunk(preamble) if sub.chunked else preamble)
+        group: Group
+        if mux:
+            key = frozenset(c.name for c in sub.channels)
+            mux_group = self._mux.get(key)
+            if mux_group is None:
+                mux_group = self._mux[key] = MuxGroup(sub.channels)
+                for channel in sub.channels:
+                    channel.mux_groups.add(mux_group)
+            group = mux_group
+        else:
+            group = sub.channels[0].subs
+        group.add(sub)
+        sub.group = group
+        for channel in sub.channels:
+            self.stats.opened[channel.name] += 1
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        """Stop delivering to ``sub`` and count why it ended."""
+        group = sub.group
+        if group is None or not group.remove(sub):
+            return
+        self.stats.closed[sub.reason or "client_gone"] += 1
+        if isinstance(group, MuxGroup) and not group:
+            del self._mux[group.names]
+            for channel in group.channels:
+                channel.mux_groups.discard(group)
+
+    def _resolve(self, last_event_id: str, channels: Sequence[Channel], mux: bool) -> int | None:
+        """A client's Last-Event-ID as a hub sequence number, or None when unknown."""
+        epoch, _, seq = last_event_id.rpartition("-")
+        if epoch == self.epoch and seq.isdigit() and seq.isascii():
+            n = int(seq)
+            if n <= self.seq:
+                return n
+        if not mux:
+            for channel in channels:
+                found = channel.history.seq_of(last_event_id)
+                if found is not None:
+                    return found
+        return None
+
+    def _resume(self, channels: Sequence[Channel], last_event_id: str | None, mux: bool) -> bytes:
+        marker = b"id: %s\n\n" % self.position().encode()
+        if last_event_id is None:
+            # Even a fresh stream gets a position, so that its reconnect carries a
+            # Last-Event-ID and anything missed meanwhile is replayed or signalled.
+            return marker
+        n = self._resolve(last_event_id, channels, mux)
+        gaps: list[bytes] = []
+        replay: list[tuple[int, bytes]] = []
+        for channel in channels:
+            channel.history.expire()
+            reason = None
+            if n is None:
+                reason = "unknown_id"
+            else:
+                if n < channel.last_seq:
+                    if channel.history.evicted_seq > n:
+                        reason = "expired"
+                    entries = list(channel.history.after(n))
+                    if entries:
+                        self.stats.replays[channel.name] += 1
+                    for e in entries:
+                        replay.append((e.seq, self._mux_bytes(channel, e) if mux else e.raw))
+                if reason is None and n < self.outage_seq:
+                    reason = "redis_outage"
+            if reason is not None:
+                self.stats.gaps[channel.name] += 1
+                gaps.append(self._gap(channel, reason, last_event_id))
+        replay.sort(key=lambda r: r[0])
+        return b"".join(gaps) + b"".join(r for _, r in replay) + marker
+
+    def _gap(self, channel: Channel, reason: str, last_event_id: str | None) -> bytes:
+        data = {"channel": channel.name, "reason": reason, "lastEventId": last_event_id}
+        return sse.encode(json.dumps(data, separators=(",", ":")), event=GAP_EVENT)
+
+    def signal_outage(self) -> None:
+        """After a Redis outage: tell every stream that events may have been lost.
+
+        Resumes from positions before this point get the same signal, since what
+        Redis published while the hub was away never reached the history.
+        """
+        self._flush()
+        self.seq += 1
+        self.outage_seq = self.seq
+        marker = b"id: %s\n\n" % self.position().encode()
+        for channel in self.channels.values():
+            if channel.subs:
+                raw = self._gap(channel, "redis_outage", None) + marker
+                self.stats.gaps[channel.name] += len(channel.subs)
+                self._write(channel.subs, raw, sse.chunk(raw))
+        for group in list(self._mux.values()):
+            raw = b"".join(self._gap(c, "redis_outage", None) for c in group.channels) + marker
+            for channel in group.channels:
+                self.stats.gaps[channel.name] += len(group)
+            self._write(group, raw, sse.chunk(raw))
+
+    def groups(self) -> Iterable[Group]:
+        """Every group of subscribers."""
+        for channel in self.channels.values():
+            yield channel.subs
+        yield from self._mux.values()
+
+    def close_all(self, reason: str) -> None:
+        """End every stream cleanly (shutdown): browsers reconnect, elsewhere or later."""
+        for group in list(self.groups()):
+            for sub in group.subscribers():
+                sub.end(reason)
 
     # --- heartbeat ----------------------------------------------------------------
 
@@ -234,7 +437,9 @@ class Hub:
         now = time.monotonic()
         for channel in self.channels.values():
             # A channel that carried an event within the interval needs no keepalive.
-            if channel and now - channel.last_write >= interval * 0.5:
+            if channel.subs and now - channel.last_write >= interval * 0.5:
                 channel.last_write = now
-                self._write(channel, _HEARTBEAT, _HEARTBEAT_CHUNK)
+                self._write(channel.subs, _HEARTBEAT, _HEARTBEAT_CHUNK)
+        for group in list(self._mux.values()):
+            self._write(group, _HEARTBEAT, _HEARTBEAT_CHUNK)
         self._heartbeat = asyncio.get_running_loop().call_later(interval, self._beat)

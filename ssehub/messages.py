@@ -1,10 +1,34 @@
-"""Publisher payloads (bytes from Redis) to validated events, or a rejection reason."""
+"""Publisher payloads (bytes from Redis) to validated events, or a rejection reason.
+
+Formats, per channel (``format:``):
+
+- ``text``: the whole payload, as UTF-8, is the event's data.
+- ``json``: ``{"data": ..., "event": "...", "id": "...", "retry": 5000}``; only
+  ``data`` is required; a non-string ``data`` is sent as compact JSON.
+
+And on the ``juggernaut`` Redis channel: ``{"channels": [...], "data": ...}`` (or
+``"channel": "c"``), Juggernaut's publish format.
+
+A message that breaks a rule is rejected whole, never altered: an ``id`` or
+``event`` with a line break would otherwise inject lines into every stream.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Event", "Rejected", "parse_text"]
+__all__ = ["Event", "Rejected", "parse", "parse_juggernaut", "MAX_ID_LENGTH"]
+
+# Ids come back to the hub as Last-Event-ID headers; keep them header-sized.
+MAX_ID_LENGTH = 256
+_FORBIDDEN = re.compile(r"[\r\n\x00]")
+_JSON_FIELDS = frozenset({"data", "event", "id", "retry"})
+# `except` is Juggernaut's "all but this session" option; sessions do not exist
+# yet, so it is accepted and has no effect (documented in the README).
+_JUGGERNAUT_FIELDS = frozenset({"channels", "channel", "data", "except"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +50,86 @@ class Rejected(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
-def parse_text(payload: bytes, max_bytes: int) -> Event:
-    """The ``text`` format: the whole payload, as UTF-8, is the event's data."""
+def _decode(payload: bytes, max_bytes: int) -> str:
     if len(payload) > max_bytes:
         raise Rejected("too_large", f"{len(payload)} bytes > {max_bytes}")
     try:
-        data = payload.decode("utf-8")
+        return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Rejected("invalid_utf8", f"byte {exc.start}") from None
-    return Event(data=data)
+
+
+def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    text = _decode(payload, max_bytes)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise Rejected("invalid_json", str(exc)) from None
+    if not isinstance(value, dict):
+        raise Rejected("invalid_json", "not a JSON object")
+    return value
+
+
+def _data_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _field(obj: dict[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Rejected("bad_field", f"{name} must be a string")
+    if _FORBIDDEN.search(value):
+        raise Rejected("bad_field", f"{name} contains CR, LF or NUL")
+    return value
+
+
+def parse_text(payload: bytes, max_bytes: int) -> Event:
+    """The ``text`` format: the whole payload, as UTF-8, is the event's data."""
+    return Event(data=_decode(payload, max_bytes))
+
+
+def parse_json(payload: bytes, max_bytes: int) -> Event:
+    """The ``json`` format: an object with ``data`` and optional ``event``, ``id``, ``retry``."""
+    obj = _load_object(payload, max_bytes)
+    unknown = set(obj) - _JSON_FIELDS
+    if unknown:
+        raise Rejected("bad_field", f"unknown fields: {', '.join(sorted(unknown))}")
+    if "data" not in obj:
+        raise Rejected("bad_field", "data is required")
+    event_id = _field(obj, "id")
+    if event_id is not None and len(event_id) > MAX_ID_LENGTH:
+        raise Rejected("bad_field", f"id longer than {MAX_ID_LENGTH}")
+    retry = obj.get("retry")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise Rejected("bad_field", "retry must be a non-negative integer")
+    return Event(data=_data_text(obj["data"]), event=_field(obj, "event"), id=event_id, retry=retry)
+
+
+_PARSERS = {"text": parse_text, "json": parse_json}
+
+
+def parse(fmt: str, payload: bytes, max_bytes: int) -> Event:
+    """Parse ``payload`` in the channel's format."""
+    return _PARSERS[fmt](payload, max_bytes)
+
+
+def parse_juggernaut(payload: bytes, max_bytes: int) -> tuple[list[str], Event]:
+    """Juggernaut's publish format: the target channel names and the event."""
+    obj = _load_object(payload, max_bytes)
+    unknown = set(obj) - _JUGGERNAUT_FIELDS
+    if unknown:
+        raise Rejected("bad_field", f"unknown fields: {', '.join(sorted(unknown))}")
+    if "data" not in obj:
+        raise Rejected("bad_field", "data is required")
+    channels = obj.get("channels", [])
+    if "channel" in obj:
+        channels = [*channels, obj["channel"]] if isinstance(channels, list) else channels
+    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        raise Rejected("bad_field", "channels must be a list of strings")
+    if not channels:
+        raise Rejected("bad_field", "no channel given")
+    return list(dict.fromkeys(channels)), Event(data=_data_text(obj["data"]))

@@ -12,7 +12,7 @@ import socket
 from aiohttp import web
 
 from .app import create_app
-from .broker import Broker
+from .broker import Broker, BrokerState
 from .config import Config
 from .hub import Hub
 
@@ -36,7 +36,9 @@ class HubServer:
     def __init__(self, config: Config, shutdown_timeout: float = 10.0) -> None:
         self.config = config
         self.hub = Hub(config)
-        self.broker = Broker(config.redis, self.hub.redis_channels(), self.hub.publish)
+        self.broker = Broker(
+            config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
+        )
         self.app = create_app(self.hub, self.broker)
         # handler_cancellation: a client that goes away cancels its handler, which
         # is how a stream learns of the disconnect at once (run_app and the test
@@ -49,6 +51,11 @@ class HubServer:
         )
         self._broker_task: asyncio.Task[None] | None = None
         self.port = 0
+
+    def _on_redis_state(self, old: BrokerState, new: BrokerState) -> None:
+        if old is BrokerState.DOWN and new is BrokerState.UP:
+            # What Redis published while we were away is gone: say so in-band.
+            self.hub.signal_outage()
 
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""

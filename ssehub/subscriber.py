@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .hub import Channel, Group
 
 __all__ = ["Subscriber"]
 
@@ -15,15 +20,19 @@ class Subscriber:
     A client that goes away cancels the handler instead (``handler_cancellation``).
     """
 
-    __slots__ = ("chunked", "reason", "transport", "waiter")
+    __slots__ = ("channels", "chunked", "group", "reason", "transport", "waiter")
 
     def __init__(
         self,
         transport: asyncio.Transport,
         chunked: bool,
         waiter: asyncio.Future[str],
+        channels: Sequence[Channel],
     ) -> None:
         self.transport = transport
+        self.channels = channels
+        # The hub's group this stream receives bytes with (set on subscribe).
+        self.group: Group | None = None
         # HTTP/1.1 bodies are chunked; HTTP/1.0 ones (nginx's default upstream
         # protocol) are raw bytes delimited by the connection's close.
         self.chunked = chunked

@@ -218,7 +218,7 @@ async def http_request(
     """A plain request on a fresh connection; returns status, headers and the body."""
     c = await SSEClient.connect(port, path, headers, method=method, timeout=timeout)
     try:
-        if method == "HEAD":
+        if method == "HEAD" or c.status in (204, 304):
             return c.status, c.headers, b""
         length = c.headers.get("content-length")
         if length is not None:

@@ -27,8 +27,8 @@ async def test_stream_headers_and_first_bytes(start_hub: StartHub) -> None:
         assert client.headers["cache-control"] == "no-cache"
         assert client.headers["x-accel-buffering"] == "no"
         assert client.headers["transfer-encoding"] == "chunked"
-        await client.read_until(lambda c: c.body)
-        assert client.body == b"retry: 2500\n\n"
+        await client.read_until(lambda c: c.parser.last_id)
+        assert client.body == b"retry: 2500\n\nid: %s-0\n\n" % hub.hub.epoch.encode()
     finally:
         await client.close()
 
@@ -101,12 +101,18 @@ async def test_multiline_payloads_arrive_byte_for_byte(
         assert [e.data for e in events] == [
             p.replace("\r\n", "\n").replace("\r", "\n") for p in payloads
         ]
-        assert client.body.endswith(
-            b"data: one\ndata: two\n\n"
-            b"data: crlf\ndata: line\n\n"
-            b"data: lone\ndata: cr\n\n"
-            b"data: trailing\ndata: \n\n"
-            b"data: \n\n" + "data: \u010de\u0161tina \U0001f680\n\n".encode()
+        e = hub.hub.epoch
+        assert (
+            client.body
+            == (
+                f"retry: 3000\n\nid: {e}-0\n\n"
+                f"id: {e}-1\ndata: one\ndata: two\n\n"
+                f"id: {e}-2\ndata: crlf\ndata: line\n\n"
+                f"id: {e}-3\ndata: lone\ndata: cr\n\n"
+                f"id: {e}-4\ndata: trailing\ndata: \n\n"
+                f"id: {e}-5\ndata: \n\n"
+                f"id: {e}-6\ndata: \u010de\u0161tina \U0001f680\n\n"
+            ).encode()
         )
     finally:
         await client.close()
@@ -236,7 +242,8 @@ async def test_http10_client_gets_an_unchunked_stream(
         assert "transfer-encoding" not in client.headers
         await redis_client.publish("chat", "plain")
         await client.next_events(1)
-        assert client.body == b"retry: 3000\n\ndata: plain\n\n"
+        e = hub.hub.epoch.encode()
+        assert client.body == b"retry: 3000\n\nid: %s-0\n\nid: %s-1\ndata: plain\n\n" % (e, e)
     finally:
         await client.close()
 

@@ -1,0 +1,85 @@
+"""A channel's recent events, kept for Last-Event-ID resume."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+
+from .messages import Event
+
+__all__ = ["Entry", "History"]
+
+
+class Entry:
+    """One delivered event: its hub sequence number, wire id and encoded bytes."""
+
+    __slots__ = ("at", "event", "id", "mux", "raw", "seq")
+
+    def __init__(self, seq: int, id: str, event: Event, raw: bytes) -> None:
+        self.seq = seq  # hub-wide sequence: strictly increasing across all channels
+        self.id = id  # what the client sees: the publisher's id or the hub's
+        self.event = event
+        self.raw = raw  # encoded once for /channels/<name> streams
+        self.mux: bytes | None = None  # encoded lazily for /events streams
+        self.at = time.monotonic()
+
+
+class History:
+    """The last ``size`` entries (and none older than ``ttl`` seconds when ttl > 0).
+
+    ``evicted_seq`` is the sequence number of the newest entry dropped so far: a
+    client whose position is older than it has missed something for good.
+    """
+
+    __slots__ = ("_by_id", "_entries", "evicted_seq", "size", "ttl")
+
+    def __init__(self, size: int, ttl: float = 0.0) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._entries: deque[Entry] = deque()
+        self._by_id: dict[str, int] = {}  # publisher-given ids -> seq, for lookup
+        self.evicted_seq = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, entry: Entry, publisher_id: bool) -> None:
+        if self.size == 0:
+            self.evicted_seq = entry.seq
+            return
+        self._entries.append(entry)
+        if publisher_id:
+            self._by_id[entry.id] = entry.seq
+        while len(self._entries) > self.size:
+            self._evict()
+        self.expire()
+
+    def _evict(self) -> None:
+        old = self._entries.popleft()
+        self.evicted_seq = old.seq
+        if self._by_id.get(old.id) == old.seq:
+            del self._by_id[old.id]
+
+    def expire(self) -> None:
+        """Drop entries older than ``ttl``."""
+        if self.ttl <= 0:
+            return
+        limit = time.monotonic() - self.ttl
+        while self._entries and self._entries[0].at < limit:
+            self._evict()
+
+    def seq_of(self, publisher_id: str) -> int | None:
+        """The sequence number of a retained event with this publisher-given id."""
+        return self._by_id.get(publisher_id)
+
+    def after(self, seq: int) -> Iterator[Entry]:
+        """Retained entries newer than ``seq``, oldest first."""
+        entries = self._entries
+        if not entries or entries[-1].seq <= seq:
+            return iter(())
+        # Walk back from the newest: a resuming client is usually only a little behind.
+        i = len(entries)
+        while i > 0 and entries[i - 1].seq > seq:
+            i -= 1
+        return (entries[j] for j in range(i, len(entries)))

@@ -1,0 +1,94 @@
+"""CORS: allowed, denied, preflight."""
+
+from __future__ import annotations
+
+from .conftest import StartHub
+from .sseclient import SSEClient, http_request
+
+SITE = "https://app.example"
+
+
+async def stream_headers(port: int, origin: str | None) -> dict[str, str]:
+    client = await SSEClient.connect(port, "/channels/chat", {"Origin": origin} if origin else None)
+    try:
+        assert client.status == 200
+        return client.headers
+    finally:
+        await client.close()
+
+
+async def test_same_origin_only_by_default(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    headers = await stream_headers(hub.port, SITE)
+    assert "access-control-allow-origin" not in headers
+    assert headers["vary"] == "Origin"
+
+
+async def test_listed_origin_is_allowed_others_are_not(start_hub: StartHub) -> None:
+    hub = await start_hub(cors={"allow_origins": [SITE]})
+    headers = await stream_headers(hub.port, SITE)
+    assert headers["access-control-allow-origin"] == SITE
+    assert "access-control-allow-credentials" not in headers
+    assert "Origin" in headers["vary"]
+    denied = await stream_headers(hub.port, "https://evil.example")
+    assert "access-control-allow-origin" not in denied
+
+
+async def test_credentials_echo_the_origin(start_hub: StartHub) -> None:
+    hub = await start_hub(cors={"allow_origins": [SITE], "allow_credentials": True})
+    headers = await stream_headers(hub.port, SITE)
+    assert headers["access-control-allow-origin"] == SITE
+    assert headers["access-control-allow-credentials"] == "true"
+
+
+async def test_star_allows_any_origin(start_hub: StartHub) -> None:
+    hub = await start_hub(cors={"allow_origins": ["*"]})
+    headers = await stream_headers(hub.port, "https://anyone.example")
+    assert headers["access-control-allow-origin"] == "*"
+
+
+async def test_404_carries_cors_headers_too(start_hub: StartHub) -> None:
+    hub = await start_hub(cors={"allow_origins": [SITE]})
+    status, headers, _ = await http_request(hub.port, "/channels/nope", headers={"Origin": SITE})
+    assert status == 404
+    assert headers["access-control-allow-origin"] == SITE
+
+
+async def test_preflight_allowed(start_hub: StartHub) -> None:
+    hub = await start_hub(cors={"allow_origins": [SITE], "max_age": 120})
+    status, headers, _ = await http_request(
+        hub.port,
+        "/events?channel=chat",
+        method="OPTIONS",
+        headers={
+            "Origin": SITE,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "last-event-id, cache-control",
+        },
+    )
+    assert status == 204
+    assert headers["access-control-allow-origin"] == SITE
+    assert headers["access-control-allow-methods"] == "GET, HEAD, OPTIONS"
+    assert headers["access-control-allow-headers"] == "last-event-id, cache-control"
+    assert headers["access-control-max-age"] == "120"
+
+
+async def test_preflight_denied_for_other_origins_and_methods(start_hub: StartHub) -> None:
+    hub = await start_hub(cors={"allow_origins": [SITE]})
+    for origin, method in [("https://evil.example", "GET"), (SITE, "POST")]:
+        status, headers, _ = await http_request(
+            hub.port,
+            "/channels/chat",
+            method="OPTIONS",
+            headers={"Origin": origin, "Access-Control-Request-Method": method},
+        )
+        assert status == 403
+        if origin != SITE:
+            assert "access-control-allow-origin" not in headers
+
+
+async def test_plain_options_lists_methods(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    status, headers, _ = await http_request(hub.port, "/channels/chat", method="OPTIONS")
+    assert status == 204
+    assert headers["allow"] == "GET, HEAD, OPTIONS"
