@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import random
 import re
 from collections.abc import Sequence
 
@@ -17,7 +19,10 @@ from .hub import Channel, Hub
 from .messages import MAX_ID_LENGTH
 from .subscriber import Subscriber
 
-__all__ = ["BROKER", "HUB", "create_app", "healthz", "readyz"]
+__all__ = ["BROKER", "BUSY_EVENT", "HUB", "create_app", "healthz", "readyz"]
+
+# The named event that tells a client turned away by a limit why, before the stream ends.
+BUSY_EVENT = "ssehub-busy"
 
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
@@ -76,6 +81,10 @@ async def _stream(
     """Open an event stream and hold it until either side ends it."""
     hub = request.app[HUB]
     last_event_id = _last_event_id(request)
+    wants_stream = "text/event-stream" in request.headers.get("Accept", "")
+    refusal = _over_limit(hub, channels)
+    if refusal is not None and not wants_stream:
+        return _unavailable(hub, refusal)
     resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     chunked = request.version >= HttpVersion11
     if chunked:
@@ -88,6 +97,9 @@ async def _stream(
     # The first bytes go through aiohttp's writer, which sends the buffered
     # headers with them; after this the hub writes straight to the transport,
     # and aiohttp's writer is not touched again until the final chunk.
+    refusal = _over_limit(hub, channels)  # again: the awaits above let others in
+    if refusal is not None:
+        return await _turn_away(hub, resp, refusal)
     await resp.write(sse.retry(hub.config.retry_ms))
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -105,6 +117,41 @@ async def _stream(
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
     return resp
+
+
+def _over_limit(hub: Hub, channels: Sequence[Channel]) -> str | None:
+    """Why a new stream must be turned away, or None."""
+    limits = hub.config.limits
+    if limits.max_connections and hub.connections >= limits.max_connections:
+        return "max_connections"
+    if limits.max_per_channel and any(len(c) >= limits.max_per_channel for c in channels):
+        return "max_per_channel"
+    return None
+
+
+def _busy_retry_ms(hub: Hub) -> int:
+    # Jitter spreads the comeback of everyone turned away at the same moment.
+    return int(hub.config.limits.busy_retry_ms * random.uniform(0.5, 1.5))
+
+
+async def _turn_away(hub: Hub, resp: web.StreamResponse, reason: str) -> web.StreamResponse:
+    """A full hub still answers an EventSource with 200: any other status would make
+    the browser give up for good. The stream says why and when to come back, and ends."""
+    retry_ms = _busy_retry_ms(hub)
+    data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"))
+    hub.stats.closed["limit"] += 1
+    resp.force_close()
+    await resp.write(sse.retry(retry_ms) + sse.encode(data, event=BUSY_EVENT))
+    with contextlib.suppress(ConnectionError):
+        await resp.write_eof()
+    return resp
+
+
+def _unavailable(hub: Hub, reason: str) -> web.Response:
+    """For clients that are not an EventSource: a plain 503 with Retry-After."""
+    hub.stats.closed["limit"] += 1
+    seconds = max(1, round(_busy_retry_ms(hub) / 1000))
+    return web.Response(status=503, text=f"busy: {reason}\n", headers={"Retry-After": str(seconds)})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -129,7 +176,7 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app.router.add_get("/events", events_stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    add_cors(app, hub.config.cors, ["/channels/{name}", "/events"])
+    add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"])
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")

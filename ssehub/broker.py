@@ -140,6 +140,26 @@ class Broker:
         self._params: dict[str, Any] = parse_url(config.url)  # type: ignore[no-untyped-call]
         self._proto: _PubSubProtocol | None = None
 
+    def set_channels(self, channels: Iterable[str]) -> None:
+        """Change the subscription (config reload) without dropping the connection."""
+        new = list(channels)
+        add = [c for c in new if c not in self.channels]
+        drop = [c for c in self.channels if c not in new]
+        self.channels = new
+        proto = self._proto
+        if proto is None or not (add or drop):
+            return  # the next session subscribes to the new list
+        if self.state is not BrokerState.UP:
+            # Mid-handshake with the old list: start over with the new one.
+            if proto.transport is not None:
+                proto.transport.abort()
+            return
+        # Confirmations arrive as replies; the health-check loop reads and drops them.
+        if add:
+            proto.send("SUBSCRIBE", *add)
+        if drop:
+            proto.send("UNSUBSCRIBE", *drop)
+
     @property
     def ready(self) -> bool:
         """True while subscribed to every channel on a healthy connection."""

@@ -124,6 +124,17 @@ class Limits:
     max_message_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
     # Channels one /events connection may follow.
     max_channels_per_connection: int = field(default=32, metadata=_check(_positive))
+    # Open streams allowed in this process, and per channel (0 = no limit). Past
+    # them an EventSource gets a 200 stream that says why and when to come back.
+    max_connections: int = field(default=0, metadata=_check(_non_negative_int))
+    max_per_channel: int = field(default=0, metadata=_check(_non_negative_int))
+    # Mean reconnection delay (ms, jittered +-50%) told to clients turned away.
+    busy_retry_ms: int = field(default=5000, metadata=_check(_positive))
+    # Seconds a connection may take to send a complete request (slowloris guard).
+    request_timeout: float = field(default=10.0, metadata=_check(_positive))
+    # Request line and header field size limits (bytes); larger gets a 4xx.
+    max_line_size: int = field(default=8190, metadata=_check(_positive))
+    max_field_size: int = field(default=8190, metadata=_check(_positive))
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +177,8 @@ class Config:
     # Reconnection delay (ms) sent to clients in the stream's first line.
     retry_ms: int = field(default=3000, metadata=_check(_non_negative))
     limits: Limits = field(default_factory=Limits)
+    # Seconds a SIGTERM/SIGINT shutdown may take before remaining streams are cut.
+    shutdown_timeout: float = field(default=10.0, metadata=_check(_positive))
     cors: Cors = field(default_factory=Cors)
     juggernaut: Juggernaut = field(default_factory=Juggernaut)
     source: str = field(default="<config>", metadata={"internal": True})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 
@@ -15,22 +15,24 @@ _ALLOWED_HEADERS = ("last-event-id", "cache-control", "accept", "authorization",
 _METHODS = "GET, HEAD, OPTIONS"
 
 
-def add_cors(app: web.Application, cors: Cors, paths: Iterable[str]) -> None:
-    """Answer preflights on ``paths`` and add CORS headers to every response."""
-    origins = frozenset(cors.allow_origins)
-    any_origin = "*" in origins
+def add_cors(app: web.Application, get_cors: Callable[[], Cors], paths: Iterable[str]) -> None:
+    """Answer preflights on ``paths`` and add CORS headers to every response.
 
-    def allowed(origin: str | None) -> bool:
-        return origin is not None and (any_origin or origin in origins)
+    ``get_cors`` is read per request, so a config reload takes effect at once.
+    """
+
+    def allowed(cors: Cors, origin: str | None) -> bool:
+        return origin is not None and ("*" in cors.allow_origins or origin in cors.allow_origins)
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         # The answer depends on Origin whatever it is: caches must key on it.
         response.headers.add("Vary", "Origin")
+        cors = get_cors()
         origin = request.headers.get("Origin")
-        if not allowed(origin):
+        if not allowed(cors, origin):
             return  # no Access-Control-Allow-Origin: the browser blocks the read
         assert origin is not None
-        if any_origin and not cors.allow_credentials:
+        if "*" in cors.allow_origins and not cors.allow_credentials:
             response.headers["Access-Control-Allow-Origin"] = "*"
         else:
             response.headers["Access-Control-Allow-Origin"] = origin
@@ -38,12 +40,13 @@ def add_cors(app: web.Application, cors: Cors, paths: Iterable[str]) -> None:
             response.headers["Access-Control-Allow-Credentials"] = "true"
 
     async def preflight(request: web.Request) -> web.Response:
+        cors = get_cors()
         origin = request.headers.get("Origin")
         method = request.headers.get("Access-Control-Request-Method")
         if origin is None or method is None:
             # Not a CORS preflight: a plain OPTIONS asks what the resource allows.
             return web.Response(status=204, headers={"Allow": _METHODS})
-        if not allowed(origin) or method.upper() not in ("GET", "HEAD"):
+        if not allowed(cors, origin) or method.upper() not in ("GET", "HEAD"):
             return web.Response(status=403, text="CORS request not allowed\n")
         asked = request.headers.get("Access-Control-Request-Headers", "")
         wanted = [h.strip().lower() for h in asked.split(",") if h.strip()]

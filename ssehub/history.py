@@ -61,6 +61,14 @@ class History:
         if self._by_id.get(old.id) == old.seq:
             del self._by_id[old.id]
 
+    def resize(self, size: int, ttl: float) -> None:
+        """Apply new limits (config reload), dropping what no longer fits."""
+        self.size = size
+        self.ttl = ttl
+        while len(self._entries) > size:
+            self._evict()
+        self.expire()
+
     def expire(self) -> None:
         """Drop entries older than ``ttl``."""
         if self.ttl <= 0:

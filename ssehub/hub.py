@@ -141,6 +141,7 @@ class Hub:
         self._by_redis: dict[bytes, list[Channel]] = {}
         self._mux: dict[frozenset[str], MuxGroup] = {}
         self._pending: list[tuple[Channel, Entry]] = []
+        self._connections = 0
         self._flush_scheduled = False
         self._heartbeat: asyncio.TimerHandle | None = None
         self._max_buffer = config.limits.max_buffer_bytes
@@ -156,9 +157,44 @@ class Hub:
         # message's arrival to its write (the metrics histogram); never per subscriber.
         self.observe_delay: Callable[[float], None] | None = None
         for ch in config.channels.values():
-            channel = Channel(ch)
-            self.channels[ch.name] = channel
-            self._by_redis.setdefault(ch.redis_channel.encode(), []).append(channel)
+            self.channels[ch.name] = Channel(ch)
+        self._index()
+
+    def _index(self) -> None:
+        self._by_redis = {}
+        for channel in self.channels.values():
+            key = channel.config.redis_channel.encode()
+            self._by_redis.setdefault(key, []).append(channel)
+
+    def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+        """Apply a new config: returns the channels (added, removed, changed).
+
+        Streams of removed channels end cleanly; every other stream stays connected.
+        """
+        self._flush()
+        old = self.channels
+        added = [n for n in config.channels if n not in old]
+        removed = [n for n in old if n not in config.channels]
+        changed = [n for n in config.channels if n in old and old[n].config != config.channels[n]]
+        for name in removed:
+            channel = self.channels.pop(name)
+            for group in [channel.subs, *channel.mux_groups]:
+                for sub in group.subscribers():
+                    sub.end("channel_removed")
+        for name in changed:
+            channel = self.channels[name]
+            channel.config = config.channels[name]
+            channel.history.resize(channel.config.history, channel.config.history_ttl)
+        for name in added:
+            self.channels[name] = Channel(config.channels[name])
+        self.config = config
+        self._max_buffer = config.limits.max_buffer_bytes
+        self._max_message = config.limits.max_message_bytes
+        self._juggernaut = (
+            config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
+        )
+        self._index()
+        return added, removed, changed
 
     def redis_channels(self) -> list[str]:
         """The Redis channels the broker must subscribe to."""
@@ -170,9 +206,7 @@ class Hub:
     @property
     def connections(self) -> int:
         """Open streams across all channels."""
-        return sum(len(c.subs) for c in self.channels.values()) + sum(
-            len(g) for g in self._mux.values()
-        )
+        return self._connections
 
     def position(self) -> str:
         """The id of the current position: everything up to now has been delivered."""
@@ -324,6 +358,7 @@ class Hub:
             group = sub.channels[0].subs
         group.add(sub)
         sub.group = group
+        self._connections += 1
         for channel in sub.channels:
             self.stats.opened[channel.name] += 1
 
@@ -332,6 +367,7 @@ class Hub:
         group = sub.group
         if group is None or not group.remove(sub):
             return
+        self._connections -= 1
         self.stats.closed[sub.reason or "client_gone"] += 1
         if isinstance(group, MuxGroup) and not group:
             del self._mux[group.names]

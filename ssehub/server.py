@@ -1,22 +1,24 @@
-"""Start and stop: the event loop, the listener, the broker task and signals."""
+"""Start and stop: the event loop, the listener, the broker task, signals and reload."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import resource
 import signal
 import socket
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from .app import create_app
 from .broker import Broker, BrokerState
-from .config import Config
+from .config import Config, ConfigError, load
 from .hub import Hub
 
-__all__ = ["HubServer", "run"]
+__all__ = ["HubServer", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,14 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 class HubServer:
     """One hub process: hub + broker + HTTP listener. ``start()``/``stop()`` from code or tests."""
 
-    def __init__(self, config: Config, shutdown_timeout: float = 10.0) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.hub = Hub(config)
         self.broker = Broker(
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
         self.app = create_app(self.hub, self.broker)
+        limits = config.limits
         # handler_cancellation: a client that goes away cancels its handler, which
         # is how a stream learns of the disconnect at once (run_app and the test
         # server default differently, so it is set here explicitly).
@@ -47,9 +50,13 @@ class HubServer:
             self.app,
             handler_cancellation=True,
             access_log=None,
-            shutdown_timeout=shutdown_timeout,
+            shutdown_timeout=config.shutdown_timeout,
+            max_line_size=limits.max_line_size,
+            max_field_size=limits.max_field_size,
         )
         self._broker_task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._unfinished: set[RequestHandler] = set()
         self.port = 0
 
     def _on_redis_state(self, old: BrokerState, new: BrokerState) -> None:
@@ -67,11 +74,58 @@ class HubServer:
         await site.start()
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self.hub.start_heartbeat()
+        self._schedule_sweep()
         log.info("listening host=%s port=%d", self.config.listen.host, self.port)
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self.config.limits.request_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections that sent no complete request for a whole period.
+
+        aiohttp has no header-read timeout, so a client trickling a request (or
+        idling between requests) would hold its socket forever. One timer for all
+        connections: a connection seen without a request in progress in two
+        consecutive sweeps is closed, i.e. after one to two ``request_timeout``.
+        """
+        server = self._runner.server
+        if server is not None:
+            now_idle = {h for h in server.connections if h._current_request is None}
+            for handler in now_idle & self._unfinished:
+                handler.force_close()
+            self._unfinished = now_idle - self._unfinished
+        self._schedule_sweep()
+
+    def reload(self) -> bool:
+        """Re-read the config file (SIGHUP); keep running on the old one if it is invalid."""
+        try:
+            new = load(self.config.source)
+        except ConfigError as exc:
+            log.error("reload rejected, still running the previous config: %s", exc)
+            return False
+        if new.listen != self.config.listen or new.redis != self.config.redis:
+            log.warning("reload: listen and redis changes take effect on restart only")
+            new = dataclasses.replace(new, listen=self.config.listen, redis=self.config.redis)
+        added, removed, changed = self.hub.reload(new)
+        self.broker.set_channels(self.hub.redis_channels())
+        self.config = new
+        log.info(
+            "reloaded channels=%d added=%s removed=%s changed=%s",
+            len(new.channels),
+            ",".join(added) or "-",
+            ",".join(removed) or "-",
+            ",".join(changed) or "-",
+        )
+        return True
 
     async def stop(self) -> None:
         """Stop accepting, end every stream cleanly, close Redis."""
         self.hub.stop_heartbeat()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        # Stops the listener first, then ends streams (app.on_shutdown), then waits
+        # up to shutdown_timeout for handlers before cancelling what is left.
         await self._runner.cleanup()
         if self._broker_task is not None:
             self._broker_task.cancel()
@@ -90,12 +144,14 @@ def _raise_fd_limit() -> None:
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = HubServer(config)
+    # Before start(): once "listening" is logged, a SIGHUP must not kill the process.
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await server.start()
     try:
         await stop.wait()

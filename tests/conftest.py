@@ -44,6 +44,7 @@ def hub_config(redis_url: str, channels: dict[str, Any] | None = None, **overrid
         "redis": {"url": redis_url},
         "channels": channels if channels is not None else {"chat": {}},
     }
+    data.setdefault("shutdown_timeout", 2.0)
     data.update(overrides)
     return parse(data, source="test-config")
 
@@ -61,7 +62,7 @@ async def start_hub(redis_server: RedisServer) -> AsyncIterator[StartHub]:
         **overrides: Any,
     ) -> HubServer:
         config = hub_config(redis_url or redis_server.url, channels, **overrides)
-        server = HubServer(config, shutdown_timeout=2.0)
+        server = HubServer(config)
         await server.start()
         servers.append(server)
         if wait_ready:

@@ -80,3 +80,40 @@ def test_port_in_use_exits_3(tmp_path: Path) -> None:
         )
     assert result.returncode == 3
     assert "cannot start" in result.stderr
+
+
+def test_sighup_reloads_and_sigterm_ends_streams_within_the_timeout(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    config = tmp_path / "hub.yaml"
+    base = f"redis: {{url: '{redis_server.url}'}}\nshutdown_timeout: 3\n"
+    config.write_text(base + "channels: {chat: {}}\n")
+    proc, port = start_daemon(config, "--port", "0")
+    assert proc.stderr is not None
+    stream = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        config.write_text(base + "channels: {chat: {}, later: {}}\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            line = proc.stderr.readline()
+            assert time.monotonic() < deadline and line, "no reload log line"
+            if "reloaded" in line:
+                assert "added=later" in line
+                break
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+            probe.sendall(b"GET /channels/later HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert probe.recv(100).startswith(b"HTTP/1.1 200")
+        # A stream that never reads does not hold up the shutdown past its timeout.
+        stream.sendall(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stream.recv(100).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 3 + 2
+    finally:
+        stream.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -1,0 +1,111 @@
+"""SIGHUP reload: added channels appear, removed ones close, the rest keep streaming."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from ssehub.config import load
+from ssehub.server import HubServer
+
+from .redis_server import RedisServer
+from .sseclient import SSEClient, http_request, wait_until
+
+
+def write_config(path: Path, redis_url: str, channels: str, extra: str = "") -> None:
+    path.write_text(
+        f"listen: {{host: 127.0.0.1, port: 0}}\nredis: {{url: '{redis_url}'}}\n"
+        f"shutdown_timeout: 2\n{extra}channels:\n{channels}"
+    )
+
+
+@pytest.fixture
+async def hub_from_file(
+    tmp_path: Path, redis_server: RedisServer
+) -> AsyncIterator[tuple[HubServer, Path]]:
+    path = tmp_path / "hub.yaml"
+    write_config(path, redis_server.url, "  keep: {}\n  drop: {}\n")
+    server = HubServer(load(path))
+    await server.start()
+    await wait_until(lambda: server.broker.ready)
+    yield server, path
+    await server.stop()
+
+
+async def stream(port: int, channel: str) -> SSEClient:
+    client = await SSEClient.connect(port, f"/channels/{channel}")
+    assert client.status == 200
+    await client.read_until(lambda c: c.parser.last_id)
+    return client
+
+
+async def test_reload_adds_removes_and_keeps_channels(
+    hub_from_file: tuple[HubServer, Path], redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    server, path = hub_from_file
+    keep = await stream(server.port, "keep")
+    drop = await stream(server.port, "drop")
+    try:
+        write_config(path, redis_server.url, "  keep: {history: 5}\n  added: {}\n")
+        assert server.reload()
+        await drop.read_to_eof()
+        assert drop.ended_cleanly
+        assert server.hub.stats.closed["channel_removed"] == 1
+        status, _, _ = await http_request(server.port, "/channels/drop")
+        assert status == 404
+        added = await stream(server.port, "added")
+        try:
+            await wait_until(
+                lambda: redis_client.pubsub_numsub("added"), timeout=5
+            )  # the broker subscribed without reconnecting
+            await wait_until(lambda: _numsub(redis_client, "added", 1), timeout=5)
+            assert await redis_client.pubsub_numsub("drop") == [(b"drop", 0)]
+            await redis_client.publish("added", "new channel")
+            await redis_client.publish("keep", "still here")
+            assert [e.data for e in await added.next_events(1)] == ["new channel"]
+            assert [e.data for e in await keep.next_events(1)] == ["still here"]
+            assert server.broker.reconnects == 0
+            assert server.hub.channels["keep"].history.size == 5
+        finally:
+            await added.close()
+    finally:
+        await keep.close()
+        await drop.close()
+
+
+async def _numsub(client: aioredis.Redis, channel: str, n: int) -> bool:
+    return bool(await client.pubsub_numsub(channel) == [(channel.encode(), n)])
+
+
+async def test_invalid_new_config_is_rejected_and_the_old_one_kept(
+    hub_from_file: tuple[HubServer, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, path = hub_from_file
+    keep = await stream(server.port, "keep")
+    try:
+        path.write_text("channels:\n  keep: {histroy: 5}\n")
+        with caplog.at_level(logging.ERROR, logger="ssehub.server"):
+            assert not server.reload()
+        assert "reload rejected" in caplog.text
+        assert "channels.keep.histroy: unknown key" in caplog.text
+        assert set(server.hub.channels) == {"keep", "drop"}
+        assert not keep.eof
+    finally:
+        await keep.close()
+
+
+async def test_listen_and_redis_changes_wait_for_a_restart(
+    hub_from_file: tuple[HubServer, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, path = hub_from_file
+    old_redis = server.config.redis
+    write_config(path, "redis://127.0.0.1:1/0", "  keep: {}\n  drop: {}\n")
+    with caplog.at_level(logging.WARNING, logger="ssehub.server"):
+        assert server.reload()
+    assert "take effect on restart" in caplog.text
+    assert server.config.redis == old_redis
+    assert server.broker.ready
