@@ -50,19 +50,17 @@ def _last_event_id(request: web.Request) -> str | None:
     return value
 
 
-async def channel_stream(request: web.Request) -> web.StreamResponse:
-    """``GET /channels/{name}``: one channel's events."""
-    hub = request.app[HUB]
+def _channel(hub: Hub, request: web.Request) -> Sequence[Channel]:
+    """``/channels/{name}``: the one channel named in the path."""
     name = request.match_info["name"]
     channel = hub.channels.get(name)
     if channel is None:
         raise web.HTTPNotFound(text=f"unknown channel: {name}\n")
-    return await _stream(request, [channel], mux=False)
+    return channel.alone
 
 
-async def events_stream(request: web.Request) -> web.StreamResponse:
-    """``GET /events?channel=a&channel=b``: several channels through one connection."""
-    hub = request.app[HUB]
+def _channel_list(hub: Hub, request: web.Request) -> Sequence[Channel]:
+    """``/events?channel=a&channel=b``: several channels through one connection."""
     names = list(dict.fromkeys(request.query.getall("channel", [])))
     if not names:
         raise web.HTTPBadRequest(text="give at least one ?channel=\n")
@@ -72,14 +70,18 @@ async def events_stream(request: web.Request) -> web.StreamResponse:
     unknown = [n for n in names if n not in hub.channels]
     if unknown:
         raise web.HTTPNotFound(text=f"unknown channel: {', '.join(unknown)}\n")
-    return await _stream(request, [hub.channels[n] for n in names], mux=True)
+    return tuple(hub.channels[n] for n in names)
 
 
-async def _stream(
-    request: web.Request, channels: Sequence[Channel], mux: bool
-) -> web.StreamResponse:
-    """Open an event stream and hold it until either side ends it."""
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Open an event stream and hold it until either side ends it.
+
+    One coroutine for both routes, with no inner await of another coroutine: its
+    frame lives as long as the stream, so each one saved is memory per connection.
+    """
     hub = request.app[HUB]
+    mux = "name" not in request.match_info
+    channels = _channel_list(hub, request) if mux else _channel(hub, request)
     last_event_id = _last_event_id(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
     refusal = _over_limit(hub, channels)
@@ -172,8 +174,8 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
-    app.router.add_get("/channels/{name}", channel_stream)
-    app.router.add_get("/events", events_stream)
+    app.router.add_get("/channels/{name}", stream)
+    app.router.add_get("/events", stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"])

@@ -114,11 +114,22 @@ class MuxGroup(Group):
 class Channel:
     """One configured channel: its direct subscribers, its /events groups, its history."""
 
-    __slots__ = ("config", "history", "last_seq", "last_write", "mux_groups", "name", "subs")
+    __slots__ = (
+        "alone",
+        "config",
+        "history",
+        "last_seq",
+        "last_write",
+        "mux_groups",
+        "name",
+        "subs",
+    )
 
     def __init__(self, config: ChannelConfig) -> None:
         self.config = config
         self.name = config.name
+        # The channel list of every direct subscriber: shared, not one per stream.
+        self.alone: tuple[Channel] = (self,)
         self.subs = Group()
         self.mux_groups: set[MuxGroup] = set()
         self.history = History(config.history, config.history_ttl)

@@ -49,6 +49,9 @@ class HubServer:
         self._runner = web.AppRunner(
             self.app,
             handler_cancellation=True,
+            # No per-connection keep-alive timer (a TimerHandle per stream, re-armed
+            # every period): the hub-wide sweep below closes idle connections.
+            keepalive_timeout=0,
             access_log=None,
             shutdown_timeout=config.shutdown_timeout,
             max_line_size=limits.max_line_size,
