@@ -59,15 +59,21 @@ def _decode(payload: bytes, max_bytes: int) -> str:
         raise Rejected("invalid_utf8", f"byte {exc.start}") from None
 
 
-def _load_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+def _load_object(payload: bytes, max_bytes: int, fields: frozenset[str]) -> dict[str, Any]:
+    """A JSON object with only ``fields`` and at least ``data``."""
     text = _decode(payload, max_bytes)
     try:
-        value = json.loads(text)
+        obj = json.loads(text)
     except ValueError as exc:
         raise Rejected("invalid_json", str(exc)) from None
-    if not isinstance(value, dict):
+    if not isinstance(obj, dict):
         raise Rejected("invalid_json", "not a JSON object")
-    return value
+    unknown = set(obj) - fields
+    if unknown:
+        raise Rejected("bad_field", f"unknown fields: {', '.join(sorted(unknown))}")
+    if "data" not in obj:
+        raise Rejected("bad_field", "data is required")
+    return obj
 
 
 def _data_text(value: Any) -> str:
@@ -94,12 +100,7 @@ def parse_text(payload: bytes, max_bytes: int) -> Event:
 
 def parse_json(payload: bytes, max_bytes: int) -> Event:
     """The ``json`` format: an object with ``data`` and optional ``event``, ``id``, ``retry``."""
-    obj = _load_object(payload, max_bytes)
-    unknown = set(obj) - _JSON_FIELDS
-    if unknown:
-        raise Rejected("bad_field", f"unknown fields: {', '.join(sorted(unknown))}")
-    if "data" not in obj:
-        raise Rejected("bad_field", "data is required")
+    obj = _load_object(payload, max_bytes, _JSON_FIELDS)
     event_id = _field(obj, "id")
     if event_id is not None and len(event_id) > MAX_ID_LENGTH:
         raise Rejected("bad_field", f"id longer than {MAX_ID_LENGTH}")
@@ -119,12 +120,7 @@ def parse(fmt: str, payload: bytes, max_bytes: int) -> Event:
 
 def parse_juggernaut(payload: bytes, max_bytes: int) -> tuple[list[str], Event]:
     """Juggernaut's publish format: the target channel names and the event."""
-    obj = _load_object(payload, max_bytes)
-    unknown = set(obj) - _JUGGERNAUT_FIELDS
-    if unknown:
-        raise Rejected("bad_field", f"unknown fields: {', '.join(sorted(unknown))}")
-    if "data" not in obj:
-        raise Rejected("bad_field", "data is required")
+    obj = _load_object(payload, max_bytes, _JUGGERNAUT_FIELDS)
     channels = obj.get("channels", [])
     if "channel" in obj:
         channels = [*channels, obj["channel"]] if isinstance(channels, list) else channels

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Event", "SSEClient", "http_request", "wait_until"]
+__all__ = ["Event", "SSEClient", "http_request", "open_stream", "wait_until"]
 
 
 @dataclass
@@ -206,6 +207,19 @@ class SSEClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+async def open_stream(port: int, path: str, last_id: str | None = None, **kw: Any) -> SSEClient:
+    """Open a stream, check it is a 200, and wait for its position marker (``id:``),
+    which the hub writes in the same step as it registers the subscriber: from then
+    on every published message reaches this client."""
+    headers = dict(kw.pop("headers", None) or {})
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    client = await SSEClient.connect(port, path, headers, **kw)
+    assert client.status == 200, (client.status, client.headers)
+    await client.read_until(lambda c: c.parser.last_id)
+    return client
 
 
 async def http_request(

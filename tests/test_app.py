@@ -7,15 +7,7 @@ import asyncio
 import redis.asyncio as aioredis
 
 from .conftest import StartHub
-from .sseclient import SSEClient, http_request, wait_until
-
-
-async def open_stream(port: int, channel: str, **kw: object) -> SSEClient:
-    client = await SSEClient.connect(port, f"/channels/{channel}", **kw)  # type: ignore[arg-type]
-    assert client.status == 200, client.headers
-    # The stream opens with a retry line; wait for it so the subscription is live.
-    await client.read_until(lambda c: c.parser.retry is not None)
-    return client
+from .sseclient import SSEClient, http_request, open_stream, wait_until
 
 
 async def test_stream_headers_and_first_bytes(start_hub: StartHub) -> None:
@@ -37,7 +29,7 @@ async def test_delivers_to_every_subscriber_in_publish_order(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub()
-    clients = [await open_stream(hub.port, "chat") for _ in range(5)]
+    clients = [await open_stream(hub.port, "/channels/chat") for _ in range(5)]
     try:
         for i in range(50):
             await redis_client.publish("chat", f"message {i}")
@@ -54,8 +46,8 @@ async def test_delivers_to_every_subscriber_in_publish_order(
 
 async def test_channels_are_isolated(start_hub: StartHub, redis_client: aioredis.Redis) -> None:
     hub = await start_hub({"a": {}, "b": {}})
-    a = await open_stream(hub.port, "a")
-    b = await open_stream(hub.port, "b")
+    a = await open_stream(hub.port, "/channels/a")
+    b = await open_stream(hub.port, "/channels/b")
     try:
         await redis_client.publish("a", "for a")
         await redis_client.publish("b", "for b")
@@ -71,7 +63,7 @@ async def test_channels_are_isolated(start_hub: StartHub, redis_client: aioredis
 
 async def test_redis_channel_mapping(start_hub: StartHub, redis_client: aioredis.Redis) -> None:
     hub = await start_hub({"news": {"redis_channel": "site:news"}})
-    client = await open_stream(hub.port, "news")
+    client = await open_stream(hub.port, "/channels/news")
     try:
         await redis_client.publish("news", "wrong channel")
         await redis_client.publish("site:news", "right channel")
@@ -85,7 +77,7 @@ async def test_multiline_payloads_arrive_byte_for_byte(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub()
-    client = await open_stream(hub.port, "chat")
+    client = await open_stream(hub.port, "/channels/chat")
     payloads = [
         "one\ntwo",
         "crlf\r\nline",
@@ -122,7 +114,7 @@ async def test_invalid_utf8_is_dropped_counted_and_the_next_message_delivered(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub()
-    client = await open_stream(hub.port, "chat")
+    client = await open_stream(hub.port, "/channels/chat")
     try:
         await redis_client.publish("chat", b"bad \xff\xfe bytes")
         await redis_client.publish("chat", "good")
@@ -137,7 +129,7 @@ async def test_oversized_message_is_rejected(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub(limits={"max_message_bytes": 100})
-    client = await open_stream(hub.port, "chat")
+    client = await open_stream(hub.port, "/channels/chat")
     try:
         await redis_client.publish("chat", "x" * 101)
         await redis_client.publish("chat", "y" * 100)
@@ -150,7 +142,7 @@ async def test_oversized_message_is_rejected(
 
 async def test_heartbeat_comments_on_idle_streams(start_hub: StartHub) -> None:
     hub = await start_hub(heartbeat=0.1)
-    client = await open_stream(hub.port, "chat")
+    client = await open_stream(hub.port, "/channels/chat")
     try:
         await client.read_until(lambda c: len(c.parser.comments) >= 3, timeout=5)
         assert client.events == []
@@ -207,7 +199,7 @@ async def test_disconnect_removes_subscriber_at_once(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub()
-    clients = [await open_stream(hub.port, "chat") for _ in range(10)]
+    clients = [await open_stream(hub.port, "/channels/chat") for _ in range(10)]
     await wait_until(lambda: hub.hub.connections == 10)
     for c in clients:
         await c.close()
@@ -224,7 +216,7 @@ async def test_one_redis_connection_for_many_subscribers(
 ) -> None:
     hub = await start_hub({"a": {}, "b": {}, "c": {}})
     before = await redis_client.pubsub_numsub("a", "b", "c")
-    clients = [await open_stream(hub.port, ch) for ch in "abc" for _ in range(5)]
+    clients = [await open_stream(hub.port, f"/channels/{ch}") for ch in "abc" for _ in range(5)]
     try:
         after = await redis_client.pubsub_numsub("a", "b", "c")
         assert after == before == [(b"a", 1), (b"b", 1), (b"c", 1)]
@@ -237,7 +229,7 @@ async def test_http10_client_gets_an_unchunked_stream(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub()
-    client = await open_stream(hub.port, "chat", version="1.0")
+    client = await open_stream(hub.port, "/channels/chat", version="1.0")
     try:
         assert "transfer-encoding" not in client.headers
         await redis_client.publish("chat", "plain")
@@ -250,7 +242,7 @@ async def test_http10_client_gets_an_unchunked_stream(
 
 async def test_shutdown_ends_streams_cleanly(start_hub: StartHub) -> None:
     hub = await start_hub()
-    client = await open_stream(hub.port, "chat")
+    client = await open_stream(hub.port, "/channels/chat")
     try:
         await hub.stop()
         await client.read_to_eof(timeout=5)

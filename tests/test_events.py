@@ -9,16 +9,12 @@ import redis.asyncio as aioredis
 from ssehub.hub import GAP_EVENT
 
 from .conftest import StartHub
-from .sseclient import SSEClient, http_request
+from .sseclient import SSEClient, http_request, open_stream
 
 
 async def mux(port: int, channels: list[str], last_id: str | None = None) -> SSEClient:
     query = "&".join(f"channel={c}" for c in channels)
-    headers = {"Last-Event-ID": last_id} if last_id else None
-    client = await SSEClient.connect(port, f"/events?{query}", headers)
-    assert client.status == 200, client.headers
-    await client.read_until(lambda c: c.parser.last_id)
-    return client
+    return await open_stream(port, f"/events?{query}", last_id)
 
 
 async def test_events_name_their_channel_and_keep_publish_order(

@@ -7,21 +7,14 @@ import json
 import redis.asyncio as aioredis
 
 from .conftest import StartHub
-from .sseclient import SSEClient
-
-
-async def stream(port: int, channel: str) -> SSEClient:
-    client = await SSEClient.connect(port, f"/channels/{channel}")
-    assert client.status == 200
-    await client.read_until(lambda c: c.parser.last_id)
-    return client
+from .sseclient import open_stream
 
 
 async def test_json_event_id_and_retry_reach_the_client(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub({"feed": {"format": "json"}})
-    client = await stream(hub.port, "feed")
+    client = await open_stream(hub.port, "/channels/feed")
     try:
         await redis_client.publish(
             "feed", json.dumps({"data": {"price": 3}, "event": "quote", "id": "q-1", "retry": 5000})
@@ -47,8 +40,8 @@ async def test_each_rejection_is_counted_and_the_next_message_delivered(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub({"feed": {"format": "json"}, "other": {}})
-    client = await stream(hub.port, "feed")
-    other = await stream(hub.port, "other")
+    client = await open_stream(hub.port, "/channels/feed")
+    other = await open_stream(hub.port, "/channels/other")
     bad = [
         b"{broken json",
         b'["not", "an object"]',
@@ -80,8 +73,8 @@ async def test_juggernaut_message_to_one_and_to_several_channels(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub({"a": {}, "b": {}}, juggernaut={"enabled": True})
-    a = await stream(hub.port, "a")
-    b = await stream(hub.port, "b")
+    a = await open_stream(hub.port, "/channels/a")
+    b = await open_stream(hub.port, "/channels/b")
     try:
         await redis_client.publish("juggernaut", json.dumps({"channel": "a", "data": "only a"}))
         await redis_client.publish(

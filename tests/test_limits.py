@@ -10,23 +10,16 @@ import redis.asyncio as aioredis
 from ssehub.app import BUSY_EVENT
 
 from .conftest import StartHub
-from .sseclient import SSEClient, http_request, wait_until
+from .sseclient import SSEClient, http_request, open_stream, wait_until
 
 SSE = {"Accept": "text/event-stream"}
-
-
-async def open_stream(port: int, path: str = "/channels/chat") -> SSEClient:
-    client = await SSEClient.connect(port, path, SSE)
-    assert client.status == 200
-    await client.read_until(lambda c: c.parser.last_id)
-    return client
 
 
 async def test_eventsource_over_the_limit_gets_200_busy_event_and_close(
     start_hub: StartHub,
 ) -> None:
     hub = await start_hub(limits={"max_connections": 2, "busy_retry_ms": 1000})
-    held = [await open_stream(hub.port) for _ in range(2)]
+    held = [await open_stream(hub.port, "/channels/chat", headers=SSE) for _ in range(2)]
     turned = await SSEClient.connect(hub.port, "/channels/chat", SSE)
     try:
         assert turned.status == 200
@@ -48,7 +41,7 @@ async def test_eventsource_over_the_limit_gets_200_busy_event_and_close(
 
 async def test_other_clients_over_the_limit_get_503_with_retry_after(start_hub: StartHub) -> None:
     hub = await start_hub(limits={"max_per_channel": 1, "busy_retry_ms": 3000})
-    held = await open_stream(hub.port)
+    held = await open_stream(hub.port, "/channels/chat", headers=SSE)
     try:
         status, headers, body = await http_request(hub.port, "/channels/chat")
         assert status == 503
@@ -60,7 +53,7 @@ async def test_other_clients_over_the_limit_get_503_with_retry_after(start_hub: 
 
 async def test_per_channel_limit_counts_events_streams_too(start_hub: StartHub) -> None:
     hub = await start_hub({"a": {}, "b": {}}, limits={"max_per_channel": 1})
-    held = await open_stream(hub.port, "/events?channel=a&channel=b")
+    held = await open_stream(hub.port, "/events?channel=a&channel=b", headers=SSE)
     try:
         status, _, _ = await http_request(hub.port, "/channels/b")
         assert status == 503
@@ -74,7 +67,7 @@ async def test_a_reconnecting_client_gets_in_once_a_slot_frees(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub(limits={"max_connections": 1, "busy_retry_ms": 100})
-    holder = await open_stream(hub.port)
+    holder = await open_stream(hub.port, "/channels/chat", headers=SSE)
 
     async def reconnecting_client() -> SSEClient:
         """Behaves like EventSource: on a stream end, wait `retry` ms and try again."""

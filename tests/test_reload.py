@@ -13,7 +13,7 @@ from ssehub.config import load
 from ssehub.server import HubServer
 
 from .redis_server import RedisServer
-from .sseclient import SSEClient, http_request, wait_until
+from .sseclient import http_request, open_stream, wait_until
 
 
 def write_config(path: Path, redis_url: str, channels: str, extra: str = "") -> None:
@@ -36,19 +36,12 @@ async def hub_from_file(
     await server.stop()
 
 
-async def stream(port: int, channel: str) -> SSEClient:
-    client = await SSEClient.connect(port, f"/channels/{channel}")
-    assert client.status == 200
-    await client.read_until(lambda c: c.parser.last_id)
-    return client
-
-
 async def test_reload_adds_removes_and_keeps_channels(
     hub_from_file: tuple[HubServer, Path], redis_server: RedisServer, redis_client: aioredis.Redis
 ) -> None:
     server, path = hub_from_file
-    keep = await stream(server.port, "keep")
-    drop = await stream(server.port, "drop")
+    keep = await open_stream(server.port, "/channels/keep")
+    drop = await open_stream(server.port, "/channels/drop")
     try:
         write_config(path, redis_server.url, "  keep: {history: 5}\n  added: {}\n")
         assert server.reload()
@@ -57,7 +50,7 @@ async def test_reload_adds_removes_and_keeps_channels(
         assert server.hub.stats.closed["channel_removed"] == 1
         status, _, _ = await http_request(server.port, "/channels/drop")
         assert status == 404
-        added = await stream(server.port, "added")
+        added = await open_stream(server.port, "/channels/added")
         try:
             await wait_until(
                 lambda: redis_client.pubsub_numsub("added"), timeout=5
@@ -85,7 +78,7 @@ async def test_invalid_new_config_is_rejected_and_the_old_one_kept(
     hub_from_file: tuple[HubServer, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     server, path = hub_from_file
-    keep = await stream(server.port, "keep")
+    keep = await open_stream(server.port, "/channels/keep")
     try:
         path.write_text("channels:\n  keep: {histroy: 5}\n")
         with caplog.at_level(logging.ERROR, logger="ssehub.server"):

@@ -11,22 +11,14 @@ import redis.asyncio as aioredis
 from ssehub.hub import GAP_EVENT
 
 from .conftest import StartHub
-from .sseclient import SSEClient, wait_until
-
-
-async def stream(port: int, path: str, last_id: str | None = None) -> SSEClient:
-    headers = {"Last-Event-ID": last_id} if last_id is not None else None
-    client = await SSEClient.connect(port, path, headers)
-    assert client.status == 200, client.headers
-    await client.read_until(lambda c: c.parser.last_id)  # the position marker
-    return client
+from .sseclient import SSEClient, open_stream, wait_until
 
 
 async def publish_and_collect(
     port: int, redis_client: aioredis.Redis, channel: str, count: int
 ) -> list[str]:
     """Publish ``count`` messages and return the ids a live client saw."""
-    client = await stream(port, f"/channels/{channel}")
+    client = await open_stream(port, f"/channels/{channel}")
     try:
         for i in range(count):
             await redis_client.publish(channel, f"m{i}")
@@ -55,7 +47,7 @@ async def test_resume_from_each_position_of_the_history(
     hub = await start_hub({"chat": {"history": 10}})
     ids = await publish_and_collect(hub.port, redis_client, "chat", 10)
     last = f"{hub.hub.epoch}-0" if position == 0 else ids[position - 1]
-    client = await stream(hub.port, "/channels/chat", last)
+    client = await open_stream(hub.port, "/channels/chat", last)
     try:
         assert [e.data for e in client.events] == [f"m{i}" for i in range(position, 10)]
         assert [e.id for e in client.events] == ids[position:]
@@ -74,7 +66,7 @@ async def test_resume_after_the_history_wrapped_signals_the_gap_first(
 ) -> None:
     hub = await start_hub({"chat": {"history": 3}})
     ids = await publish_and_collect(hub.port, redis_client, "chat", 8)
-    client = await stream(hub.port, "/channels/chat", ids[1])  # had m0, m1
+    client = await open_stream(hub.port, "/channels/chat", ids[1])  # had m0, m1
     try:
         assert client.events[0].event == GAP_EVENT
         assert gaps(client) == [{"channel": "chat", "reason": "expired", "lastEventId": ids[1]}]
@@ -88,12 +80,12 @@ async def test_resume_at_the_newest_event_replays_nothing_even_without_history(
 ) -> None:
     hub = await start_hub({"chat": {"history": 0}})
     ids = await publish_and_collect(hub.port, redis_client, "chat", 3)
-    client = await stream(hub.port, "/channels/chat", ids[-1])
+    client = await open_stream(hub.port, "/channels/chat", ids[-1])
     try:
         assert client.events == []
     finally:
         await client.close()
-    missed = await stream(hub.port, "/channels/chat", ids[0])
+    missed = await open_stream(hub.port, "/channels/chat", ids[0])
     try:
         assert gaps(missed)[0]["reason"] == "expired"
     finally:
@@ -110,7 +102,7 @@ async def test_unknown_or_foreign_id_is_signalled_and_nothing_replayed(
     hub = await start_hub()
     await publish_and_collect(hub.port, redis_client, "chat", 3)
     last_id = last_id.format(epoch=hub.hub.epoch)
-    client = await stream(hub.port, "/channels/chat", last_id)
+    client = await open_stream(hub.port, "/channels/chat", last_id)
     try:
         assert gaps(client) == [{"channel": "chat", "reason": "unknown_id", "lastEventId": last_id}]
         assert len(client.events) == 1
@@ -129,7 +121,7 @@ async def test_ids_from_an_earlier_run_are_unknown(
     second = await start_hub()
     await publish_and_collect(second.port, redis_client, "chat", 3)
     assert first.hub.epoch != second.hub.epoch
-    client = await stream(second.port, "/channels/chat", old_ids[0])
+    client = await open_stream(second.port, "/channels/chat", old_ids[0])
     try:
         assert gaps(client)[0]["reason"] == "unknown_id"
     finally:
@@ -141,12 +133,12 @@ async def test_last_event_id_query_parameter_and_header_precedence(
 ) -> None:
     hub = await start_hub()
     ids = await publish_and_collect(hub.port, redis_client, "chat", 4)
-    client = await stream(hub.port, f"/channels/chat?lastEventId={ids[1]}")
+    client = await open_stream(hub.port, f"/channels/chat?lastEventId={ids[1]}")
     try:
         assert [e.data for e in client.events] == ["m2", "m3"]
     finally:
         await client.close()
-    client = await stream(hub.port, f"/channels/chat?lastEventId={ids[0]}", ids[2])
+    client = await open_stream(hub.port, f"/channels/chat?lastEventId={ids[0]}", ids[2])
     try:
         assert [e.data for e in client.events] == ["m3"]
     finally:
@@ -171,7 +163,7 @@ async def test_messages_published_during_replay_arrive_once_in_order(
             await asyncio.sleep(0)
 
     async def resumer() -> SSEClient:
-        return await stream(hub.port, "/channels/chat", first_id)
+        return await open_stream(hub.port, "/channels/chat", first_id)
 
     task = asyncio.create_task(publisher())
     clients = []
@@ -192,7 +184,7 @@ async def test_publisher_given_ids_are_sent_and_resumable(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub({"feed": {"format": "json"}})
-    live = await stream(hub.port, "/channels/feed")
+    live = await open_stream(hub.port, "/channels/feed")
     try:
         for i in range(3):
             await redis_client.publish("feed", json.dumps({"data": f"d{i}", "id": f"order-{i}"}))
@@ -200,7 +192,7 @@ async def test_publisher_given_ids_are_sent_and_resumable(
         assert [e.id for e in events] == ["order-0", "order-1", "order-2"]
     finally:
         await live.close()
-    client = await stream(hub.port, "/channels/feed", "order-0")
+    client = await open_stream(hub.port, "/channels/feed", "order-0")
     try:
         assert [e.data for e in client.events] == ["d1", "d2"]
     finally:
@@ -212,7 +204,7 @@ async def test_history_age_limit(start_hub: StartHub, redis_client: aioredis.Red
     ids = await publish_and_collect(hub.port, redis_client, "chat", 2)
     first = hub.hub.channels["chat"].history
     await wait_until(lambda: (first.expire(), len(first) == 0)[1], timeout=3)
-    client = await stream(hub.port, "/channels/chat", ids[0])
+    client = await open_stream(hub.port, "/channels/chat", ids[0])
     try:
         assert gaps(client)[0]["reason"] == "expired"
         assert [e.event for e in client.events] == [GAP_EVENT]
