@@ -50,12 +50,18 @@ def _last_event_id(request: web.Request) -> str | None:
     return value
 
 
+def _shown(name: str) -> str:
+    """A client-supplied name made safe to echo: percent-decoded invalid UTF-8
+    arrives as lone surrogates, which cannot be encoded as they are."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _channel(hub: Hub, request: web.Request) -> Sequence[Channel]:
     """``/channels/{name}``: the one channel named in the path."""
     name = request.match_info["name"]
     channel = hub.channels.get(name)
     if channel is None:
-        raise web.HTTPNotFound(text=f"unknown channel: {name}\n")
+        raise web.HTTPNotFound(text=f"unknown channel: {_shown(name)}\n")
     return channel.alone
 
 
@@ -69,7 +75,7 @@ def _channel_list(hub: Hub, request: web.Request) -> Sequence[Channel]:
         raise web.HTTPBadRequest(text=f"at most {limit} channels per connection\n")
     unknown = [n for n in names if n not in hub.channels]
     if unknown:
-        raise web.HTTPNotFound(text=f"unknown channel: {', '.join(unknown)}\n")
+        raise web.HTTPNotFound(text=f"unknown channel: {_shown(', '.join(unknown))}\n")
     return tuple(hub.channels[n] for n in names)
 
 
@@ -87,8 +93,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     refusal = _over_limit(hub, channels)
     if refusal is not None and not wants_stream:
         return _unavailable(hub, refusal)
+    if request.version.major != 1:
+        # An HTTP/2 request line over plain HTTP/1 framing: nothing sensible to stream.
+        raise web.HTTPBadRequest(text="HTTP/1.0 or HTTP/1.1 only\n")
     resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-    chunked = request.version >= HttpVersion11
+    chunked = request.version == HttpVersion11
     if chunked:
         resp.enable_chunked_encoding()
     else:

@@ -12,6 +12,7 @@ import signal
 import socket
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from .app import create_app
@@ -33,6 +34,22 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback, so any
+    client could fill the logs. A malformed request is the client's problem and
+    already got its 4xx: log it on one line at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("bad request status=%s reason=%s", exc.code, exc.message)
+            return False
+        return True
+
+
+_quiet_bad_requests = _QuietBadRequests()
+
+
 class HubServer:
     """One hub process: hub + broker + HTTP listener. ``start()``/``stop()`` from code or tests."""
 
@@ -43,6 +60,9 @@ class HubServer:
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
         self.app = create_app(self.hub, self.broker)
+        server_log = logging.getLogger("aiohttp.server")
+        if _quiet_bad_requests not in server_log.filters:
+            server_log.addFilter(_quiet_bad_requests)
         limits = config.limits
         # handler_cancellation: a client that goes away cancels its handler, which
         # is how a stream learns of the disconnect at once (run_app and the test

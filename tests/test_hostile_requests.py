@@ -78,3 +78,17 @@ async def test_connections_opened_and_dropped_in_a_loop_leak_nothing(start_hub: 
     await wait_until(lambda: hub.hub.connections == 0, timeout=5)
     status, _, _ = await http_request(hub.port, "/healthz")
     assert status == 200
+
+
+async def test_invalid_utf8_in_a_channel_name_is_404_not_500(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    for path in ["/channels/%80", "/channels/a%ff%fe", "/events?channel=%c3%28"]:
+        answer = await raw(hub.port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        assert answer.startswith(b"HTTP/1.1 404"), (path, answer[:80])
+        assert b"unknown channel: " in answer
+
+
+async def test_http2_request_line_is_400_not_500(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    answer = await raw(hub.port, b"GET /channels/chat HTTP/2.0\r\nHost: x\r\n\r\n")
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:80]
