@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 __all__ = [
+    "Admin",
     "ChannelConfig",
     "Config",
     "ConfigError",
@@ -110,6 +111,14 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Admin:
+    """The operators' listener (/metrics, /healthz, /readyz); keep it off the public network."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=9090, metadata=_check(_port))
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelConfig:
     name: str = ""
     # Redis channel feeding this hub channel; defaults to the channel's own name.
@@ -126,6 +135,8 @@ class Config:
     # Reconnection delay (ms) sent to clients in the stream's first line.
     retry_ms: int = field(default=3000, metadata=_check(_non_negative))
     limits: Limits = field(default_factory=Limits)
+    # Off when absent: metrics are for operators and must not reach browsers.
+    admin: Admin | None = None
     source: str = field(default="<config>", metadata={"internal": True})
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:

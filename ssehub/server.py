@@ -11,10 +11,12 @@ import socket
 
 from aiohttp import web
 
+from .admin import create_admin_app
 from .app import create_app
 from .broker import Broker
 from .config import Config
 from .hub import Hub
+from .metrics import Metrics
 
 __all__ = ["HubServer", "run"]
 
@@ -49,6 +51,18 @@ class HubServer:
         )
         self._broker_task: asyncio.Task[None] | None = None
         self.port = 0
+        # The admin listener and its metrics exist only when configured, so a hub
+        # without one does not even observe the delay histogram.
+        self.metrics: Metrics | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_port = 0
+        if config.admin is not None:
+            self.metrics = Metrics(self.hub, self.broker)
+            self._admin_runner = web.AppRunner(
+                create_admin_app(self.hub, self.broker, self.metrics),
+                access_log=None,
+                shutdown_timeout=shutdown_timeout,
+            )
 
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
@@ -58,14 +72,28 @@ class HubServer:
         # A large backlog so a reconnect storm of thousands queues instead of failing.
         site = web.SockSite(self._runner, sock, backlog=4096)
         await site.start()
+        await self._start_admin()
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self.hub.start_heartbeat()
         log.info("listening host=%s port=%d", self.config.listen.host, self.port)
+
+    async def _start_admin(self) -> None:
+        admin = self.config.admin
+        if admin is None or self._admin_runner is None:
+            return
+        await self._admin_runner.setup()
+        sock = _listen_socket(admin.host, admin.port)
+        self.admin_port = sock.getsockname()[1]
+        await web.SockSite(self._admin_runner, sock).start()
+        log.info("admin listening host=%s port=%d", admin.host, self.admin_port)
 
     async def stop(self) -> None:
         """Stop accepting, end every stream cleanly, close Redis."""
         self.hub.stop_heartbeat()
         await self._runner.cleanup()
+        # After the public side: metrics and readiness stay readable while streams drain.
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         if self._broker_task is not None:
             self._broker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
