@@ -13,10 +13,11 @@ from aiohttp import web
 
 from .admin import create_admin_app
 from .app import create_app
-from .broker import Broker
+from .broker import Broker, BrokerState
 from .config import Config
 from .hub import Hub
 from .metrics import Metrics
+from .systemd import Notifier
 
 __all__ = ["HubServer", "run"]
 
@@ -35,10 +36,23 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 class HubServer:
     """One hub process: hub + broker + HTTP listener. ``start()``/``stop()`` from code or tests."""
 
-    def __init__(self, config: Config, shutdown_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        shutdown_timeout: float = 10.0,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
         self.hub = Hub(config)
-        self.broker = Broker(config.redis, self.hub.redis_channels(), self.hub.publish)
+        self.broker = Broker(
+            config.redis,
+            self.hub.redis_channels(),
+            self.hub.publish,
+            on_state=self._on_broker_state,
+        )
+        # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
+        self.notifier = Notifier() if notifier is None else notifier
+        self._ready_sent = False
         self.app = create_app(self.hub, self.broker)
         # handler_cancellation: a client that goes away cancels its handler, which
         # is how a stream learns of the disconnect at once (run_app and the test
@@ -75,7 +89,22 @@ class HubServer:
         await self._start_admin()
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self.hub.start_heartbeat()
+        self.notifier.start(self.status)
         log.info("listening host=%s port=%d", self.config.listen.host, self.port)
+
+    def status(self) -> str:
+        """One line for ``systemctl status``."""
+        return f"connections={self.hub.connections} redis={self.broker.state.value}"
+
+    def _on_broker_state(self, state: BrokerState) -> None:
+        # Ready means serving *and* subscribed: a hub without Redis would accept
+        # streams that never carry an event, so systemd must not count it started.
+        if state is BrokerState.UP and not self._ready_sent:
+            self._ready_sent = True
+            log.info("ready port=%d channels=%d", self.port, len(self.hub.channels))
+            self.notifier.notify_ready(self.status())
+        else:
+            self.notifier.notify_status(self.status())
 
     async def _start_admin(self) -> None:
         admin = self.config.admin
@@ -89,6 +118,7 @@ class HubServer:
 
     async def stop(self) -> None:
         """Stop accepting, end every stream cleanly, close Redis."""
+        self.notifier.notify_stopping()
         self.hub.stop_heartbeat()
         await self._runner.cleanup()
         # After the public side: metrics and readiness stay readable while streams drain.
@@ -99,6 +129,7 @@ class HubServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._broker_task
             self._broker_task = None
+        self.notifier.close()
         log.info("stopped")
 
 
