@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "Limits",
     "Listen",
+    "LoggingConfig",
     "RedisConfig",
     "load",
     "parse",
@@ -77,6 +78,20 @@ def _not_empty(value: Any) -> None:
         raise _Invalid("must not be empty")
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_format(value: Any) -> None:
+    if value not in LOG_FORMATS:
+        raise _Invalid(f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+
+
+def _log_level(value: Any) -> None:
+    if value.upper() not in LOG_LEVELS:
+        raise _Invalid(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+
+
 def _check(*checks: Check) -> dict[str, Any]:
     return {"checks": checks}
 
@@ -119,6 +134,16 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    # text: one human-readable line per event; json: one JSON object per line for
+    # log shippers, with the message's key=value pairs as fields.
+    format: str = field(default="text", metadata=_check(_log_format))
+    level: str = field(default="INFO", metadata=_check(_log_level))
+    # One line per HTTP request (a stream's line is written when it ends).
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelConfig:
     name: str = ""
     # Redis channel feeding this hub channel; defaults to the channel's own name.
@@ -137,6 +162,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     # Off when absent: metrics are for operators and must not reach browsers.
     admin: Admin | None = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<config>", metadata={"internal": True})
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:

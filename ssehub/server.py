@@ -16,6 +16,7 @@ from .app import create_app
 from .broker import Broker, BrokerState
 from .config import Config
 from .hub import Hub
+from .logs import ACCESS_LOG_FORMAT, ACCESS_LOGGER
 from .metrics import Metrics
 from .systemd import Notifier
 
@@ -60,7 +61,9 @@ class HubServer:
         self._runner = web.AppRunner(
             self.app,
             handler_cancellation=True,
-            access_log=None,
+            # Off unless logging.access_log: a line per request is noise at scale.
+            access_log=logging.getLogger(ACCESS_LOGGER) if config.logging.access_log else None,
+            access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=shutdown_timeout,
         )
         self._broker_task: asyncio.Task[None] | None = None
