@@ -8,7 +8,7 @@ import contextlib
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from . import sse
+from . import demo, sse
 from .broker import Broker
 from .hub import Hub
 from .subscriber import Subscriber
@@ -86,6 +86,8 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app.router.add_get("/channels/{name}", stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if hub.config.demo:
+        app.router.add_get("/", demo.index(hub))
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")

@@ -163,6 +163,8 @@ class Config:
     # Off when absent: metrics are for operators and must not reach browsers.
     admin: Admin | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # GET / serves a demo page (channels, subscribe buttons, live events); false turns it off.
+    demo: bool = True
     source: str = field(default="<config>", metadata={"internal": True})
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:
