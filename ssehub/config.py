@@ -139,7 +139,7 @@ class LoggingConfig:
     # log shippers, with the message's key=value pairs as fields.
     format: str = field(default="text", metadata=_check(_log_format))
     level: str = field(default="INFO", metadata=_check(_log_level))
-    # One line per HTTP request (a stream's line is written when it ends).
+    # One line per HTTP request, as its response starts (so streams are logged too).
     access_log: bool = False
 
 

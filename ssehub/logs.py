@@ -17,16 +17,16 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from aiohttp import web
+
 from .config import LoggingConfig
 
-__all__ = ["ACCESS_LOGGER", "ACCESS_LOG_FORMAT", "JsonFormatter", "TEXT_FORMAT", "fields", "setup"]
+__all__ = ["ACCESS_LOGGER", "enable_access_log", "JsonFormatter", "TEXT_FORMAT", "fields", "setup"]
 
-ACCESS_LOGGER = "aiohttp.access"
+ACCESS_LOGGER = "ssehub.access"
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
-# aiohttp's access log, in the same key=value convention (%Tf: seconds, as a float).
-ACCESS_LOG_FORMAT = 'remote=%a request="%r" status=%s bytes=%b duration=%Tf agent="%{User-Agent}i"'
 
 _PAIR = re.compile(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_.]*)=")
 _INT = re.compile(r"-?\d+")
@@ -96,3 +96,27 @@ def setup(
     # Asked-for access lines appear even when the level hides other INFO lines.
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO if config.access_log else logging.NOTSET)
     return handler
+
+
+_access = logging.getLogger(ACCESS_LOGGER)
+
+
+async def _log_response(request: web.Request, response: web.StreamResponse) -> None:
+    _access.info(
+        'request remote=%s method=%s path=%s status=%d agent="%s"',
+        request.remote,
+        request.method,
+        request.path_qs,
+        response.status,
+        request.headers.get("User-Agent", ""),
+    )
+
+
+def enable_access_log(app: web.Application) -> None:
+    """Log one line per request as its response starts.
+
+    Not aiohttp's access log: that one writes when a handler returns, and a stream
+    whose client leaves is cancelled instead, so most streams would never appear.
+    Logged at the start, every stream does, with its status.
+    """
+    app.on_response_prepare.append(_log_response)

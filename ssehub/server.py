@@ -16,7 +16,7 @@ from .app import create_app
 from .broker import Broker, BrokerState
 from .config import Config
 from .hub import Hub
-from .logs import ACCESS_LOG_FORMAT, ACCESS_LOGGER
+from .logs import enable_access_log
 from .metrics import Metrics
 from .systemd import Notifier
 
@@ -55,15 +55,15 @@ class HubServer:
         self.notifier = Notifier() if notifier is None else notifier
         self._ready_sent = False
         self.app = create_app(self.hub, self.broker)
+        if config.logging.access_log:  # off by default: a line per request is noise at scale
+            enable_access_log(self.app)
         # handler_cancellation: a client that goes away cancels its handler, which
         # is how a stream learns of the disconnect at once (run_app and the test
         # server default differently, so it is set here explicitly).
         self._runner = web.AppRunner(
             self.app,
             handler_cancellation=True,
-            # Off unless logging.access_log: a line per request is noise at scale.
-            access_log=logging.getLogger(ACCESS_LOGGER) if config.logging.access_log else None,
-            access_log_format=ACCESS_LOG_FORMAT,
+            access_log=None,  # logging.access_log: see enable_access_log
             shutdown_timeout=shutdown_timeout,
         )
         self._broker_task: asyncio.Task[None] | None = None

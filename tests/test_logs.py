@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ import pytest
 import redis
 
 from ssehub.config import ConfigError, LoggingConfig, parse
-from ssehub.logs import fields, setup
+from ssehub.logs import _log_response, fields, setup
 
+from .conftest import StartHub
 from .redis_server import RedisServer
 from .test_cli import get
 
@@ -34,7 +36,7 @@ def restore_root_logging() -> Iterator[None]:
     for h in handlers:
         root.addHandler(h)
     root.setLevel(level)
-    logging.getLogger("aiohttp.access").setLevel(logging.NOTSET)
+    logging.getLogger("ssehub.access").setLevel(logging.NOTSET)
 
 
 @pytest.mark.parametrize(
@@ -127,11 +129,20 @@ def test_daemon_logs_json_lines(tmp_path: Path, redis_server: RedisServer) -> No
         listening = next(line for line in lines if line["msg"] == "listening")
         port = listening["port"]
         assert isinstance(port, int)
-        assert get(port, "/healthz").startswith(b"HTTP/1.0 200")
-        access = read_json_lines(proc, "")[-1]
-        assert access["logger"] == "aiohttp.access"
-        assert access["request"] == "GET /healthz HTTP/1.0"
-        assert access["status"] == 200
+        assert get(port, "/healthz?x=1").startswith(b"HTTP/1.0 200")
+        access = read_json_lines(proc, "request")[-1]
+        assert access["logger"] == "ssehub.access"
+        assert (access["method"], access["path"], access["status"]) == ("GET", "/healthz?x=1", 200)
+        assert access["remote"] == "127.0.0.1"
+        # A stream is logged when it opens, even though it never returns normally.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\nUser-Agent: test agent\r\n\r\n")
+            access = read_json_lines(proc, "request")[-1]
+        assert (access["path"], access["status"], access["agent"]) == (
+            "/channels/chat",
+            200,
+            "test agent",
+        )
 
         with redis.Redis.from_url(redis_server.url) as r:
             r.publish("chat", b"\xff")
@@ -148,3 +159,10 @@ def test_daemon_logs_json_lines(tmp_path: Path, redis_server: RedisServer) -> No
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+async def test_access_log_is_off_unless_configured(start_hub: StartHub) -> None:
+    quiet = await start_hub()
+    loud = await start_hub(logging={"access_log": True})
+    assert _log_response not in quiet.app.on_response_prepare
+    assert _log_response in loud.app.on_response_prepare
