@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -145,3 +150,20 @@ async def test_openmetrics_when_the_scraper_asks_for_it(start_hub: StartHub) -> 
     assert status == 200
     assert headers["content-type"].startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
+
+
+def test_admin_port_in_use_exits_3(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "hub.yaml"
+        config.write_text(f"channels: {{chat: {{}}}}\nadmin: {{port: {port}}}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "ssehub", "--config", str(config), "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 3
+    assert "cannot start" in result.stderr
