@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import re
 import secrets
@@ -16,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from ssehub.server import HubServer
 from ssehub.systemd import Notifier
 
+from .conftest import hub_config
 from .redis_server import RedisServer, free_port
 
 
@@ -179,3 +183,59 @@ def test_unreachable_socket_does_not_break_the_hub() -> None:
     assert notifier.enabled
     assert notifier.send("READY=1") is False
     notifier.close()
+
+
+async def test_status_follows_connections_and_redis_state(systemd: FakeSystemd) -> None:
+    from .test_app import open_stream
+
+    redis = RedisServer()
+    redis.start()
+    notifier = Notifier({"NOTIFY_SOCKET": systemd.env_value, "WATCHDOG_USEC": "100000"})
+    hub = HubServer(hub_config(redis.url), shutdown_timeout=2.0, notifier=notifier)
+    await hub.start()
+
+    async def status_becomes(text: str) -> None:
+        # The fake systemd blocks on recv: read it in a thread while the hub runs here.
+        def read() -> None:
+            deadline = time.monotonic() + 10
+            while systemd.receive(max(deadline - time.monotonic(), 0.01)).get("STATUS") != text:
+                pass
+
+        await asyncio.to_thread(read)
+
+    try:
+        await status_becomes("connections=0 redis=up")
+        client = await open_stream(hub.port, "chat")
+        try:
+            await status_becomes("connections=1 redis=up")
+        finally:
+            await client.close()
+        await status_becomes("connections=0 redis=up")
+        redis.kill()
+        await status_becomes("connections=0 redis=down")
+    finally:
+        await hub.stop()
+        redis.stop()
+
+
+async def test_a_stuck_event_loop_stops_the_watchdog(systemd: FakeSystemd) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": systemd.env_value, "WATCHDOG_USEC": "100000"})
+    arrivals: list[float] = []
+
+    def collect(n: int) -> None:
+        while len(arrivals) < n:
+            if systemd.receive().get("WATCHDOG") == "1":
+                arrivals.append(time.monotonic())
+
+    notifier.start(lambda: "status")
+    try:
+        await asyncio.to_thread(collect, 2)
+        # The stuck loop under test (blocking on purpose), not a synchronisation.
+        time.sleep(0.6)  # noqa: ASYNC251
+        await asyncio.to_thread(collect, 4)
+    finally:
+        notifier.close()
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    # Pings every 50 ms while the loop runs; none while it was blocked.
+    assert max(gaps) >= 0.5, gaps
+    assert min(gaps) < 0.3, gaps
