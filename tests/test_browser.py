@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from ssehub.config import Config
 from ssehub.demo import render
 from ssehub.server import HubServer
 
@@ -60,8 +61,8 @@ async def background(page: Browser, selector: str) -> str:
     return str(value)
 
 
-async def start(config: object) -> HubServer:
-    server = HubServer(config, shutdown_timeout=2.0)  # type: ignore[arg-type]
+async def start(config: Config) -> HubServer:
+    server = HubServer(config, shutdown_timeout=2.0)
     await server.start()
     await wait_until(lambda: server.broker.ready, timeout=10)
     return server

@@ -100,7 +100,7 @@ def test_logging_config_is_validated() -> None:
 def read_json_lines(proc: subprocess.Popen[str], until: str, timeout: float = 15) -> list[Any]:
     """Parse stderr lines (each must be JSON) until one whose msg is ``until``."""
     assert proc.stderr is not None
-    out = []
+    out: list[Any] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stderr.readline()

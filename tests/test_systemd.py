@@ -53,7 +53,7 @@ class FakeSystemd:
     def receive_until(self, key: str, timeout: float = 10.0) -> list[dict[str, str]]:
         """Datagrams up to and including the first that carries ``key``."""
         deadline = time.monotonic() + timeout
-        out = []
+        out: list[dict[str, str]] = []
         while True:
             left = deadline - time.monotonic()
             assert left > 0, f"no {key} within {timeout}s; got {out}"
