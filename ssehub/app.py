@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
-from . import sse
+from . import demo, sse
 from .broker import Broker
 from .cors import add_cors
 from .hub import Channel, Hub
@@ -188,6 +188,8 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"])
+    if hub.config.demo:
+        app.router.add_get("/", demo.index(hub))
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, logs
 from .config import ConfigError, load
 
 __all__ = ["main", "EXIT_CONFIG", "EXIT_STARTUP"]
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--host", help="override listen.host")
     p.add_argument("--port", type=int, help="override listen.port")
-    p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    p.add_argument("--log-level", help="logging level, overriding logging.level in the config")
     p.add_argument("--version", action="version", version=f"ssehub {__version__}")
     return p
 
@@ -51,10 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: ok ({len(config.channels)} channels)")
         return 0
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    try:
+        logs.setup(config.logging, level=args.log_level)
+    except ValueError as exc:  # an unknown --log-level
+        print(f"ssehub: --log-level: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     from .server import run
 
     try:

@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 __all__ = [
+    "Admin",
     "ChannelConfig",
     "Config",
     "ConfigError",
@@ -27,6 +28,7 @@ __all__ = [
     "Juggernaut",
     "Limits",
     "Listen",
+    "LoggingConfig",
     "RedisConfig",
     "load",
     "parse",
@@ -89,6 +91,20 @@ def _non_negative_int(value: Any) -> None:
 def _not_empty(value: Any) -> None:
     if not value:
         raise _Invalid("must not be empty")
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_format(value: Any) -> None:
+    if value not in LOG_FORMATS:
+        raise _Invalid(f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+
+
+def _log_level(value: Any) -> None:
+    if value.upper() not in LOG_LEVELS:
+        raise _Invalid(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
 
 def _check(*checks: Check) -> dict[str, Any]:
@@ -155,6 +171,24 @@ class Juggernaut:
 
 
 @dataclass(frozen=True, slots=True)
+class Admin:
+    """The operators' listener (/metrics, /healthz, /readyz); keep it off the public network."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=9090, metadata=_check(_port))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    # text: one human-readable line per event; json: one JSON object per line for
+    # log shippers, with the message's key=value pairs as fields.
+    format: str = field(default="text", metadata=_check(_log_format))
+    level: str = field(default="INFO", metadata=_check(_log_level))
+    # One line per HTTP request, as its response starts (so streams are logged too).
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelConfig:
     name: str = ""
     # Redis channel feeding this hub channel; defaults to the channel's own name.
@@ -181,6 +215,11 @@ class Config:
     shutdown_timeout: float = field(default=10.0, metadata=_check(_positive))
     cors: Cors = field(default_factory=Cors)
     juggernaut: Juggernaut = field(default_factory=Juggernaut)
+    # Off when absent: metrics are for operators and must not reach browsers.
+    admin: Admin | None = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # GET / serves a demo page (channels, subscribe buttons, live events); false turns it off.
+    demo: bool = True
     source: str = field(default="<config>", metadata={"internal": True})
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:

@@ -15,10 +15,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from .admin import create_admin_app
 from .app import create_app
 from .broker import Broker, BrokerState
 from .config import Config, ConfigError, load
 from .hub import Hub
+from .logs import enable_access_log
+from .metrics import Metrics
+from .systemd import Notifier
 
 __all__ = ["HubServer", "run", "serve"]
 
@@ -53,13 +57,18 @@ _quiet_bad_requests = _QuietBadRequests()
 class HubServer:
     """One hub process: hub + broker + HTTP listener. ``start()``/``stop()`` from code or tests."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.hub = Hub(config)
         self.broker = Broker(
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
+        # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
+        self.notifier = Notifier() if notifier is None else notifier
+        self._ready_sent = False
         self.app = create_app(self.hub, self.broker)
+        if config.logging.access_log:  # off by default: a line per request is noise at scale
+            enable_access_log(self.app)
         server_log = logging.getLogger("aiohttp.server")
         if _quiet_bad_requests not in server_log.filters:
             server_log.addFilter(_quiet_bad_requests)
@@ -73,7 +82,7 @@ class HubServer:
             # No per-connection keep-alive timer (a TimerHandle per stream, re-armed
             # every period): the hub-wide sweep below closes idle connections.
             keepalive_timeout=0,
-            access_log=None,
+            access_log=None,  # logging.access_log: see enable_access_log
             shutdown_timeout=config.shutdown_timeout,
             max_line_size=limits.max_line_size,
             max_field_size=limits.max_field_size,
@@ -82,11 +91,45 @@ class HubServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._unfinished: set[RequestHandler] = set()
         self.port = 0
+        # The admin listener and its metrics exist only when configured, so a hub
+        # without one does not even observe the delay histogram.
+        self.metrics: Metrics | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_port = 0
+        if config.admin is not None:
+            self.metrics = Metrics(self.hub, self.broker)
+            self._admin_runner = web.AppRunner(
+                create_admin_app(self.hub, self.broker, self.metrics),
+                access_log=None,
+                shutdown_timeout=config.shutdown_timeout,
+            )
+
+    def status(self) -> str:
+        """One line for ``systemctl status``."""
+        return f"connections={self.hub.connections} redis={self.broker.state.value}"
 
     def _on_redis_state(self, old: BrokerState, new: BrokerState) -> None:
         if old is BrokerState.DOWN and new is BrokerState.UP:
             # What Redis published while we were away is gone: say so in-band.
             self.hub.signal_outage()
+        # Ready means serving *and* subscribed: a hub without Redis would accept
+        # streams that never carry an event, so systemd must not count it started.
+        if new is BrokerState.UP and not self._ready_sent:
+            self._ready_sent = True
+            log.info("ready port=%d channels=%d", self.port, len(self.hub.channels))
+            self.notifier.notify_ready(self.status())
+        else:
+            self.notifier.notify_status(self.status())
+
+    async def _start_admin(self) -> None:
+        admin = self.config.admin
+        if admin is None or self._admin_runner is None:
+            return
+        await self._admin_runner.setup()
+        sock = _listen_socket(admin.host, admin.port)
+        self.admin_port = sock.getsockname()[1]
+        await web.SockSite(self._admin_runner, sock).start()
+        log.info("admin listening host=%s port=%d", admin.host, self.admin_port)
 
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
@@ -96,9 +139,11 @@ class HubServer:
         # A large backlog so a reconnect storm of thousands queues instead of failing.
         site = web.SockSite(self._runner, sock, backlog=4096)
         await site.start()
+        await self._start_admin()
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self.hub.start_heartbeat()
         self._schedule_sweep()
+        self.notifier.start(self.status)
         log.info("listening host=%s port=%d", self.config.listen.host, self.port)
 
     def _schedule_sweep(self) -> None:
@@ -123,14 +168,25 @@ class HubServer:
 
     def reload(self) -> bool:
         """Re-read the config file (SIGHUP); keep running on the old one if it is invalid."""
+        self.notifier.notify_reloading()
+        try:
+            return self._reload()
+        finally:
+            if self._ready_sent:
+                self.notifier.notify_ready(self.status())
+            else:  # not ready before the reload (Redis never answered): still not
+                self.notifier.notify_status(self.status())
+
+    def _reload(self) -> bool:
         try:
             new = load(self.config.source)
         except ConfigError as exc:
             log.error("reload rejected, still running the previous config: %s", exc)
             return False
-        if new.listen != self.config.listen or new.redis != self.config.redis:
-            log.warning("reload: listen and redis changes take effect on restart only")
-            new = dataclasses.replace(new, listen=self.config.listen, redis=self.config.redis)
+        fixed = ("listen", "redis", "admin", "logging", "shutdown_timeout")
+        if any(getattr(new, k) != getattr(self.config, k) for k in fixed):
+            log.warning("reload: %s changes take effect on restart only", ", ".join(fixed))
+            new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in fixed})
         added, removed, changed = self.hub.reload(new)
         self.broker.set_channels(self.hub.redis_channels())
         self.config = new
@@ -145,17 +201,22 @@ class HubServer:
 
     async def stop(self) -> None:
         """Stop accepting, end every stream cleanly, close Redis."""
+        self.notifier.notify_stopping()
         self.hub.stop_heartbeat()
         if self._sweeper is not None:
             self._sweeper.cancel()
         # Stops the listener first, then ends streams (app.on_shutdown), then waits
         # up to shutdown_timeout for handlers before cancelling what is left.
         await self._runner.cleanup()
+        # After the public side: metrics and readiness stay readable while streams drain.
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         if self._broker_task is not None:
             self._broker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._broker_task
             self._broker_task = None
+        self.notifier.close()
         log.info("stopped")
 
 

@@ -1,0 +1,163 @@
+"""The demo page in a real headless Chromium (Debian's), driven over the DevTools protocol.
+
+These tests fail, not skip, when Chromium is missing: ``./dev test`` installs it, so a
+missing browser means the set-up is broken and CI must say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from ssehub.config import Config
+from ssehub.demo import render
+from ssehub.server import HubServer
+
+from .cdp import Browser, chromium_path, launch
+from .conftest import hub_config
+from .redis_server import RedisServer
+from .sseclient import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Browser]:
+    exe = chromium_path()
+    if exe is None:
+        pytest.fail(
+            "chromium is not installed; `./dev test` installs it "
+            "(apt-get install chromium chromium-driver)"
+        )
+    async with launch(exe) as browser:
+        yield browser
+
+
+def card(channel: str, selector: str = "") -> str:
+    return f'[data-channel="{channel}"] {selector}'.strip()
+
+
+def shows(channel: str, cls: str, text: str) -> str:
+    """A JS expression: a row of class ``cls`` in the channel's list contains ``text``."""
+    rows = json.dumps(card(channel, f"li.{cls}"))
+    has = f"li => li.textContent.includes({json.dumps(text)})"
+    return f"[...document.querySelectorAll({rows})].some({has})"
+
+
+def state_is(channel: str, state: str) -> str:
+    sel = json.dumps(card(channel, ".state"))
+    return f"document.querySelector({sel}).dataset.state === {json.dumps(state)}"
+
+
+async def background(page: Browser, selector: str) -> str:
+    value = await page.evaluate(
+        f"getComputedStyle(document.querySelector({json.dumps(selector)})).backgroundColor"
+    )
+    return str(value)
+
+
+async def start(config: Config) -> HubServer:
+    server = HubServer(config)
+    await server.start()
+    await wait_until(lambda: server.broker.ready, timeout=10)
+    return server
+
+
+async def test_page_subscribes_shows_events_and_reconnects_after_hub_restart(
+    page: Browser, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    # A short retry so the browser's reconnect after the restart is quick.
+    config = hub_config(
+        redis_server.url, {"chat": {}, "news": {"redis_channel": "site:news"}}, retry_ms=200
+    )
+    hub = await start(config)
+    servers = [hub]
+    try:
+        await page.goto(f"http://127.0.0.1:{hub.port}/")
+        assert await page.text(card("chat", "h2")) == "chat"
+        assert await page.text(card("news", ".publish")) == "redis-cli PUBLISH site:news 'hello'"
+        assert await page.text(card("chat", ".state")) == "not subscribed"
+
+        await page.click(card("chat", "button.subscribe"))
+        await page.wait_for(state_is("chat", "open"))
+        await wait_until(lambda: len(hub.hub.channels["chat"]) == 1)
+        await redis_client.publish("chat", "hello from redis")
+        await page.wait_for(shows("chat", "event", "hello from redis"))
+        assert await page.text(card("chat", "li.event .type")) == "message"
+        # The other channel was not subscribed and shows nothing.
+        assert (
+            await page.evaluate(
+                f"document.querySelectorAll({json.dumps(card('news', 'li'))}).length"
+            )
+            == 0
+        )
+
+        # Restart the hub on the same port: the page must come back by itself.
+        port = hub.port
+        await hub.stop()
+        servers.remove(hub)
+        hub = await start(config.with_listen(port=port))
+        servers.append(hub)
+        assert hub.port == port
+        await wait_until(lambda: len(hub.hub.channels["chat"]) == 1, timeout=20)
+        await page.wait_for(state_is("chat", "open"))
+        await page.wait_for(shows("chat", "note", "stream open again"))
+        # The browser resumed with an id of the old run: the new hub cannot know
+        # what was published in between, and says so before the live stream.
+        await page.wait_for(shows("chat", "gap", "events were missed"))
+        await page.wait_for(shows("chat", "gap", '"reason":"unknown_id"'))
+        await redis_client.publish("chat", "after the restart")
+        await page.wait_for(shows("chat", "event", "after the restart"))
+    finally:
+        for server in servers:
+            await server.stop()
+
+
+async def test_page_shows_the_gap_signal(page: Browser) -> None:
+    """The page makes an ``ssehub-gap`` event visible (served by a stand-in for the hub)."""
+    config = hub_config("redis://127.0.0.1:1/0", {"chat": {}})
+    opened = asyncio.Event()
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=render(config), content_type="text/html")
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(
+            b"retry: 200\n\n"
+            b"id: 7\nevent: ssehub-gap\ndata: 3 events lost\n\n"
+            b"id: 8\ndata: after the gap\n\n"
+        )
+        opened.set()
+        await asyncio.sleep(3600)  # held open until the test ends (handler cancelled)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/channels/chat", stream)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.click(card("chat", "button.subscribe"))
+        await page.wait_for(shows("chat", "gap", "events were missed: 3 events lost"))
+        assert await page.text(card("chat", "li.gap .type")) == "ssehub-gap"
+        assert await page.text(card("chat", "li.gap .id")) == "#7"
+        await page.wait_for(shows("chat", "event", "after the gap"))
+        # Visibly marked: the gap row is styled apart from ordinary events.
+        assert await background(page, card("chat", "li.gap")) != await background(
+            page, card("chat", "li.event")
+        )
+        assert opened.is_set()
+    finally:
+        await page.evaluate("document.querySelector('button.subscribe.on')?.click()")
+        await runner.cleanup()

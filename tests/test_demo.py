@@ -1,0 +1,58 @@
+"""The demo page over HTTP (the browser drives it in test_browser.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ssehub.demo import channels_json
+
+from .conftest import StartHub, hub_config
+from .sseclient import http_request
+
+
+def embedded(body: bytes) -> dict[str, list[dict[str, str]]]:
+    match = re.search(
+        rb'<script type="application/json" id="ssehub-config">(.*?)</script>', body, re.S
+    )
+    assert match, body[:300]
+    data: dict[str, list[dict[str, str]]] = json.loads(match.group(1))
+    return data
+
+
+async def test_page_lists_channels_with_publish_commands(start_hub: StartHub) -> None:
+    hub = await start_hub({"chat": {}, "news": {"redis_channel": "site:news"}})
+    status, headers, body = await http_request(hub.port, "/")
+    assert status == 200
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert b"new EventSource(" in body
+    assert b'addEventListener("ssehub-gap"' in body
+    assert embedded(body)["channels"] == [
+        {
+            "name": "chat",
+            "url": "/channels/chat",
+            "redis_channel": "chat",
+            "publish": "redis-cli PUBLISH chat 'hello'",
+        },
+        {
+            "name": "news",
+            "url": "/channels/news",
+            "redis_channel": "site:news",
+            "publish": "redis-cli PUBLISH site:news 'hello'",
+        },
+    ]
+
+
+async def test_demo_false_turns_the_page_off(start_hub: StartHub) -> None:
+    hub = await start_hub(demo=False)
+    assert (await http_request(hub.port, "/"))[0] == 404
+
+
+def test_odd_redis_channel_names_are_quoted_and_cannot_break_out_of_the_script() -> None:
+    config = hub_config("redis://127.0.0.1:1/0", {"x": {"redis_channel": "a b</script><i>'"}})
+    text = channels_json(config)
+    assert "</" not in text
+    (channel,) = json.loads(text)["channels"]
+    assert channel["redis_channel"] == "a b</script><i>'"
+    # Shell-quoted, so the command can be pasted as is.
+    assert channel["publish"] == "redis-cli PUBLISH 'a b</script><i>'\"'\"'' 'hello'"

@@ -1,0 +1,168 @@
+"""Log formats: json lines parse and carry stable fields; --log-level overrides the config."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from ssehub.config import ConfigError, LoggingConfig, parse
+from ssehub.logs import _log_response, fields, setup
+
+from .conftest import StartHub
+from .redis_server import RedisServer
+from .test_cli import get
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    logging.getLogger("ssehub.access").setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize(
+    ("message", "msg", "pairs"),
+    [
+        ("stopped", "stopped", {}),
+        ("listening host=127.0.0.1 port=8080", "listening", {"host": "127.0.0.1", "port": 8080}),
+        (
+            "message rejected channel=chat reason=invalid_utf8 detail=byte 0",
+            "message rejected",
+            {"channel": "chat", "reason": "invalid_utf8", "detail": "byte 0"},
+        ),
+        ('remote=::1 request="GET / HTTP/1.1" t=0.25', "", {
+            "remote": "::1", "request": "GET / HTTP/1.1", "t": 0.25,
+        }),
+        # A pair cannot overwrite the envelope's fields.
+        ("odd level=x msg=y", "odd", {"field_level": "x", "field_msg": "y"}),
+    ],
+)  # fmt: skip
+def test_key_value_pairs_become_fields(message: str, msg: str, pairs: dict[str, Any]) -> None:
+    assert fields(message) == (msg, pairs)
+
+
+def test_json_lines_carry_stable_fields(restore_root_logging: None) -> None:
+    out = io.StringIO()
+    setup(LoggingConfig(format="json", level="DEBUG"), stream=out)
+    log = logging.getLogger("ssehub.hub")
+    log.warning("message rejected channel=%s reason=%s detail=%s", "chat", "too_large", "9 > 8")
+    log.debug('quote "inside" é')
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("delivery failed channel=%s", "chat")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 3
+    first = lines[0]
+    assert list(first)[:4] == ["ts", "level", "logger", "msg"]
+    assert first["level"] == "WARNING"
+    assert first["logger"] == "ssehub.hub"
+    assert first["msg"] == "message rejected"
+    assert (first["channel"], first["reason"], first["detail"]) == ("chat", "too_large", "9 > 8")
+    assert first["ts"].endswith("Z") and "T" in first["ts"]
+    assert lines[1]["msg"] == 'quote "inside" é'
+    assert "ValueError: boom" in lines[2]["exc"]
+
+
+def test_level_argument_overrides_config(restore_root_logging: None) -> None:
+    out = io.StringIO()
+    setup(LoggingConfig(level="ERROR"), level="debug", stream=out)
+    logging.getLogger("ssehub").debug("shown")
+    assert "DEBUG ssehub shown" in out.getvalue()
+
+
+def test_logging_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"logging\.format: expected one of text, json"):
+        parse({"channels": {"a": {}}, "logging": {"format": "xml"}})
+    with pytest.raises(ConfigError, match=r"logging\.level"):
+        parse({"channels": {"a": {}}, "logging": {"level": "LOUD"}})
+
+
+def read_json_lines(proc: subprocess.Popen[str], until: str, timeout: float = 15) -> list[Any]:
+    """Parse stderr lines (each must be JSON) until one whose msg is ``until``."""
+    assert proc.stderr is not None
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line, f"stderr ended before {until!r}: {out}"
+        out.append(json.loads(line))
+        if out[-1]["msg"] == until:
+            return out
+    raise AssertionError(f"no {until!r} line within {timeout}s")
+
+
+def test_daemon_logs_json_lines(tmp_path: Path, redis_server: RedisServer) -> None:
+    config = tmp_path / "hub.yaml"
+    config.write_text(
+        f"redis: {{url: '{redis_server.url}'}}\nchannels: {{chat: {{}}}}\n"
+        "logging: {format: json, access_log: true}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssehub", "--config", str(config), "--port", "0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ},
+    )
+    try:
+        lines = read_json_lines(proc, "ready")
+        listening = next(line for line in lines if line["msg"] == "listening")
+        port = listening["port"]
+        assert isinstance(port, int)
+        assert get(port, "/healthz?x=1").startswith(b"HTTP/1.0 200")
+        access = read_json_lines(proc, "request")[-1]
+        assert access["logger"] == "ssehub.access"
+        assert (access["method"], access["path"], access["status"]) == ("GET", "/healthz?x=1", 200)
+        assert access["remote"] == "127.0.0.1"
+        # A stream is logged when it opens, even though it never returns normally.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\nUser-Agent: test agent\r\n\r\n")
+            access = read_json_lines(proc, "request")[-1]
+        assert (access["path"], access["status"], access["agent"]) == (
+            "/channels/chat",
+            200,
+            "test agent",
+        )
+
+        with redis.Redis.from_url(redis_server.url) as r:
+            r.publish("chat", b"\xff")
+        rejected = read_json_lines(proc, "message rejected")[-1]
+        assert rejected["level"] == "WARNING"
+        assert (rejected["channel"], rejected["reason"]) == ("chat", "invalid_utf8")
+
+        proc.send_signal(signal.SIGTERM)
+        assert read_json_lines(proc, "stopped")
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+async def test_access_log_is_off_unless_configured(start_hub: StartHub) -> None:
+    quiet = await start_hub()
+    loud = await start_hub(logging={"access_log": True})
+    assert _log_response not in quiet.app.on_response_prepare
+    assert _log_response in loud.app.on_response_prepare
