@@ -364,3 +364,45 @@ async def test_half_open_redis_connection_is_detected_by_health_checks(
         await pub.aclose()
         await proxy.stop()
         redis.stop()
+
+
+async def test_broker_survives_a_failing_state_listener() -> None:
+    """The hub's DOWN -> UP listener writes the gap signal to every stream; if that
+    raises (say, a transport closed under it), the subscription must go on, not die
+    silently while the broker still reports itself up."""
+    from ssehub.broker import Broker, BrokerState
+    from ssehub.config import RedisConfig
+
+    redis = RedisServer()
+    redis.start()
+    admin = aioredis.Redis.from_url(redis.url)
+    received: list[bytes] = []
+    changes: list[BrokerState] = []
+
+    def on_state(old: BrokerState, new: BrokerState) -> None:
+        changes.append(new)
+        if old is BrokerState.DOWN:
+            raise RuntimeError("listener bug")
+
+    broker = Broker(
+        RedisConfig(url=redis.url, reconnect_max=0.2),
+        ["chat"],
+        lambda channel, payload: received.append(payload),
+        on_state,
+    )
+    task = asyncio.create_task(broker.run())
+    try:
+        await wait_until(lambda: broker.ready, timeout=5)
+        for round_ in (1, 2):
+            assert await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+            await wait_until(lambda r=round_: broker.reconnects == r and broker.ready, timeout=3)
+            assert not task.done()
+            await admin.publish("chat", f"after {round_}")
+            await wait_until(lambda r=round_: len(received) == r, timeout=3)
+        assert received == [b"after 1", b"after 2"]
+        assert changes == [BrokerState.UP, *[BrokerState.DOWN, BrokerState.UP] * 2]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await admin.aclose()
+        redis.stop()
