@@ -8,6 +8,7 @@ one hub serves every example.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -365,3 +366,47 @@ async def test_clients_vanishing_mid_delivery_do_not_disturb_others(
     await wait_until(lambda: hub.hub.connections == 0, timeout=5)
     xfail_if_closed_transport_write(caplog)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_heartbeats_survive_clients_vanishing(
+    start_hub: StartHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One timer for the whole hub re-arms itself after writing: it must survive
+    # clients vanishing between two beats.
+    hub = await start_hub(CHANNELS, heartbeat=0.002)
+    loop = asyncio.get_running_loop()
+    survivor = await SSEClient.connect(hub.port, "/channels/chat")
+    doomed: list[socket.socket] = []
+    try:
+        await survivor.read_until(lambda c: c.parser.last_id)
+        for _ in range(400):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", hub.port))
+            await loop.sock_sendall(sock, b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+            doomed.append(sock)
+        await wait_until(lambda: hub.hub.connections == 401, timeout=5)
+        for i, sock in enumerate(doomed):
+            if i % 2:
+                _rst(sock)
+            else:
+                sock.close()
+            if i % 4 == 0:
+                await asyncio.sleep(0.001)
+        await wait_until(lambda: hub.hub.connections == 1, timeout=5)
+        with contextlib.suppress(AssertionError):  # drain what queued up meanwhile
+            await survivor.read_until(lambda c: False, 0.3)
+        mark = len(survivor.parser.comments)
+        try:
+            await survivor.read_until(lambda c: len(c.parser.comments) >= mark + 5, 1)
+        except AssertionError:
+            xfail_if_closed_transport_write(caplog)
+            raise
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        for sock in doomed:
+            sock.close()
+        await survivor.close()
+    if errors:
+        xfail_if_closed_transport_write(caplog)
+    assert errors == []
