@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-__all__ = ["xfail_if_closed_transport_write"]
+__all__ = ["HTTP2_CHUNKED", "is_http2_chunked_500", "xfail_if_closed_transport_write"]
+
+HTTP2_CHUNKED = "Using chunked encoding is forbidden for HTTP/2.0"
 
 
 def _closed_transport_write(caplog: pytest.LogCaptureFixture) -> bool:
@@ -36,3 +38,19 @@ def xfail_if_closed_transport_write(caplog: pytest.LogCaptureFixture) -> None:
     """
     if _closed_transport_write(caplog):
         pytest.xfail("known bug: Hub._write writes to closed transports (see known_bugs.py)")
+
+
+def is_http2_chunked_500(request: bytes, status: int) -> bool:
+    """app.py: a stream request whose request line says ``HTTP/2.0`` gets a 500.
+
+    llhttp accepts ``GET /channels/chat HTTP/2.0`` as an HTTP/1-style request with
+    version 2.0; ``app._stream`` decides ``chunked = request.version >=
+    HttpVersion11`` and calls ``resp.enable_chunked_encoding()``, which aiohttp
+    refuses in ``prepare()`` with ``RuntimeError: Using chunked encoding is forbidden
+    for HTTP/2.0``: a 500 and a traceback at ERROR, for /channels/* and /events, GET
+    and HEAD. Fix (app.py): stream only for HTTP/1.0 and 1.1 (chunked only for
+    ``request.version == HttpVersion11``) and answer any other version with a 400 -
+    a real HTTP/2 client never sends this; 505 would be a 5xx.
+    """
+    line = request.split(b"\r\n", 1)[0]
+    return status == 500 and line.endswith(b" HTTP/2.0")
