@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from ssehub.server import HubServer
 
 from .conftest import StartHub
-from .known_bugs import HTTP2_CHUNKED, is_http2_chunked_500, xfail_if_closed_transport_write
+from .known_bugs import KNOWN_500_ERRORS, known_500, xfail_if_closed_transport_write
 from .sseclient import SSEClient, http_request, wait_until
 
 CHANNELS: dict[str, dict[str, object]] = {"chat": {}, "news": {}, "a.b-c_d": {}}
@@ -137,7 +137,7 @@ async def test_fuzzed_requests_never_get_a_5xx_nor_leak(
 ) -> None:
     hub = await start_hub(CHANNELS, cors={"allow_origins": ["https://ok.example"]})
     seen: dict[int, int] = {}
-    known: list[bytes] = []  # requests that hit the reported HTTP/2.0 bug
+    known: list[tuple[str, bytes]] = []  # requests that hit a reported bug
 
     @settings(
         max_examples=200,
@@ -155,8 +155,9 @@ async def test_fuzzed_requests_never_get_a_5xx_nor_leak(
     def fuzz(request: bytes) -> None:
         code = status_of(exchange(hub.port, request))
         seen[code] = seen.get(code, 0) + 1
-        if is_http2_chunked_500(request, code):
-            known.append(request)
+        bug = known_500(request, code)
+        if bug is not None:
+            known.append((bug, request))
             return
         assert code < 500, request
 
@@ -165,13 +166,13 @@ async def test_fuzzed_requests_never_get_a_5xx_nor_leak(
     await wait_until(lambda: hub.hub.connections == 0, timeout=5)
     assert_no_subscribers(hub)
     assert (await http_request(hub.port, "/healthz"))[0] == 200
-    errors = handler_errors(caplog)
-    assert [r for r in errors if HTTP2_CHUNKED not in str(r.exc_info and r.exc_info[1])] == []
-    if known:  # everything else held; only the reported bug was hit
-        pytest.xfail(f"known bug (known_bugs.is_http2_chunked_500): {known[0]!r}")
+    errors = [str(r.exc_info[1]) if r.exc_info else r.getMessage() for r in handler_errors(caplog)]
+    assert [e for e in errors if not any(k in e for k in KNOWN_500_ERRORS)] == []
+    if known:  # everything else held; only reported bugs were hit
+        pytest.xfail(f"known bugs (see known_bugs.py): {known[:3]!r}")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: see known_bugs.is_http2_chunked_500")
+@pytest.mark.xfail(strict=True, reason="known bug 2 in known_bugs.py: HTTP/2.0 request line")
 @pytest.mark.parametrize("path", ["/channels/chat", "/events?channel=chat"])
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_http2_version_in_a_request_line_is_not_a_500(
@@ -179,6 +180,17 @@ async def test_http2_version_in_a_request_line_is_not_a_500(
 ) -> None:
     hub = await start_hub(CHANNELS)
     request = f"{method} {path} HTTP/2.0\r\nHost: x\r\n\r\n".encode()
+    code = status_of(await asyncio.to_thread(exchange, hub.port, request))
+    assert 400 <= code < 500
+
+
+@pytest.mark.xfail(strict=True, reason="known bug 3 in known_bugs.py: aiohttp, Expect not UTF-8")
+@pytest.mark.parametrize("request_line", ["GET /healthz", "GET /channels/chat", "GET /nope"])
+async def test_an_expect_header_that_is_not_utf8_is_not_a_500(
+    start_hub: StartHub, request_line: str
+) -> None:
+    hub = await start_hub(CHANNELS)
+    request = request_line.encode() + b" HTTP/1.1\r\nHost: x\r\nExpect: \xe9\r\n\r\n"
     code = status_of(await asyncio.to_thread(exchange, hub.port, request))
     assert 400 <= code < 500
 
