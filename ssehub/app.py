@@ -178,18 +178,44 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"not ready: redis {broker.state.value}\n")
 
 
+async def expect(request: web.Request) -> None:
+    """The ``Expect:`` header. Nothing here takes a request body, so ``100-continue``
+    needs no interim answer, and anything else is a 417 that does not echo the value:
+    aiohttp's default handler echoes it, and a value that is not UTF-8 then fails to
+    encode, a 500 for any client that sends one."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="unsupported Expect header\n")
+
+
+async def not_routed(request: web.Request) -> web.StreamResponse:
+    """A path or method no route serves: 405 where the path exists, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is request.match_info.route.resource:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 def create_app(hub: Hub, broker: Broker) -> web.Application:
     """The public application; streams end cleanly on shutdown."""
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
-    app.router.add_get("/channels/{name}", stream)
-    app.router.add_get("/events", stream)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"])
+    app.router.add_get("/channels/{name}", stream, expect_handler=expect)
+    app.router.add_get("/events", stream, expect_handler=expect)
+    app.router.add_get("/healthz", healthz, expect_handler=expect)
+    app.router.add_get("/readyz", readyz, expect_handler=expect)
+    add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"], expect)
     if hub.config.demo:
-        app.router.add_get("/", demo.index(hub))
+        app.router.add_get("/", demo.index(hub), expect_handler=expect)
+    # Last: every other path and method, so that no request reaches aiohttp's own
+    # expect handler (see `expect`); it answers 405/404 as the router would.
+    app.router.add_route("*", "/{tail:.*}", not_routed, expect_handler=expect)
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")

@@ -175,7 +175,10 @@ class Broker:
         else:
             log.warning("redis down url=%s reason=%s", self._safe_url(), why)
         if self._on_state is not None:
-            self._on_state(old, state)
+            try:
+                self._on_state(old, state)
+            except Exception:  # like delivery: a listener's bug must not end the subscription
+                log.exception("redis state listener failed %s->%s", old.value, state.value)
 
     def _safe_url(self) -> str:
         p = self._params

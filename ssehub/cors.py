@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 
@@ -15,7 +15,12 @@ _ALLOWED_HEADERS = ("last-event-id", "cache-control", "accept", "authorization",
 _METHODS = "GET, HEAD, OPTIONS"
 
 
-def add_cors(app: web.Application, get_cors: Callable[[], Cors], paths: Iterable[str]) -> None:
+def add_cors(
+    app: web.Application,
+    get_cors: Callable[[], Cors],
+    paths: Iterable[str],
+    expect_handler: Callable[[web.Request], Awaitable[None]],
+) -> None:
     """Answer preflights on ``paths`` and add CORS headers to every response.
 
     ``get_cors`` is read per request, so a config reload takes effect at once.
@@ -59,5 +64,5 @@ def add_cors(app: web.Application, get_cors: Callable[[], Cors], paths: Iterable
         return web.Response(status=204, headers=headers)
 
     for path in paths:
-        app.router.add_route("OPTIONS", path, preflight)
+        app.router.add_route("OPTIONS", path, preflight, expect_handler=expect_handler)
     app.on_response_prepare.append(on_prepare)

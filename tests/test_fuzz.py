@@ -8,6 +8,7 @@ one hub serves every example.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -159,7 +160,29 @@ async def test_fuzzed_requests_never_get_a_5xx_nor_leak(
     await wait_until(lambda: hub.hub.connections == 0, timeout=5)
     assert_no_subscribers(hub)
     assert (await http_request(hub.port, "/healthz"))[0] == 200
-    assert handler_errors(caplog) == []
+    errors = [str(r.exc_info[1]) if r.exc_info else r.getMessage() for r in handler_errors(caplog)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("path", ["/channels/chat", "/events?channel=chat"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_http2_version_in_a_request_line_is_not_a_500(
+    start_hub: StartHub, method: str, path: str
+) -> None:
+    hub = await start_hub(CHANNELS)
+    request = f"{method} {path} HTTP/2.0\r\nHost: x\r\n\r\n".encode()
+    code = status_of(await asyncio.to_thread(exchange, hub.port, request))
+    assert 400 <= code < 500
+
+
+@pytest.mark.parametrize("request_line", ["GET /healthz", "GET /channels/chat", "GET /nope"])
+async def test_an_expect_header_that_is_not_utf8_is_not_a_500(
+    start_hub: StartHub, request_line: str
+) -> None:
+    hub = await start_hub(CHANNELS)
+    request = request_line.encode() + b" HTTP/1.1\r\nHost: x\r\nExpect: \xe9\r\n\r\n"
+    code = status_of(await asyncio.to_thread(exchange, hub.port, request))
+    assert 400 <= code < 500
 
 
 @pytest.mark.parametrize(
@@ -304,3 +327,94 @@ async def test_connections_opened_and_dropped_in_a_loop_leak_nothing(
     assert_no_subscribers(hub)
     assert sum(hub.hub.stats.closed.values()) >= 200  # at least the streams read from
     assert (await http_request(hub.port, "/healthz"))[0] == 200
+
+
+async def test_clients_vanishing_mid_delivery_do_not_disturb_others(
+    start_hub: StartHub, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = await start_hub(CHANNELS)
+    loop = asyncio.get_running_loop()
+    survivor: SSEClient | None = None
+    doomed: list[socket.socket] = []
+    published = 0
+    stop = False
+
+    async def publisher() -> None:
+        nonlocal published
+        while not stop:
+            await redis_client.publish("chat", f"m{published}")
+            published += 1
+
+    try:
+        for i in range(300):
+            if i == 100:  # registered between the doomed ones
+                survivor = await SSEClient.connect(hub.port, "/channels/chat")
+                await survivor.read_until(lambda c: c.parser.last_id)
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", hub.port))
+            await loop.sock_sendall(sock, b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+            doomed.append(sock)
+        await wait_until(lambda: hub.hub.connections == 301, timeout=5)
+        sending = asyncio.create_task(publisher())
+        # Vanish one by one while messages flow, as tabs close under a busy hub.
+        for i, sock in enumerate(doomed):
+            if i % 2:
+                _rst(sock)
+            else:
+                sock.close()
+            await asyncio.sleep(0.001)
+        stop = True
+        await sending
+        await redis_client.publish("chat", "end")
+        assert survivor is not None
+        await survivor.read_until(lambda c: c.events and c.events[-1].data == "end", 10)
+        got = [e.data for e in survivor.events[:-1]]
+        missing = sorted(set(range(published)) - {int(d[1:]) for d in got})
+        assert got == [f"m{i}" for i in range(published)], f"missing {missing[:20]}"
+    finally:
+        stop = True
+        for sock in doomed:
+            sock.close()
+        if survivor is not None:
+            await survivor.close()
+    await wait_until(lambda: hub.hub.connections == 0, timeout=5)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_heartbeats_survive_clients_vanishing(
+    start_hub: StartHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One timer for the whole hub re-arms itself after writing: it must survive
+    # clients vanishing between two beats.
+    hub = await start_hub(CHANNELS, heartbeat=0.002)
+    loop = asyncio.get_running_loop()
+    survivor = await SSEClient.connect(hub.port, "/channels/chat")
+    doomed: list[socket.socket] = []
+    try:
+        await survivor.read_until(lambda c: c.parser.last_id)
+        for _ in range(400):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", hub.port))
+            await loop.sock_sendall(sock, b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+            doomed.append(sock)
+        await wait_until(lambda: hub.hub.connections == 401, timeout=5)
+        for i, sock in enumerate(doomed):
+            if i % 2:
+                _rst(sock)
+            else:
+                sock.close()
+            if i % 4 == 0:
+                await asyncio.sleep(0.001)
+        await wait_until(lambda: hub.hub.connections == 1, timeout=5)
+        with contextlib.suppress(AssertionError):  # drain what queued up meanwhile
+            await survivor.read_until(lambda c: False, 0.3)
+        mark = len(survivor.parser.comments)
+        await survivor.read_until(lambda c: len(c.parser.comments) >= mark + 5, 1)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        for sock in doomed:
+            sock.close()
+        await survivor.close()
+    assert errors == []
