@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import resource
 import socket
 import time
@@ -249,10 +250,16 @@ class _Worker:
                 p.transport.abort()
         self.protos.clear()
 
+    def _recv_command(self) -> Any:
+        # The loop made the pipe non-blocking; a large command (5,000 channel names)
+        # arrives in several reads, so read the whole message blocking.
+        os.set_blocking(self.conn.fileno(), True)
+        return self.conn.recv()
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        loop.add_reader(self.conn.fileno(), lambda: commands.put_nowait(self.conn.recv()))
+        loop.add_reader(self.conn.fileno(), lambda: commands.put_nowait(self._recv_command()))
         tasks: set[asyncio.Task[Any]] = set()
         while True:
             cmd = await commands.get()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -96,8 +97,8 @@ class _PubWorker:
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        # nchan: a few keep-alive connections so one slow response does not stall all.
-        n = 4 if self.kind == "nchan" else 1
+        # nchan: 16 keep-alive connections, as nginx serves pipelined requests one by one.
+        n = 16 if self.kind == "nchan" else 1
         marker = b"HTTP/1." if self.kind == "nchan" else b"\r\n"
         for _ in range(n):
             _, proto = await loop.create_connection(lambda: _Acks(marker), self.host, self.port)
@@ -162,6 +163,12 @@ class _PubWorker:
             proto.transport.write(chunk)
         await asyncio.sleep(0)
 
+    def _recv_command(self) -> Any:
+        # The loop made the pipe non-blocking; a large command (5,000 channel names)
+        # arrives in several reads, so read the whole message blocking.
+        os.set_blocking(self.conn.fileno(), True)
+        return self.conn.recv()
+
     async def serve(self) -> None:
         try:
             await self.open()
@@ -171,7 +178,7 @@ class _PubWorker:
         self.conn.send(("ready", None))
         loop = asyncio.get_running_loop()
         commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        loop.add_reader(self.conn.fileno(), lambda: commands.put_nowait(self.conn.recv()))
+        loop.add_reader(self.conn.fileno(), lambda: commands.put_nowait(self._recv_command()))
         while True:
             cmd = await commands.get()
             if cmd[0] == "run":

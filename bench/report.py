@@ -66,6 +66,8 @@ NOTE_KEYS = (
     "dropped",
     "max_sustained_dps",
     "reason",
+    "server_core_busy_pct",
+    "load_core_busy_pct",
 )
 
 COLUMNS = (

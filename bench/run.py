@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import install
+from .cclient import build
 from .report import Result, format_table, json_line
 from .scenarios import SCENARIOS, Ctx, smoke
 from .servers import SERVERS, RedisServer, stop_all
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-setup", action="store_true", help="install nothing (apt, venv)")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    p.add_argument(
+        "--client",
+        choices=("c", "python"),
+        default="c",
+        help="load client: C (compiled with gcc here; default) or Python (uvloop)",
+    )
     return p
 
 
@@ -88,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasons = {} if args.smoke or args.no_setup else install.setup(servers)
         redis.start()
         ctx = Ctx(workdir, redis, server_core, load_core, quick=args.quick, smoke=args.smoke)
+        if args.client == "c":
+            ctx.client_exe = build(workdir)
+            if ctx.client_exe is None:
+                _log("gcc could not build bench/sseload.c: using the Python load client")
         for name in servers:
             cls = SERVERS[name]
             reason = reasons.get(name) or cls.unavailable()

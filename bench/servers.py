@@ -26,6 +26,8 @@ __all__ = [
     "FlaskSSE",
     "Nchan",
     "ProcessTree",
+    "busy_pct",
+    "core_ticks",
     "RedisServer",
     "Server",
     "SsehubServer",
@@ -160,6 +162,26 @@ class ProcessTree:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
         return total
+
+
+def core_ticks(core: int | None) -> tuple[int, int]:
+    """(busy, total) jiffies of one CPU from /proc/stat; busy includes irq and softirq,
+    where loopback TCP work often lands without being charged to any process."""
+    if core is None:
+        return (0, 0)
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                v = [int(x) for x in line.split()[1:]]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+                return (sum(v) - idle, sum(v))
+    return (0, 0)
+
+
+def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Share of a core that was busy between two ``core_ticks`` readings, in %."""
+    total = after[1] - before[1]
+    return None if total <= 0 else round(100 * (after[0] - before[0]) / total, 1)
 
 
 class RedisServer:
@@ -373,6 +395,10 @@ load_module {module};
 events {{ worker_connections {fds}; }}
 http {{
     access_log off;
+    # The publisher pipelines on keep-alive connections; nginx closes one after
+    # 1,000 requests by default.
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
