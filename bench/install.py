@@ -16,7 +16,8 @@ from .servers import BENCH_VENV, nchan_module
 __all__ = ["BENCH_PACKAGES", "setup"]
 
 APT_PACKAGES = ("nginx-light", "libnginx-mod-nchan")
-BENCH_PACKAGES = ("flask", "redis", "flask-sse", "gunicorn", "gevent", "py-spy")
+# packaging: gunicorn's gevent worker imports it without declaring it.
+BENCH_PACKAGES = ("flask", "redis", "flask-sse", "gunicorn", "gevent", "packaging", "py-spy")
 
 
 def _log(msg: str) -> None:

@@ -157,7 +157,8 @@ class _PubWorker:
 
     async def prime(self, channels: list[str]) -> None:
         """One unmarked message per channel (wakes servers that send headers lazily)."""
-        chunk = b"".join(self.frame(c.encode(), b"prime") for c in channels)
+        body = b'{"data": "prime"}' if self.fmt == "flask-sse" else b"prime"
+        chunk = b"".join(self.frame(c.encode(), body) for c in channels)
         proto = self.protos[0]
         if proto.transport is not None:
             proto.transport.write(chunk)

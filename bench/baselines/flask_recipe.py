@@ -2,7 +2,8 @@
 
 One thread (Flask's threaded dev server) and one Redis pub/sub connection per
 subscriber, ``pubsub.listen()`` in a generator. Not ssehub code: run by ``bench/``.
-The only additions are a ``/healthz`` route for readiness and a comment on subscribe,
+The only additions are an unbounded connection pool (as redis-py had when the recipe
+was written), a ``/healthz`` route for readiness and a comment on subscribe,
 so headers go out (and the client knows it is subscribed) before the first event.
 """
 
@@ -16,7 +17,9 @@ import redis
 from flask import Flask, Response
 
 app = Flask(__name__)
-red = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
+# redis-py >= 6 caps a pool at 100 connections by default; the recipe was written
+# when pools were unbounded, and it needs one connection per subscriber.
+red = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"], max_connections=20000)
 
 
 @app.route("/healthz")
