@@ -269,7 +269,7 @@ def many_channels(ctx: Ctx, cls: type[Server]) -> list[Result]:
 
 
 def saturation(ctx: Ctx, cls: type[Server]) -> list[Result]:
-    """1,000 subscribers; from 5 msg/s, x1.5 a step until p99 > 100 ms or loss."""
+    """1,000 subscribers; from 1 msg/s, x1.5 a step until p99 > 100 ms or loss."""
     subs = 1000
     results: list[Result] = []
     best: Result | None = None
@@ -277,16 +277,16 @@ def saturation(ctx: Ctx, cls: type[Server]) -> list[Result]:
         st = connect(r, subs)
         if st.opened < subs:
             return [Result(cls.name, "saturation", "", st.opened, ok=False, error="connect")]
-        rate = 5.0
-        for _ in range(16):
+        rate = 1.0  # the Flask baselines fail at 5 msg/s x 1,000 already
+        for _ in range(20):
             w = measure(ctx, r, rate, ctx.duration(5))
             res = to_result(ctx, r, "saturation", f"step {rate:g}/s", w, rate)
             results.append(res)
             if not res.ok:
                 break
+            # A client-bound step goes on: the load core's busy share also counts other
+            # users of the machine, and the step's own verdict (loss, p99) still holds.
             best = res
-            if res.client_bound:
-                break  # the load side is full: higher steps would measure the client
             rate = float(math.ceil(rate * 1.5))
             time.sleep(0.5)
     summary = Result(cls.name, "saturation", "max", subs)
@@ -302,7 +302,9 @@ def saturation(ctx: Ctx, cls: type[Server]) -> list[Result]:
         # when the server did not use its whole core (so idle time is not credited).
         summary.extra["max_sustained_dps"] = round(best.achieved_dps)
         summary.extra["reason"] = (
-            "client-bound" if best.client_bound else f"next step failed ({_why(results[-1])})"
+            f"next step failed ({_why(results[-1])})"
+            if results[-1] is not best
+            else f"stopped after {len(results)} steps"
         )
     else:
         summary.ok = False
