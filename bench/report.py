@@ -1,0 +1,119 @@
+"""Results: one record per measurement, printed as a table and as JSON lines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Result", "format_table", "json_line"]
+
+
+@dataclass
+class Result:
+    """One measurement of one server in one scenario (or why there is none)."""
+
+    server: str
+    scenario: str
+    label: str = ""
+    subs: int = 0
+    offered_dps: float = 0.0  # deliveries/s offered: messages/s x subscribers per channel
+    achieved_dps: float = 0.0  # deliveries/s counted by the load clients
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    max_ms: float | None = None
+    lost: int = 0
+    server_cpu_pct: float | None = None
+    server_rss_mb: float | None = None
+    client_cpu_pct: float | None = None  # load clients + publisher, in % of one core
+    load_core_pct: float | None = None  # everything on the load core (clients, pub, redis)
+    client_bound: bool = False
+    ok: bool = True
+    skipped: str = ""
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def json_line(r: Result) -> str:
+    """The result as one JSON object on one line."""
+    return json.dumps(asdict(r), sort_keys=True, separators=(",", ":"))
+
+
+def _num(v: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _note(r: Result) -> str:
+    if r.skipped:
+        return "skipped: " + r.skipped
+    if r.error:
+        return "error: " + r.error.splitlines()[0][:80]
+    bits = [f"{k}={v}" for k, v in r.extra.items() if k in NOTE_KEYS]
+    if r.client_bound:
+        bits.insert(0, "CLIENT-BOUND")
+    if not r.ok:
+        bits.insert(0, "FAIL")
+    return " ".join(bits)
+
+
+# Extra fields worth a place in the table's note column.
+NOTE_KEYS = (
+    "rss_per_conn_kb",
+    "open_all_s",
+    "failures",
+    "last_delivery_ms",
+    "dropped",
+    "max_sustained_dps",
+    "reason",
+    "server_core_busy_pct",
+    "load_core_busy_pct",
+)
+
+COLUMNS = (
+    "server",
+    "scenario",
+    "subs",
+    "offered/s",
+    "achieved/s",
+    "p50 ms",
+    "p99 ms",
+    "p999 ms",
+    "max ms",
+    "lost",
+    "srv cpu%",
+    "srv rss MB",
+    "load cpu%",
+    "note",
+)
+
+
+def format_table(results: list[Result]) -> str:
+    """A Markdown table (readable in a terminal too)."""
+    rows = [COLUMNS]
+    for r in results:
+        rows.append(
+            (
+                r.server,
+                f"{r.scenario} {r.label}".strip(),
+                str(r.subs),
+                _num(r.offered_dps, "{:,.0f}"),
+                _num(r.achieved_dps, "{:,.0f}"),
+                _num(r.p50_ms),
+                _num(r.p99_ms),
+                _num(r.p999_ms),
+                _num(r.max_ms),
+                str(r.lost),
+                _num(r.server_cpu_pct, "{:.0f}"),
+                _num(r.server_rss_mb),
+                _num(r.load_core_pct, "{:.0f}"),
+                _note(r),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

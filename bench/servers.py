@@ -1,0 +1,461 @@
+"""The processes under test (ssehub and the baselines) and the private redis-server.
+
+Every process is started in its own session (process group) and registered, so
+``stop_all()`` can end whatever is left after an error or Ctrl-C. Servers under test
+run under ``taskset -c 0``; Redis runs beside the load tools on core 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = [
+    "BENCH_DIR",
+    "FD_CAP",
+    "SERVERS",
+    "FlaskRecipe",
+    "FlaskSSE",
+    "Nchan",
+    "ProcessTree",
+    "busy_pct",
+    "core_ticks",
+    "RedisServer",
+    "Server",
+    "SsehubServer",
+    "free_port",
+    "stop_all",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+BENCH_VENV = BENCH_DIR / ".venv"
+# Open files per process: the hard limit on these machines (a subscriber is a socket).
+FD_CAP = 20_000
+_started: list[subprocess.Popen[bytes]] = []
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the kernel's choice, so never 6379 in use)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(argv: list[str], core: int | None) -> list[str]:
+    """Prefix ``taskset -c core`` when pinning is on and taskset exists."""
+    if core is None or shutil.which("taskset") is None:
+        return argv
+    return ["taskset", "-c", str(core), *argv]
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a process in its own session, output to ``log``, registered for cleanup."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=REPO_DIR,
+            env={**os.environ, **(env or {})},
+        )
+    _started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it lingers."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+    # Children that outlived their leader (gunicorn workers, nginx workers).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc in _started:
+        _started.remove(proc)
+
+
+def stop_all() -> None:
+    """Stop every process this module started and has not stopped yet."""
+    for proc in list(reversed(_started)):
+        with contextlib.suppress(Exception):
+            stop(proc, timeout=5)
+
+
+def http_get(port: int, path: str, timeout: float = 1.0) -> int:
+    """Status code of a one-off ``GET`` on 127.0.0.1 (0 when nothing answers)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            head = s.recv(64)
+    except OSError:
+        return 0
+    try:
+        return int(head[9:12])
+    except ValueError:
+        return 0
+
+
+def wait_http(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float) -> None:
+    """Poll until ``path`` answers 200, the process dies, or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before it was ready")
+        if http_get(port, path) == 200:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"not ready within {timeout:.0f} s")
+
+
+class ProcessTree:
+    """CPU seconds and RSS of a process and its descendants, read from /proc."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def pids(self) -> list[int]:
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo.extend(int(c) for c in f.read().split())
+        return out
+
+    def cpu_s(self) -> float:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / self.TICK
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
+
+def core_ticks(core: int | None) -> tuple[int, int]:
+    """(busy, total) jiffies of one CPU from /proc/stat; busy includes irq and softirq,
+    where loopback TCP work often lands without being charged to any process."""
+    if core is None:
+        return (0, 0)
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                v = [int(x) for x in line.split()[1:]]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+                return (sum(v) - idle, sum(v))
+    return (0, 0)
+
+
+def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Share of a core that was busy between two ``core_ticks`` readings, in %."""
+    total = after[1] - before[1]
+    return None if total <= 0 else round(100 * (after[0] - before[0]) / total, 1)
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, pinned beside the load tools."""
+
+    def __init__(self, workdir: Path, core: int | None) -> None:
+        self.workdir = workdir
+        self.core = core
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (./dev installs it)")
+        self.port = free_port()
+        argv = [
+            exe,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            # One connection per subscriber for the Flask baselines.
+            "--maxclients", str(FD_CAP - 100),
+            # Pub/sub clients of slow baselines must not be cut by the default limits.
+            "--client-output-buffer-limit", "pubsub 0 0 0",
+        ]  # fmt: skip
+        self.proc = spawn(pinned(argv, self.core), self.workdir / "redis.log")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def cpu_s(self) -> float:
+        return ProcessTree(self.proc.pid).cpu_s() if self.proc else 0.0
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.proc = None
+
+
+class Server:
+    """A server under test. Subclasses say how to start it and where subscribers go."""
+
+    name = ""
+    publish_kind = "redis"  # or "nchan": HTTP POST /pub?id=<channel>
+    publish_fmt = "plain"  # or "flask-sse": JSON {"data": …}
+    fds_per_sub = 1  # the Flask baselines hold a Redis connection per subscriber too
+    needs_prime = False  # headers only go out with the first event
+
+    def __init__(self, workdir: Path, redis_url: str, core: int | None) -> None:
+        self.workdir = workdir
+        self.redis_url = redis_url
+        self.core = core
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this server cannot run here, or None."""
+        return None
+
+    @classmethod
+    def max_subs_for(cls) -> int:
+        """Most subscribers one process can hold under the open-files cap."""
+        return (FD_CAP - 200) // cls.fds_per_sub
+
+    def path(self, channel: str) -> str:
+        return f"/channels/{channel}"
+
+    def argv(self, channels: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def ready_path(self) -> str:
+        return "/healthz"
+
+    def start(self, channels: list[str]) -> None:
+        self.port = free_port()
+        log = self.workdir / f"{self.name}.log"
+        self.proc = spawn(pinned(self.argv(channels), self.core), log, self.env())
+        try:
+            wait_http(self.proc, self.port, self.ready_path(), 30)
+        except RuntimeError as exc:
+            tail = log.read_text(errors="replace")[-2000:]
+            self.stop()
+            raise RuntimeError(f"{self.name}: {exc}\n{tail}") from None
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def tree(self) -> ProcessTree:
+        assert self.proc is not None
+        return ProcessTree(self.proc.pid)
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.proc = None
+
+
+class SsehubServer(Server):
+    """The hub, as deployed: ``python -m ssehub --config … --port …`` (uvloop)."""
+
+    name = "ssehub"
+
+    def argv(self, channels: list[str]) -> list[str]:
+        config = {
+            "listen": {"host": "127.0.0.1", "port": self.port},
+            "redis": {"url": self.redis_url},
+            "heartbeat": 15,
+            "channels": {c: {} for c in channels},
+        }
+        path = self.workdir / "ssehub.yaml"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        return [
+            sys.executable, "-m", "ssehub",
+            "--config", str(path),
+            "--port", str(self.port),
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+
+    def ready_path(self) -> str:
+        return "/readyz"
+
+
+def _bench_python() -> Path:
+    return BENCH_VENV / "bin" / "python"
+
+
+def _missing_modules(*mods: str) -> str | None:
+    py = _bench_python()
+    if not py.exists():
+        return f"{BENCH_VENV} does not exist (run without --no-setup)"
+    code = f"import {', '.join(mods)}"
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=60)
+    if r.returncode:
+        return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "import failed"
+    return None
+
+
+class FlaskRecipe(Server):
+    """The classic recipe: a thread and a Redis pub/sub connection per subscriber."""
+
+    name = "flask-recipe"
+    fds_per_sub = 2
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return _missing_modules("flask", "redis")
+
+    def argv(self, channels: list[str]) -> list[str]:
+        return [str(_bench_python()), str(BENCH_DIR / "baselines" / "flask_recipe.py")]
+
+    def env(self) -> dict[str, str]:
+        return {"BENCH_REDIS_URL": self.redis_url, "BENCH_PORT": str(self.port)}
+
+
+class FlaskSSE(Server):
+    """flask-sse under gunicorn, one gevent worker."""
+
+    name = "flask-sse"
+    publish_fmt = "flask-sse"
+    fds_per_sub = 2
+    needs_prime = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return _missing_modules("flask_sse", "gunicorn", "gevent")
+
+    def path(self, channel: str) -> str:
+        return f"/stream?channel={channel}"
+
+    def argv(self, channels: list[str]) -> list[str]:
+        return [
+            str(BENCH_VENV / "bin" / "gunicorn"),
+            "--worker-class", "gevent",
+            "--workers", "1",
+            "--worker-connections", str(FD_CAP),
+            "--backlog", "4096",
+            "--bind", f"127.0.0.1:{self.port}",
+            "--chdir", str(BENCH_DIR / "baselines"),
+            "--log-level", "warning",
+            "flask_sse_app:app",
+        ]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return {"BENCH_REDIS_URL": self.redis_url}
+
+
+NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile {fds};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+load_module {module};
+events {{ worker_connections {fds}; }}
+http {{
+    access_log off;
+    # The publisher pipelines on keep-alive connections; nginx closes one after
+    # 1,000 requests by default.
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /healthz {{ return 200 "ok\\n"; }}
+        location ~ ^/channels/(.+)$ {{
+            nchan_subscriber eventsource;
+            nchan_channel_id $1;
+        }}
+        location = /pub {{
+            nchan_publisher;
+            nchan_channel_id $arg_id;
+            nchan_message_buffer_length 10;
+        }}
+    }}
+}}
+"""
+
+
+def nchan_module() -> Path | None:
+    """The nchan .so shipped by libnginx-mod-nchan, if installed."""
+    for d in NCHAN_MODULE_DIRS:
+        p = Path(d) / "ngx_nchan_module.so"
+        if p.exists():
+            return p
+    return None
+
+
+class Nchan(Server):
+    """nginx-light + nchan: one worker, eventsource subscribers, HTTP publisher."""
+
+    name = "nchan"
+    publish_kind = "nchan"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+            return "nginx is not installed (apt-get install nginx-light)"
+        if nchan_module() is None:
+            return "nchan module not found (apt-get install libnginx-mod-nchan)"
+        return None
+
+    def argv(self, channels: list[str]) -> list[str]:
+        d = self.workdir / "nginx"
+        d.mkdir(exist_ok=True)
+        conf = d / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=d, module=nchan_module(), port=self.port, fds=FD_CAP))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        return [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")]
+
+
+SERVERS: dict[str, type[Server]] = {
+    "ssehub": SsehubServer,
+    "nchan": Nchan,
+    "flask-sse": FlaskSSE,
+    "flask-recipe": FlaskRecipe,
+}
