@@ -14,8 +14,9 @@ from aiohttp.http import HttpVersion11
 
 from . import demo, sse
 from .broker import Broker
+from .channel import Channel
 from .cors import add_cors
-from .hub import Channel, Hub
+from .hub import Hub
 from .messages import MAX_ID_LENGTH
 from .subscriber import Subscriber
 

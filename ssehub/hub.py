@@ -24,12 +24,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from . import sse
-from .config import ChannelConfig, Config
-from .history import Entry, History
+from .channel import Channel, Group, MuxGroup
+from .config import Config
+from .history import Entry
 from .messages import Event, Rejected, parse, parse_juggernaut
 from .subscriber import Subscriber
 
-__all__ = ["GAP_EVENT", "Channel", "Group", "Hub", "Stats"]
+__all__ = ["GAP_EVENT", "Hub", "Stats"]
 
 log = logging.getLogger(__name__)
 
@@ -73,72 +74,6 @@ class Stats:
         self.slow_cut = 0
         self.replays: Counter[str] = Counter()  # per channel: resumes served from history
         self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
-
-
-class Group:
-    """Subscribers that receive exactly the same bytes."""
-
-    __slots__ = ("chunked", "plain")
-
-    def __init__(self) -> None:
-        # transport -> subscriber; iterated on every message, so keyed by the
-        # object the loop needs (saves an attribute lookup per write).
-        self.chunked: dict[asyncio.Transport, Subscriber] = {}
-        # HTTP/1.0 streams: unframed bytes.
-        self.plain: dict[asyncio.Transport, Subscriber] = {}
-
-    def __len__(self) -> int:
-        return len(self.chunked) + len(self.plain)
-
-    def add(self, sub: Subscriber) -> None:
-        (self.chunked if sub.chunked else self.plain)[sub.transport] = sub
-
-    def remove(self, sub: Subscriber) -> bool:
-        return (self.chunked if sub.chunked else self.plain).pop(sub.transport, None) is not None
-
-    def subscribers(self) -> list[Subscriber]:
-        return [*self.chunked.values(), *self.plain.values()]
-
-
-class MuxGroup(Group):
-    """``/events`` subscribers following the same set of channels."""
-
-    __slots__ = ("channels", "names")
-
-    def __init__(self, channels: Sequence[Channel]) -> None:
-        super().__init__()
-        self.channels = tuple(channels)
-        self.names = frozenset(c.name for c in channels)
-
-
-class Channel:
-    """One configured channel: its direct subscribers, its /events groups, its history."""
-
-    __slots__ = (
-        "alone",
-        "config",
-        "history",
-        "last_seq",
-        "last_write",
-        "mux_groups",
-        "name",
-        "subs",
-    )
-
-    def __init__(self, config: ChannelConfig) -> None:
-        self.config = config
-        self.name = config.name
-        # The channel list of every direct subscriber: shared, not one per stream.
-        self.alone: tuple[Channel] = (self,)
-        self.subs = Group()
-        self.mux_groups: set[MuxGroup] = set()
-        self.history = History(config.history, config.history_ttl)
-        self.last_seq = 0  # hub sequence number of this channel's newest event
-        self.last_write = 0.0
-
-    def __len__(self) -> int:
-        """Open streams receiving this channel (direct and through /events)."""
-        return len(self.subs) + sum(len(g) for g in self.mux_groups)
 
 
 class Hub:

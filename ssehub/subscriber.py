@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .hub import Channel, Group
+    from .channel import Channel, Group
 
 __all__ = ["Subscriber"]
 
