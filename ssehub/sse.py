@@ -41,26 +41,33 @@ def encode(
     lines into the stream (or, for ``id``, be ignored by browsers), so it is refused
     rather than altered.
     """
-    parts: list[str] = []
+    head = ""
     if id is not None:
-        if _FORBIDDEN_IN_FIELD.search(id):
+        if _has_break(id):
             raise EncodeError("id contains CR, LF or NUL")
-        parts.append(f"id: {id}\n")
+        head = f"id: {id}\n"
     if event is not None:
-        if _FORBIDDEN_IN_FIELD.search(event):
+        if _has_break(event):
             raise EncodeError("event contains CR, LF or NUL")
         if event:
-            parts.append(f"event: {event}\n")
+            head += f"event: {event}\n"
     if retry is not None:
         if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
             raise EncodeError("retry must be a non-negative integer")
-        parts.append(f"retry: {retry}\n")
+        head += f"retry: {retry}\n"
     # "data: " with the space: the parser drops exactly one leading space, so a
     # value that itself starts with a space survives intact.
-    for line in _LINE_BREAK.split(data):
-        parts.append(f"data: {line}\n")
-    parts.append("\n")
-    return "".join(parts).encode("utf-8")
+    if "\n" not in data and "\r" not in data:
+        # The common one-line payload: no regex (this runs once per message, and
+        # at tens of thousands of messages a second the split showed in profiles).
+        return f"{head}data: {data}\n\n".encode()
+    body = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    return f"{head}{body}\n".encode()
+
+
+def _has_break(value: str) -> bool:
+    # Three C-level scans beat a regex search on the short strings ids and types are.
+    return "\n" in value or "\r" in value or "\0" in value
 
 
 def comment(text: str = "") -> bytes:
