@@ -69,7 +69,7 @@ def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     # Unwind through every finally block, which stops what was started.
     raise KeyboardInterrupt
 
@@ -85,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if load_core is not None:
         # Everything this process starts (load clients, publisher) inherits core 1.
         os.sched_setaffinity(0, {load_core})
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt, so the run would go on after a kill -INT.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
 
     workdir = Path(tempfile.mkdtemp(prefix="ssehub-bench-"))
     redis = RedisServer(workdir, load_core)

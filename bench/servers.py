@@ -392,7 +392,9 @@ worker_rlimit_nofile {fds};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 load_module {module};
-events {{ worker_connections {fds}; }}
+# nginx starts closing connections when fewer than 1/16 of worker_connections are
+# free; the descriptor cap (worker_rlimit_nofile) must be the limit, not that.
+events {{ worker_connections {conns}; }}
 http {{
     access_log off;
     # The publisher pipelines on keep-alive connections; nginx closes one after
@@ -448,7 +450,11 @@ class Nchan(Server):
         d = self.workdir / "nginx"
         d.mkdir(exist_ok=True)
         conf = d / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=d, module=nchan_module(), port=self.port, fds=FD_CAP))
+        conf.write_text(
+            NGINX_CONF.format(
+                dir=d, module=nchan_module(), port=self.port, fds=FD_CAP, conns=FD_CAP * 17 // 15
+            )
+        )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         return [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")]
 
