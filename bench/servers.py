@@ -299,13 +299,16 @@ class SsehubServer(Server):
 
     name = "ssehub"
 
-    def argv(self, channels: list[str]) -> list[str]:
-        config = {
+    def config(self, channels: list[str]) -> dict[str, object]:
+        return {
             "listen": {"host": "127.0.0.1", "port": self.port},
             "redis": {"url": self.redis_url},
             "heartbeat": 15,
             "channels": {c: {} for c in channels},
         }
+
+    def argv(self, channels: list[str]) -> list[str]:
+        config = self.config(channels)
         path = self.workdir / "ssehub.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
         return [
@@ -317,6 +320,17 @@ class SsehubServer(Server):
 
     def ready_path(self) -> str:
         return "/readyz"
+
+
+class SsehubMetricsServer(SsehubServer):
+    """The hub with its admin listener on, so metrics are live: the delay histogram is
+    observed on every flush. Compared with ``ssehub`` in the same run, it shows what
+    counting costs the hot path."""
+
+    name = "ssehub+metrics"
+
+    def config(self, channels: list[str]) -> dict[str, object]:
+        return {**super().config(channels), "admin": {"host": "127.0.0.1", "port": free_port()}}
 
 
 def _bench_python() -> Path:
@@ -461,6 +475,7 @@ class Nchan(Server):
 
 SERVERS: dict[str, type[Server]] = {
     "ssehub": SsehubServer,
+    "ssehub+metrics": SsehubMetricsServer,
     "nchan": Nchan,
     "flask-sse": FlaskSSE,
     "flask-recipe": FlaskRecipe,
