@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from . import sse
 from .channel import Channel, Group, MuxGroup
 from .config import Config
-from .history import Entry
+from .history import AT, RAW, SEQ, Entry, entry
 from .messages import Event, Rejected, parse, parse_juggernaut
 from .subscriber import Subscriber
 
@@ -203,25 +203,29 @@ class Hub:
         except sse.EncodeError as exc:
             raise Rejected("bad_field", str(exc)) from None
         self.seq = seq
-        entry = Entry(seq, event_id, event, raw)
-        channel.history.append(entry, publisher_id=event.id is not None)
+        new = entry(seq, event_id, raw)
+        channel.history.append(new, publisher_id=event.id is not None)
         channel.last_seq = seq
         subs = channel.subs
         if subs.chunked or subs.plain or channel.mux_groups:
-            self._pending.append((channel, entry))
+            self._pending.append((channel, new))
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
 
-    def _mux_bytes(self, channel: Channel, entry: Entry) -> bytes:
-        """The event as /events streams carry it: typed by channel, with the hub id."""
-        if entry.mux is None:
-            ev = entry.event
-            kind = channel.name if not ev.event else f"{channel.name}:{ev.event}"
-            entry.mux = sse.encode(
-                ev.data, event=kind, id=f"{self.epoch}-{entry.seq}", retry=ev.retry
-            )
-        return entry.mux
+    def _mux_bytes(self, channel: Channel, e: Entry) -> bytes:
+        """The event as /events streams carry it: typed by channel, with the hub id.
+
+        Derived from the channel's bytes rather than kept: they start with the id
+        line, then the event line if any (``sse.encode``'s field order), then the
+        rest, which carries over unchanged.
+        """
+        rest = e[RAW].split(b"\n", 1)[1]
+        kind = channel.name.encode()
+        if rest.startswith(b"event: "):
+            line, rest = rest.split(b"\n", 1)
+            kind += b":" + line[7:]
+        return b"id: %s-%d\nevent: %s\n%s" % (self.epoch.encode(), e[SEQ], kind, rest)
 
     # --- the hot path -------------------------------------------------------------
 
@@ -232,8 +236,8 @@ class Hub:
             return
         now = time.monotonic()
         by_channel: dict[Channel, list[bytes]] = {}
-        for channel, entry in pending:
-            by_channel.setdefault(channel, []).append(entry.raw)
+        for channel, e in pending:
+            by_channel.setdefault(channel, []).append(e[RAW])
         touched: set[MuxGroup] = set()
         for channel, raws in by_channel.items():
             channel.last_write = now
@@ -244,14 +248,22 @@ class Hub:
                 # Plain len()s: a Python-level __len__ here showed in profiles.
                 self.stats.delivered += len(raws) * (len(subs.chunked) + len(subs.plain))
             touched.update(channel.mux_groups)
+        mux_cache: dict[int, bytes] = {}
         for group in touched:
-            # Keep hub order across channels: /events ids must only increase.
-            parts = [self._mux_bytes(c, e) for c, e in pending if c.name in group.names]
+            # Keep hub order across channels: /events ids must only increase. Each
+            # event is encoded once per flush, whatever the number of groups.
+            parts = []
+            for c, e in pending:
+                if c.name in group.names:
+                    data = mux_cache.get(e[SEQ])
+                    if data is None:
+                        data = mux_cache[e[SEQ]] = self._mux_bytes(c, e)
+                    parts.append(data)
             raw = b"".join(parts)
             self._write(group, raw, sse.chunk(raw))
             self.stats.delivered += len(parts) * (len(group.chunked) + len(group.plain))
         if self.observe_delay is not None:
-            first = pending[0][1].at
+            first = pending[0][1][AT]
             self.observe_delay(time.monotonic() - first)
 
     def _write(self, group: Group, raw: bytes, framed: bytes) -> None:
@@ -368,7 +380,7 @@ class Hub:
                     if entries:
                         self.stats.replays[channel.name] += 1
                     for e in entries:
-                        replay.append((e.seq, self._mux_bytes(channel, e) if mux else e.raw))
+                        replay.append((e[SEQ], self._mux_bytes(channel, e) if mux else e[RAW]))
                 if reason is None and n < self.outage_seq:
                     reason = "redis_outage"
             if reason is not None:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import time
 
-from ssehub.history import Entry, History
-from ssehub.messages import Event
+from ssehub.history import SEQ, Entry, History
+from ssehub.history import entry as new_entry
 
 
 def entry(seq: int, id: str | None = None) -> Entry:
-    return Entry(seq, id or f"e-{seq}", Event(data=str(seq)), b"")
+    return new_entry(seq, id or f"e-{seq}", b"data: %d\n\n" % seq)
 
 
 def test_keeps_the_last_n_and_remembers_the_newest_evicted() -> None:
     h = History(3)
     for seq in range(1, 6):
         h.append(entry(seq), publisher_id=False)
-    assert [e.seq for e in h.after(0)] == [3, 4, 5]
+    assert [e[SEQ] for e in h.after(0)] == [3, 4, 5]
     assert h.evicted_seq == 2
-    assert [e.seq for e in h.after(4)] == [5]
+    assert [e[SEQ] for e in h.after(4)] == [5]
     assert list(h.after(5)) == []
 
 
@@ -39,6 +39,14 @@ def test_publisher_ids_resolve_until_evicted() -> None:
     assert h.seq_of("pub-c") == 3
 
 
+def test_entries_are_untracked_by_the_gc() -> None:
+    import gc
+
+    e = entry(1)
+    gc.collect()
+    assert not gc.is_tracked(e)
+
+
 def test_age_limit() -> None:
     h = History(10, ttl=0.05)
     h.append(entry(1), publisher_id=False)
@@ -46,5 +54,5 @@ def test_age_limit() -> None:
     while time.monotonic() - old < 0.06:
         pass
     h.append(entry(2), publisher_id=False)
-    assert [e.seq for e in h.after(0)] == [2]
+    assert [e[SEQ] for e in h.after(0)] == [2]
     assert h.evicted_seq == 1
