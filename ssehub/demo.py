@@ -30,6 +30,13 @@ def _template() -> str:
     return resources.files("ssehub").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
+# A payload each format accepts: a json channel rejects a bare 'hello'.
+_SAMPLE = {
+    "text": "'hello'",
+    "json": shlex.quote('{"data": "hello", "event": "greeting"}'),
+}
+
+
 def channels_json(config: Config) -> str:
     """The page's data: each channel, its URL, its Redis channel and the publish command."""
     channels = [
@@ -37,7 +44,7 @@ def channels_json(config: Config) -> str:
             "name": ch.name,
             "url": f"/channels/{ch.name}",
             "redis_channel": ch.redis_channel,
-            "publish": f"redis-cli PUBLISH {shlex.quote(ch.redis_channel)} 'hello'",
+            "publish": f"redis-cli PUBLISH {shlex.quote(ch.redis_channel)} {_SAMPLE[ch.format]}",
         }
         for ch in config.channels.values()
     ]

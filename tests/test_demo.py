@@ -56,3 +56,16 @@ def test_odd_redis_channel_names_are_quoted_and_cannot_break_out_of_the_script()
     assert channel["redis_channel"] == "a b</script><i>'"
     # Shell-quoted, so the command can be pasted as is.
     assert channel["publish"] == "redis-cli PUBLISH 'a b</script><i>'\"'\"'' 'hello'"
+
+
+def test_publish_command_for_a_json_channel_sends_a_payload_it_accepts() -> None:
+    import shlex
+
+    from ssehub.messages import parse_json
+
+    config = hub_config("redis://127.0.0.1:1/0", {"prices": {"format": "json"}})
+    (channel,) = json.loads(channels_json(config))["channels"]
+    argv = shlex.split(channel["publish"])
+    assert argv[:3] == ["redis-cli", "PUBLISH", "prices"]
+    event = parse_json(argv[3].encode(), 1000)
+    assert (event.data, event.event) == ("hello", "greeting")
