@@ -133,8 +133,8 @@ class SSEClient:
     def _decode(self) -> bytes:
         """Take complete chunks out of ``_raw``; return their payload."""
         if not self._chunked:
-            out, self._raw = self._raw, b""
-            return out
+            raw, self._raw = self._raw, b""
+            return raw
         out = bytearray()
         while not self._decoder_done:
             crlf = self._raw.find(b"\r\n")

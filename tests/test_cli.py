@@ -35,6 +35,15 @@ def start_daemon(config: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     raise AssertionError("daemon did not start listening")
 
 
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill the daemon if a test left it running, and close its pipe."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def get(port: int, path: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
@@ -57,11 +66,7 @@ def test_daemon_serves_and_exits_0_on_sigterm(tmp_path: Path, redis_server: Redi
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        reap(proc)
 
 
 def test_port_in_use_exits_3(tmp_path: Path) -> None:
@@ -113,7 +118,4 @@ def test_sighup_reloads_and_sigterm_ends_streams_within_the_timeout(
         assert time.monotonic() - started < 3 + 2
     finally:
         stream.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+        reap(proc)

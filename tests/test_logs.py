@@ -23,7 +23,7 @@ from ssehub.logs import _log_response, fields, setup
 
 from .conftest import StartHub
 from .redis_server import RedisServer
-from .test_cli import get
+from .test_cli import get, reap
 
 
 @pytest.fixture
@@ -154,11 +154,7 @@ def test_daemon_logs_json_lines(tmp_path: Path, redis_server: RedisServer) -> No
         assert read_json_lines(proc, "stopped")
         assert proc.wait(timeout=15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        reap(proc)
 
 
 async def test_access_log_is_off_unless_configured(start_hub: StartHub) -> None:
