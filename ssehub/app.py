@@ -218,6 +218,16 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     # expect handler (see `expect`); it answers 405/404 as the router would.
     app.router.add_route("*", "/{tail:.*}", not_routed, expect_handler=expect)
 
+    async def close_after(request: web.Request, response: web.StreamResponse) -> None:
+        # The server keeps no keep-alive timer per connection (see server.py), so a
+        # connection closes once its response is done: say so, or a keep-alive
+        # client would send its next request into a closing socket. (This hook runs
+        # after aiohttp chose its Connection header, hence the header by hand.)
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+    app.on_response_prepare.append(close_after)
+
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")
 

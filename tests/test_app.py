@@ -250,3 +250,12 @@ async def test_shutdown_ends_streams_cleanly(start_hub: StartHub) -> None:
     finally:
         await client.close()
     assert hub.hub.stats.closed["shutdown"] == 1
+
+
+async def test_responses_say_connection_close(start_hub: StartHub) -> None:
+    # No keep-alive timer per connection: the hub closes after each response and
+    # must announce it, so keep-alive clients never reuse a closing socket.
+    hub = await start_hub()
+    for path in ["/healthz", "/readyz", "/channels/nope"]:
+        _, headers, _ = await http_request(hub.port, path)
+        assert headers["connection"] == "close", path
