@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .loadclient import ClientStats, Target
+from .loadclient import ClientStats, StatsPoller, Target
 
 __all__ = ["CLoadClient", "build"]
 
@@ -35,7 +35,7 @@ def build(workdir: Path) -> Path | None:
     return exe if r.returncode == 0 else None
 
 
-class CLoadClient:
+class CLoadClient(StatsPoller):
     """Several ``sseload`` processes, each on its own source address."""
 
     def __init__(self, exe: Path, workers: int, sources: list[str], workdir: Path) -> None:
@@ -132,15 +132,6 @@ class CLoadClient:
     def reset(self) -> None:
         """Zero event counters and the CPU baseline (connections stay)."""
         self._ask("reset")
-
-    def wait_open(self, n: int, timeout: float) -> ClientStats:
-        """Poll until ``n`` streams are open or every attempt has resolved, or timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            s = self.stats()
-            if s.opened >= n or s.opened + s.failed >= n or time.monotonic() > deadline:
-                return s
-            time.sleep(0.1)
 
     def close(self) -> None:
         """Close every connection and end the workers (always; also after errors)."""

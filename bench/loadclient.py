@@ -301,7 +301,23 @@ def _worker_main(conn: Connection, source: str) -> None:
         runner(_Worker(conn, source).serve())
 
 
-class LoadClient:
+class StatsPoller:
+    """What both load clients (this one and the C one) share: waiting on their stats."""
+
+    def stats(self) -> ClientStats:
+        raise NotImplementedError
+
+    def wait_open(self, n: int, timeout: float) -> ClientStats:
+        """Poll until ``n`` streams are open or every attempt has resolved, or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if s.opened >= n or s.opened + s.failed >= n or time.monotonic() > deadline:
+                return s
+            time.sleep(0.1)
+
+
+class LoadClient(StatsPoller):
     """Parent-side handle on several worker processes holding ``n`` connections in all."""
 
     def __init__(self, workers: int, sources: list[str]) -> None:
@@ -377,15 +393,6 @@ class LoadClient:
     def reset(self) -> None:
         """Zero event counters and the CPU baseline (connections stay)."""
         self._ask(("reset",))
-
-    def wait_open(self, n: int, timeout: float) -> ClientStats:
-        """Poll until ``n`` streams are open or every attempt has resolved, or timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            s = self.stats()
-            if s.opened >= n or s.opened + s.failed >= n or time.monotonic() > deadline:
-                return s
-            time.sleep(0.1)
 
     def close(self) -> None:
         """Close every connection and end the workers (always; also after errors)."""
