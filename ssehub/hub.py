@@ -76,6 +76,23 @@ class Stats:
         self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
 
 
+def _send(
+    subs: dict[asyncio.Transport, Subscriber], data: bytes, limit: int, slow: list[Subscriber]
+) -> None:
+    """Write ``data`` to every transport under ``limit`` buffered bytes; collect the rest."""
+    # A client that just went away has a closed transport until its handler
+    # unsubscribes, an iteration later; uvloop raises on writing to it. The try
+    # costs nothing when nothing raises (3.11), unlike an is_closing() call each.
+    for transport, sub in subs.items():
+        try:
+            if transport.get_write_buffer_size() > limit:
+                slow.append(sub)
+            else:
+                transport.write(data)
+        except RuntimeError:
+            continue
+
+
 class Hub:
     """All channels of one process; fed by the broker, read by the HTTP app."""
 
@@ -268,40 +285,20 @@ class Hub:
 
     def _write(self, group: Group, raw: bytes, framed: bytes) -> None:
         limit = self._max_buffer
-        slow: list[Subscriber] | None = None
-        # A client that just went away has a closed transport until its handler
-        # unsubscribes, an iteration later; uvloop raises on writing to it. The try
-        # costs nothing when nothing raises (3.11), unlike an is_closing() call each.
-        for transport, sub in group.chunked.items():
-            try:
-                if transport.get_write_buffer_size() > limit:
-                    slow = slow or []
-                    slow.append(sub)
-                else:
-                    transport.write(framed)
-            except RuntimeError:
-                continue
+        slow: list[Subscriber] = []
+        _send(group.chunked, framed, limit, slow)
         if group.plain:
-            for transport, sub in group.plain.items():
-                try:
-                    if transport.get_write_buffer_size() > limit:
-                        slow = slow or []
-                        slow.append(sub)
-                    else:
-                        transport.write(raw)
-                except RuntimeError:
-                    continue
-        if slow:
-            for sub in slow:
-                self.stats.slow_cut += 1
-                log.warning(
-                    "slow subscriber cut channels=%s buffered=%d limit=%d",
-                    ",".join(c.name for c in sub.channels),
-                    sub.transport.get_write_buffer_size(),
-                    limit,
-                )
-                sub.abort("slow")
-                self.unsubscribe(sub)
+            _send(group.plain, raw, limit, slow)
+        for sub in slow:
+            self.stats.slow_cut += 1
+            log.warning(
+                "slow subscriber cut channels=%s buffered=%d limit=%d",
+                ",".join(c.name for c in sub.channels),
+                sub.transport.get_write_buffer_size(),
+                limit,
+            )
+            sub.abort("slow")
+            self.unsubscribe(sub)
 
     # --- subscribers --------------------------------------------------------------
 
