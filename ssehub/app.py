@@ -98,20 +98,20 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # An HTTP/2 request line over plain HTTP/1 framing: nothing sensible to stream.
         raise web.HTTPBadRequest(text="HTTP/1.0 or HTTP/1.1 only\n")
     resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    # HTTP/1.1 bodies are chunked; an HTTP/1.0 body ends when the connection does
+    # (every response closes its connection: see close_after in create_app).
     chunked = request.version == HttpVersion11
     if chunked:
         resp.enable_chunked_encoding()
-    else:
-        resp.force_close()  # an HTTP/1.0 body ends when the connection does
     await resp.prepare(request)
     if request.method == "HEAD":
         return resp
-    # The first bytes go through aiohttp's writer, which sends the buffered
-    # headers with them; after this the hub writes straight to the transport,
-    # and aiohttp's writer is not touched again until the final chunk.
     refusal = _over_limit(hub, channels)  # again: the awaits above let others in
     if refusal is not None:
         return await _turn_away(hub, resp, refusal)
+    # The first bytes go through aiohttp's writer, which sends the buffered
+    # headers with them; after this the hub writes straight to the transport,
+    # and aiohttp's writer is not touched again until the final chunk.
     await resp.write(sse.retry(hub.config.retry_ms))
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -125,7 +125,6 @@ async def stream(request: web.Request) -> web.StreamResponse:
         hub.unsubscribe(sub)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
-    resp.force_close()
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
     return resp
@@ -152,7 +151,6 @@ async def _turn_away(hub: Hub, resp: web.StreamResponse, reason: str) -> web.Str
     retry_ms = _busy_retry_ms(hub)
     data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"))
     hub.stats.closed["limit"] += 1
-    resp.force_close()
     await resp.write(sse.retry(retry_ms) + sse.encode(data, event=BUSY_EVENT))
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
