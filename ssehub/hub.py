@@ -107,11 +107,6 @@ class Hub:
         self._connections = 0
         self._flush_scheduled = False
         self._heartbeat: asyncio.TimerHandle | None = None
-        self._max_buffer = config.limits.max_buffer_bytes
-        self._max_message = config.limits.max_message_bytes
-        self._juggernaut = (
-            config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
-        )
         # Per-run epoch: start time in ms, base 36 (8 characters for centuries).
         self.epoch = _base36(time.time_ns() // 1_000_000)
         self.seq = 0  # last hub sequence number handed out
@@ -121,9 +116,16 @@ class Hub:
         self.observe_delay: Callable[[float], None] | None = None
         for ch in config.channels.values():
             self.channels[ch.name] = Channel(ch)
-        self._index()
+        self._apply(config)
 
-    def _index(self) -> None:
+    def _apply(self, config: Config) -> None:
+        """Take the settings read on the hot path from ``config``, and index the channels."""
+        self.config = config
+        self._max_buffer = config.limits.max_buffer_bytes
+        self._max_message = config.limits.max_message_bytes
+        self._juggernaut = (
+            config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
+        )
         self._by_redis = {}
         for channel in self.channels.values():
             key = channel.config.redis_channel.encode()
@@ -150,13 +152,7 @@ class Hub:
             channel.history.resize(channel.config.history, channel.config.history_ttl)
         for name in added:
             self.channels[name] = Channel(config.channels[name])
-        self.config = config
-        self._max_buffer = config.limits.max_buffer_bytes
-        self._max_message = config.limits.max_message_bytes
-        self._juggernaut = (
-            config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
-        )
-        self._index()
+        self._apply(config)
         return added, removed, changed
 
     def redis_channels(self) -> list[str]:
