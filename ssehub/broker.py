@@ -26,6 +26,7 @@ import logging
 import random
 import ssl
 import typing
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,6 +49,8 @@ class BrokerState(enum.Enum):
 # Channels per SUBSCRIBE/UNSUBSCRIBE command: big enough that a storm of thousands
 # of new members is a handful of commands, small enough to keep each one short.
 _BATCH = 1000
+# Seconds subscription changes wait for others to join them in one command.
+_BATCH_WINDOW = 0.01
 
 
 class _SessionEnded(Exception):
@@ -182,9 +185,14 @@ class Broker:
         # changes not yet sent (deltas against what the connection was told).
         self.wanted: set[bytes] = {_key(c) for c in channels}
         self.subscribed: set[bytes] = set()
+        # Commands sent per channel and not yet confirmed: a channel counts as
+        # subscribed only once the last of them (a SUBSCRIBE) is, so a drop and a
+        # quick re-want never pass for live in between.
+        self._unconfirmed: Counter[bytes] = Counter()
         self._add: set[bytes] = set()
         self._remove: set[bytes] = set()
         self._flush_scheduled = False
+        self._last_flush = 0.0
         # The connection that has been sent the full subscription: deltas go to it.
         self._live: _PubSubProtocol | None = None
         # Confirmations still expected before the session counts as up.
@@ -220,6 +228,7 @@ class Broker:
                 self._add.discard(c)  # never sent
             else:
                 self._remove.add(c)
+            self.subscribed.discard(c)
             waiter = self._waiters.pop(c, None)
             if waiter is not None:
                 waiter.cancel()
@@ -249,12 +258,22 @@ class Broker:
         return all(c in self.subscribed for c in missing)
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and (self._add or self._remove):
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._flush_scheduled or not (self._add or self._remove):
+            return
+        self._flush_scheduled = True
+        # Like Nagle: a change after a quiet spell goes out in the next iteration;
+        # changes within a window of the last command wait for it to pass, so that
+        # a reconnect storm's arrivals, spread over many iterations, share commands.
+        loop = asyncio.get_running_loop()
+        wait = self._last_flush + _BATCH_WINDOW - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._flush)
+        else:
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._last_flush = asyncio.get_running_loop().time()
         add, self._add = sorted(self._add), set()
         remove, self._remove = sorted(self._remove), set()
         proto = self._live
@@ -262,25 +281,34 @@ class Broker:
             return  # the next session subscribes to everything wanted
         try:
             if add:
-                proto.send_batched("SUBSCRIBE", add)
+                self._send(proto, "SUBSCRIBE", add)
             if remove:
-                proto.send_batched("UNSUBSCRIBE", remove)
+                self._send(proto, "UNSUBSCRIBE", remove)
         except _SessionEnded:
             pass  # the connection is going; the next session starts from `wanted`
 
+    def _send(self, proto: _PubSubProtocol, command: str, channels: list[bytes]) -> None:
+        proto.send_batched(command, channels)
+        self._unconfirmed.update(channels)
+
     def _on_ack(self, kind: bytes, channel: bytes) -> None:
-        if kind == b"unsubscribe":
+        if self._awaiting and kind == b"subscribe":
+            self._awaiting.discard(channel)
+            done = self._all_confirmed
+            if not self._awaiting and done is not None and not done.done():
+                done.set_result(None)
+        left = self._unconfirmed[channel] - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return  # more changes on the way: not settled yet
+        del self._unconfirmed[channel]
+        if kind == b"unsubscribe" or channel not in self.wanted:
             self.subscribed.discard(channel)
             return
         self.subscribed.add(channel)
         waiter = self._waiters.pop(channel, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if self._awaiting:
-            self._awaiting.discard(channel)
-            done = self._all_confirmed
-            if not self._awaiting and done is not None and not done.done():
-                done.set_result(None)
 
     @property
     def ready(self) -> bool:
@@ -366,6 +394,7 @@ class Broker:
             self._proto = None
             self._live = None
             self.subscribed.clear()
+            self._unconfirmed.clear()
             self._awaiting.clear()
             if proto.transport is not None:
                 proto.transport.abort()
@@ -381,7 +410,7 @@ class Broker:
             return
         self._awaiting = set(channels)
         self._all_confirmed = asyncio.get_running_loop().create_future()
-        proto.send_batched("SUBSCRIBE", channels)
+        self._send(proto, "SUBSCRIBE", channels)
         done, _ = await asyncio.wait(
             {self._all_confirmed, proto.lost, proto.error},
             timeout=_confirm_timeout(self.config, len(channels)),

@@ -286,7 +286,9 @@ class Hub:
 
     def _create_member(self, name: str, family: Family, part: str) -> Channel:
         channel = Channel(family.config, name, family, family.redis_channel(part))
-        # Nothing before this point reached the new member: older positions get a gap.
+        # Nothing before this point reached the new member: positions handed out so
+        # far (which are <= seq) get a gap; the new member's own positions come later.
+        self.seq += 1
         channel.history.evicted_seq = self.seq
         self.channels[name] = channel
         self.members[family.name] += 1
