@@ -38,13 +38,18 @@ _SAMPLE = {
 
 
 def channels_json(config: Config) -> str:
-    """The page's data: each channel, its URL, its Redis channel and the publish command."""
+    """The page's data: each channel, its URL, its Redis channel and the publish command.
+
+    A family's entries keep the ``*``: the page asks for the member's part and puts
+    it in the URL and the command (``family: true`` marks them).
+    """
     channels = [
         {
             "name": ch.name,
             "url": f"/channels/{ch.name}",
             "redis_channel": ch.redis_channel,
             "publish": f"redis-cli PUBLISH {shlex.quote(ch.redis_channel)} {_SAMPLE[ch.format]}",
+            **({"family": True} if ch.family else {}),
         }
         for ch in config.channels.values()
     ]

@@ -161,3 +161,28 @@ async def test_page_shows_the_gap_signal(page: Browser) -> None:
     finally:
         await page.evaluate("document.querySelector('button.subscribe.on')?.click()")
         await runner.cleanup()
+
+
+async def test_page_follows_a_family_member_named_in_its_field(
+    page: Browser, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    config = hub_config(redis_server.url, {"user.*": {"redis_channel": "app:user:*"}})
+    hub = await start(config)
+    try:
+        await page.goto(f"http://127.0.0.1:{hub.port}/")
+        field = json.dumps(card("user.*", "input.member"))
+        await page.evaluate(
+            f"(() => {{ const f = document.querySelector({field});"
+            " f.value = 'alice'; f.dispatchEvent(new Event('input')); })()"
+        )
+        assert await page.text(card("user.*", ".publish")) == (
+            "redis-cli PUBLISH 'app:user:alice' 'hello'"
+        )
+        await page.click(card("user.*", "button.subscribe"))
+        await page.wait_for(state_is("user.*", "open"))
+        await wait_until(lambda: "user.alice" in hub.hub.channels and hub.hub.connections == 1)
+        await redis_client.publish("app:user:alice", "for alice")
+        await page.wait_for(shows("user.*", "event", "for alice"))
+    finally:
+        await page.evaluate("document.querySelector('button.subscribe.on')?.click()")
+        await hub.stop()

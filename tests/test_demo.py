@@ -69,3 +69,15 @@ def test_publish_command_for_a_json_channel_sends_a_payload_it_accepts() -> None
     assert argv[:3] == ["redis-cli", "PUBLISH", "prices"]
     event = parse_json(argv[3].encode(), 1000)
     assert (event.data, event.event) == ("hello", "greeting")
+
+
+def test_a_family_is_listed_with_its_star_for_the_page_to_fill_in() -> None:
+    config = hub_config("redis://127.0.0.1:1/0", {"user.*": {"redis_channel": "app:user:*"}})
+    (channel,) = json.loads(channels_json(config))["channels"]
+    assert channel == {
+        "name": "user.*",
+        "url": "/channels/user.*",
+        "redis_channel": "app:user:*",
+        "publish": "redis-cli PUBLISH 'app:user:*' 'hello'",
+        "family": True,
+    }
