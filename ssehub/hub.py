@@ -27,6 +27,7 @@ from . import sse
 from .channel import Channel, Group, MuxGroup
 from .config import Config
 from .history import AT, RAW, SEQ, Entry, entry
+from .logs import fields
 from .messages import Event, Rejected, parse, parse_juggernaut
 from .subscriber import Subscriber
 
@@ -205,7 +206,7 @@ class Hub:
     def _reject(self, channel: str, exc: Rejected) -> None:
         self.stats.rejected[(channel, exc.reason)] += 1
         log.warning(
-            "message rejected channel=%s reason=%s detail=%s", channel, exc.reason, exc.detail
+            "message rejected", extra=fields(channel=channel, reason=exc.reason, detail=exc.detail)
         )
 
     def _ingest(self, channel: Channel, event: Event) -> None:
@@ -288,10 +289,12 @@ class Hub:
         for sub in slow:
             self.stats.slow_cut += 1
             log.warning(
-                "slow subscriber cut channels=%s buffered=%d limit=%d",
-                ",".join(c.name for c in sub.channels),
-                sub.transport.get_write_buffer_size(),
-                limit,
+                "slow subscriber cut",
+                extra=fields(
+                    channels=",".join(c.name for c in sub.channels),
+                    buffered=sub.transport.get_write_buffer_size(),
+                    limit=limit,
+                ),
             )
             sub.abort("slow")
             self.unsubscribe(sub)

@@ -20,7 +20,7 @@ from .app import create_app
 from .broker import Broker, BrokerState
 from .config import Config, ConfigError, load
 from .hub import Hub
-from .logs import enable_access_log
+from .logs import enable_access_log, fields
 from .metrics import Metrics
 from .systemd import Notifier
 
@@ -46,7 +46,7 @@ class _QuietBadRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            log.debug("bad request status=%s reason=%s", exc.code, exc.message)
+            log.debug("bad request", extra=fields(status=exc.code, reason=exc.message))
             return False
         return True
 
@@ -116,7 +116,7 @@ class HubServer:
         # streams that never carry an event, so systemd must not count it started.
         if new is BrokerState.UP and not self._ready_sent:
             self._ready_sent = True
-            log.info("ready port=%d channels=%d", self.port, len(self.hub.channels))
+            log.info("ready", extra=fields(port=self.port, channels=len(self.hub.channels)))
             self.notifier.notify_ready(self.status())
         else:
             self.notifier.notify_status(self.status())
@@ -129,7 +129,7 @@ class HubServer:
         sock = _listen_socket(admin.host, admin.port)
         self.admin_port = sock.getsockname()[1]
         await web.SockSite(self._admin_runner, sock).start()
-        log.info("admin listening host=%s port=%d", admin.host, self.admin_port)
+        log.info("admin listening", extra=fields(host=admin.host, port=self.admin_port))
 
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
@@ -144,7 +144,7 @@ class HubServer:
         self.hub.start_heartbeat()
         self._schedule_sweep()
         self.notifier.start(self.status)
-        log.info("listening host=%s port=%d", self.config.listen.host, self.port)
+        log.info("listening", extra=fields(host=self.config.listen.host, port=self.port))
 
     def _schedule_sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,21 +181,29 @@ class HubServer:
         try:
             new = load(self.config.source)
         except ConfigError as exc:
-            log.error("reload rejected, still running the previous config: %s", exc)
+            log.error(
+                "reload rejected, still running the previous config", extra=fields(error=str(exc))
+            )
             return False
         fixed = ("listen", "redis", "admin", "logging", "shutdown_timeout")
-        if any(getattr(new, k) != getattr(self.config, k) for k in fixed):
-            log.warning("reload: %s changes take effect on restart only", ", ".join(fixed))
+        pending = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        if pending:
+            log.warning(
+                "reload: these changes take effect on restart only",
+                extra=fields(keys=",".join(pending)),
+            )
             new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in fixed})
         added, removed, changed = self.hub.reload(new)
         self.broker.set_channels(self.hub.redis_channels())
         self.config = new
         log.info(
-            "reloaded channels=%d added=%s removed=%s changed=%s",
-            len(new.channels),
-            ",".join(added) or "-",
-            ",".join(removed) or "-",
-            ",".join(changed) or "-",
+            "reloaded",
+            extra=fields(
+                channels=len(new.channels),
+                added=",".join(added) or "-",
+                removed=",".join(removed) or "-",
+                changed=",".join(changed) or "-",
+            ),
         )
         return True
 
@@ -244,7 +252,7 @@ async def serve(config: Config) -> None:
     gc.freeze()
     try:
         await stop.wait()
-        log.info("shutting down connections=%d", server.hub.connections)
+        log.info("shutting down", extra=fields(connections=server.hub.connections))
     finally:
         await server.stop()
 
