@@ -195,16 +195,28 @@ class Hub:
         except Rejected as exc:
             self._reject("juggernaut", exc)
             return
+        unknown: list[str] = []
         for name in names:
             channel = self.channels.get(name)
             if channel is None:
-                self._reject("juggernaut", Rejected("unknown_channel", name))
+                unknown.append(name)
                 continue
             self.stats.received[name] += 1
-            self._ingest(channel, event)
+            # Each channel on its own: whatever happens to one, the others get the event.
+            try:
+                self._ingest(channel, event)
+            except Rejected as exc:
+                self._reject(name, exc)
+            except Exception:
+                self.stats.rejected[(name, "internal_error")] += 1
+                log.exception("delivery failed", extra=fields(channel=name))
+        if unknown:
+            # One line per message however many names it lists; each one is counted.
+            detail = ", ".join(unknown)
+            self._reject("juggernaut", Rejected("unknown_channel", detail), len(unknown))
 
-    def _reject(self, channel: str, exc: Rejected) -> None:
-        self.stats.rejected[(channel, exc.reason)] += 1
+    def _reject(self, channel: str, exc: Rejected, count: int = 1) -> None:
+        self.stats.rejected[(channel, exc.reason)] += count
         log.warning(
             "message rejected", extra=fields(channel=channel, reason=exc.reason, detail=exc.detail)
         )
@@ -216,6 +228,8 @@ class Hub:
             raw = sse.encode(event.data, event=event.event, id=event_id, retry=event.retry)
         except sse.EncodeError as exc:
             raise Rejected("bad_field", str(exc)) from None
+        except UnicodeEncodeError:  # a lone surrogate that got past the parser
+            raise Rejected("invalid_utf8", "lone surrogate") from None
         self.seq = seq
         new = entry(seq, event_id, raw)
         channel.history.append(new, publisher_id=event.id is not None)

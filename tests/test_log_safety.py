@@ -92,6 +92,22 @@ async def test_hostile_user_agent_and_path_cannot_forge_access_log_fields(
     }
 
 
+async def test_publisher_text_in_log_lines_is_escaped_and_bounded(
+    start_hub: StartHub, captured: Captured, redis_client: Any
+) -> None:
+    hub = await start_hub({"chat": {}}, juggernaut={"enabled": True})
+    forged = 'x" reason=forged\n2026-01-01 00:00:00,000 ERROR ssehub.hub forged \x1b[2J\u2028'
+    names = [forged, "n" * 5000]
+    await redis_client.publish("juggernaut", json.dumps({"channels": names, "data": "d"}))
+    await wait_until(lambda: captured.lines(), timeout=5)
+    (line,) = captured.lines()
+    got = read_line(captured, line, "message rejected")
+    assert (got["channel"], got["reason"]) == ("juggernaut", "unknown_channel")
+    assert got["detail"].startswith(forged)
+    assert len(got["detail"]) < MAX_VALUE + 30 and got["detail"].endswith(" more chars]")
+    assert hub.hub.stats.rejected[("juggernaut", "unknown_channel")] == 2
+
+
 @pytest.mark.parametrize(
     ("value", "shown"),
     [
