@@ -202,8 +202,10 @@ class Broker:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (OSError, _SessionEnded, ssl.SSLError) as exc:
+            except Exception as exc:  # any failure of an attempt: log, back off, retry
                 why = str(exc) or type(exc).__name__
+                if not isinstance(exc, (OSError, _SessionEnded)):  # not a network fault: a bug?
+                    why = f"{type(exc).__name__}: {why}"
                 if self.state is BrokerState.UP:
                     attempt = 0
                     self._set_state(BrokerState.DOWN, why)
