@@ -144,7 +144,10 @@ class Broker:
         self._proto: _PubSubProtocol | None = None
 
     def set_channels(self, channels: Iterable[str]) -> None:
-        """Change the subscription (config reload) without dropping the connection."""
+        """Change the subscription (config reload) without dropping the connection.
+
+        Never raises: the new list is kept whatever happens to the connection.
+        """
         new = list(channels)
         add = [c for c in new if c not in self.channels]
         drop = [c for c in self.channels if c not in new]
@@ -158,10 +161,16 @@ class Broker:
                 proto.transport.abort()
             return
         # Confirmations arrive as replies; the health-check loop reads and drops them.
-        if add:
-            proto.send("SUBSCRIBE", *add)
-        if drop:
-            proto.send("UNSUBSCRIBE", *drop)
+        try:
+            if add:
+                proto.send("SUBSCRIBE", *add)
+            if drop:
+                proto.send("UNSUBSCRIBE", *drop)
+        except _SessionEnded:
+            # The connection is going (its loss not yet seen): the next session
+            # subscribes to the new list. Never raise into the reload.
+            if proto.transport is not None:
+                proto.transport.abort()
 
     @property
     def ready(self) -> bool:

@@ -194,8 +194,9 @@ class HubServer:
             )
             new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in fixed})
         added, removed, changed = self.hub.reload(new)
-        self.broker.set_channels(self.hub.redis_channels())
+        # The hub has switched: the server follows at once, whatever happens next.
         self.config = new
+        self.broker.set_channels(self.hub.redis_channels())
         log.info(
             "reloaded",
             extra=fields(

@@ -1,10 +1,12 @@
-"""Redis URLs: what passes --check also works at run time, and the broker's loop
-survives whatever a connection attempt raises."""
+"""The Redis side never dies from odd input: what passes --check works at run time,
+the broker's loop survives whatever a connection attempt raises, and a reload whose
+subscription update fails leaves the hub and the server on the same config."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -12,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from ssehub.broker import Broker
 from ssehub.config import ConfigError, RedisConfig, parse
 
+from .conftest import StartHub
 from .logcheck import records_with
 from .redis_server import RedisServer
-from .sseclient import wait_until
+from .sseclient import open_stream, wait_until
 
 BAD_URLS = {
     "redis://a..b/0": "invalid host",  # IDNA error inside getaddrinfo
@@ -87,3 +91,30 @@ async def test_broker_survives_any_exception_from_a_connection_attempt(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_reload_while_the_redis_connection_is_going_keeps_hub_and_server_together(
+    start_hub: StartHub, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    hub = await start_hub({"keep": {}})
+    path = tmp_path / "hub.yaml"
+    path.write_text(
+        f"listen: {{host: 127.0.0.1, port: 0}}\nredis: {{url: '{hub.config.redis.url}'}}\n"
+        "shutdown_timeout: 2\nchannels: {keep: {}, added: {}}\n"
+    )
+    hub.config = dataclasses.replace(hub.config, source=str(path))
+    # The connection closes in the same step as the SIGHUP: the broker is still UP,
+    # but its transport no longer takes writes.
+    proto = hub.broker._proto
+    assert proto is not None and proto.transport is not None
+    proto.transport.close()
+    assert hub.reload()
+    assert set(hub.config.channels) == set(hub.hub.config.channels) == {"keep", "added"}
+    # The next session subscribes to the new list.
+    await wait_until(lambda: hub.broker.ready and hub.broker.reconnects == 1, timeout=10)
+    client = await open_stream(hub.port, "/channels/added")
+    try:
+        await redis_client.publish("added", "after the reload")
+        assert [e.data for e in await client.next_events(1)] == ["after the reload"]
+    finally:
+        await client.close()
