@@ -12,10 +12,10 @@ import signal
 import socket
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from .admin import create_admin_app
+from .aiohttp_compat import QuietBadRequests, connections, request_in_progress
 from .app import create_app
 from .broker import Broker, BrokerState
 from .config import Config, ConfigError, load
@@ -38,20 +38,8 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _QuietBadRequests(logging.Filter):
-    """aiohttp logs every request it cannot parse at ERROR with a traceback, so any
-    client could fill the logs. A malformed request is the client's problem and
-    already got its 4xx: log it on one line at DEBUG instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            log.debug("bad request", extra=fields(status=exc.code, reason=exc.message))
-            return False
-        return True
-
-
-_quiet_bad_requests = _QuietBadRequests()
+# aiohttp logs every request it cannot parse with a traceback: one DEBUG line instead.
+_quiet_bad_requests = QuietBadRequests(log)
 
 
 class HubServer:
@@ -158,13 +146,13 @@ class HubServer:
         connections: a connection seen without a request in progress in two
         consecutive sweeps is closed, i.e. after one to two ``request_timeout``.
         """
-        server = self._runner.server
-        if server is not None:
-            now_idle = {h for h in server.connections if h._current_request is None}
-            for handler in now_idle & self._unfinished:
-                handler.force_close()
-            self._unfinished = now_idle - self._unfinished
+        # Re-armed first, as the heartbeat is: whatever happens below (an aiohttp
+        # upgrade breaking what aiohttp_compat reads), the guard does not stop for good.
         self._schedule_sweep()
+        now_idle = {h for h in connections(self._runner) if not request_in_progress(h)}
+        for handler in now_idle & self._unfinished:
+            handler.force_close()
+        self._unfinished = now_idle - self._unfinished
 
     def reload(self) -> bool:
         """Re-read the config file (SIGHUP); keep running on the old one if it is invalid."""
