@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from . import demo, sse
+from .aiohttp_compat import close_connection_after, expect, stream_transport
 from .broker import Broker
 from .channel import Channel
 from .cors import add_cors
@@ -115,8 +116,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
             broker = request.app[BROKER]
             while not await broker.wait_subscribed(members, hub.config.heartbeat):
                 await resp.write(sse.comment())  # Redis away: keep proxies patient
-        transport = request.transport
-        if transport is None or transport.is_closing():
+        transport = stream_transport(request)
+        if transport is None:
             return resp
         sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
         hub.subscribe(sub, last_event_id, mux)
@@ -194,16 +195,6 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, text=f"not ready: redis {broker.state.value}\n")
 
 
-async def expect(request: web.Request) -> None:
-    """The ``Expect:`` header. Nothing here takes a request body, so ``100-continue``
-    needs no interim answer, and anything else is a 417 that does not echo the value:
-    aiohttp's default handler echoes it, and a value that is not UTF-8 then fails to
-    encode, a 500 for any client that sends one."""
-    expect = request.headers.get("Expect", "")
-    if request.version == HttpVersion11 and expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text="unsupported Expect header\n")
-
-
 async def not_routed(request: web.Request) -> web.StreamResponse:
     """A path or method no route serves: 405 where the path exists, else 404."""
     allowed: set[str] = set()
@@ -230,16 +221,14 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     if hub.config.demo:
         app.router.add_get("/", demo.index(hub), expect_handler=expect)
     # Last: every other path and method, so that no request reaches aiohttp's own
-    # expect handler (see `expect`); it answers 405/404 as the router would.
+    # expect handler (see aiohttp_compat.expect); it answers 405/404 as the router would.
     app.router.add_route("*", "/{tail:.*}", not_routed, expect_handler=expect)
 
     async def close_after(request: web.Request, response: web.StreamResponse) -> None:
         # The server keeps no keep-alive timer per connection (see server.py), so a
         # connection closes once its response is done: say so, or a keep-alive
-        # client would send its next request into a closing socket. (This hook runs
-        # after aiohttp chose its Connection header, hence the header by hand.)
-        response.force_close()
-        response.headers["Connection"] = "close"
+        # client would send its next request into a closing socket.
+        close_connection_after(response)
 
     app.on_response_prepare.append(close_after)
 

@@ -34,6 +34,7 @@ import hiredis
 from redis.connection import parse_url
 
 from .config import RedisConfig
+from .logs import fields
 
 __all__ = ["Broker", "BrokerState"]
 
@@ -103,7 +104,7 @@ class _PubSubProtocol(asyncio.Protocol):
             try:
                 reply = reader.gets()
             except hiredis.ProtocolError as exc:
-                log.error("redis protocol error: %s", exc)
+                log.error("redis protocol error", extra=fields(error=str(exc)))
                 if self.transport is not None:
                     self.transport.abort()
                 return
@@ -115,7 +116,10 @@ class _PubSubProtocol(asyncio.Protocol):
                     try:
                         on_message(reply[1], reply[2])
                     except Exception:  # a bug in delivery must not kill the input
-                        log.exception("delivery failed channel=%r", reply[1])
+                        log.exception(
+                            "delivery failed",
+                            extra=fields(channel=reply[1].decode(errors="replace")),
+                        )
                     continue
                 if kind == b"subscribe" or kind == b"unsubscribe":
                     self._on_ack(kind, reply[1])
@@ -321,14 +325,18 @@ class Broker:
             return
         self.state = state
         if state is BrokerState.UP:
-            log.info("redis subscribed url=%s channels=%d", self._safe_url(), len(self.channels))
+            log.info(
+                "redis subscribed", extra=fields(url=self._safe_url(), channels=len(self.channels))
+            )
         else:
-            log.warning("redis down url=%s reason=%s", self._safe_url(), why)
+            log.warning("redis down", extra=fields(url=self._safe_url(), reason=why))
         if self._on_state is not None:
             try:
                 self._on_state(old, state)
             except Exception:  # like delivery: a listener's bug must not end the subscription
-                log.exception("redis state listener failed %s->%s", old.value, state.value)
+                log.exception(
+                    "redis state listener failed", extra=fields(old=old.value, new=state.value)
+                )
 
     def _safe_url(self) -> str:
         p = self._params
@@ -345,14 +353,17 @@ class Broker:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (OSError, _SessionEnded, ssl.SSLError) as exc:
+            except Exception as exc:  # any failure of an attempt: log, back off, retry
                 why = str(exc) or type(exc).__name__
+                if not isinstance(exc, (OSError, _SessionEnded)):  # not a network fault: a bug?
+                    why = f"{type(exc).__name__}: {why}"
                 if self.state is BrokerState.UP:
                     attempt = 0
                     self._set_state(BrokerState.DOWN, why)
                 elif not first_failure_logged:
                     log.warning(
-                        "redis unavailable url=%s reason=%s; retrying", self._safe_url(), why
+                        "redis unavailable, retrying",
+                        extra=fields(url=self._safe_url(), reason=why),
                     )
                 first_failure_logged = True
             cap = min(self.config.reconnect_max, self.config.reconnect_min * 2**attempt)

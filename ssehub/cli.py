@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(config)
     except OSError as exc:
-        logging.getLogger("ssehub").error("cannot start: %s", exc)
+        logging.getLogger("ssehub").error("cannot start", extra=logs.fields(error=str(exc)))
         return EXIT_STARTUP
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled inside run()
         pass

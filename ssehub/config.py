@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+from redis.connection import parse_url
 
 __all__ = [
     "Admin",
@@ -74,8 +75,28 @@ def _port(value: Any) -> None:
 
 
 def _redis_url(value: Any) -> None:
+    # Everything the broker will take from the URL is checked here, so that a URL
+    # that passes --check cannot fail at run time: redis-py's parse_url (port, db,
+    # options), and the host as getaddrinfo will encode it (IDNA: "a..b" fails).
+    # Reasons never echo the URL, which may hold a password.
     if not re.match(r"^(redis|rediss|unix)://", value):
-        raise _Invalid(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        raise _Invalid("expected a redis://, rediss:// or unix:// URL")
+    try:
+        params: dict[str, Any] = parse_url(value)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise _Invalid(f"invalid URL: {exc}") from None
+    if value.startswith("unix://"):
+        where = params.get("path", "")
+        if not where:
+            raise _Invalid("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
+    else:
+        where = params.get("host", "")
+        try:
+            where.encode("idna")
+        except UnicodeError as exc:
+            raise _Invalid(f"invalid host {where!r}: {exc}") from None
+    if "\0" in where:
+        raise _Invalid("NUL in the host or path")
 
 
 def _one_of(*allowed: str) -> Check:

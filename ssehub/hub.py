@@ -34,6 +34,7 @@ from .channel import Channel, Group, MuxGroup
 from .config import Config
 from .families import Families, Family
 from .history import AT, RAW, SEQ, Entry, entry
+from .logs import fields
 from .messages import Event, Rejected, parse, parse_juggernaut
 from .subscriber import Subscriber
 
@@ -368,20 +369,32 @@ class Hub:
         except Rejected as exc:
             self._reject("juggernaut", exc)
             return
+        unknown: list[str] = []
         for name in names:
             channel = self.channels.get(name)
             if channel is None:
                 if self.families.find(name) is None:
-                    self._reject("juggernaut", Rejected("unknown_channel", name))
+                    unknown.append(name)
                 # else: a family member nobody follows on this hub; nothing to do
                 continue
             self.stats.received[channel.label] += 1
-            self._ingest(channel, event)
+            # Each channel on its own: whatever happens to one, the others get the event.
+            try:
+                self._ingest(channel, event)
+            except Rejected as exc:
+                self._reject(channel.label, exc)
+            except Exception:
+                self.stats.rejected[(channel.label, "internal_error")] += 1
+                log.exception("delivery failed", extra=fields(channel=channel.label))
+        if unknown:
+            # One line per message however many names it lists; each one is counted.
+            detail = ", ".join(unknown)
+            self._reject("juggernaut", Rejected("unknown_channel", detail), len(unknown))
 
-    def _reject(self, channel: str, exc: Rejected) -> None:
-        self.stats.rejected[(channel, exc.reason)] += 1
+    def _reject(self, channel: str, exc: Rejected, count: int = 1) -> None:
+        self.stats.rejected[(channel, exc.reason)] += count
         log.warning(
-            "message rejected channel=%s reason=%s detail=%s", channel, exc.reason, exc.detail
+            "message rejected", extra=fields(channel=channel, reason=exc.reason, detail=exc.detail)
         )
 
     def _ingest(self, channel: Channel, event: Event) -> None:
@@ -391,6 +404,8 @@ class Hub:
             raw = sse.encode(event.data, event=event.event, id=event_id, retry=event.retry)
         except sse.EncodeError as exc:
             raise Rejected("bad_field", str(exc)) from None
+        except UnicodeEncodeError:  # a lone surrogate that got past the parser
+            raise Rejected("invalid_utf8", "lone surrogate") from None
         self.seq = seq
         new = entry(seq, event_id, raw)
         channel.history.append(new, publisher_id=event.id is not None)
@@ -464,10 +479,12 @@ class Hub:
         for sub in slow:
             self.stats.slow_cut += 1
             log.warning(
-                "slow subscriber cut channels=%s buffered=%d limit=%d",
-                ",".join(c.name for c in sub.channels),
-                sub.transport.get_write_buffer_size(),
-                limit,
+                "slow subscriber cut",
+                extra=fields(
+                    channels=",".join(c.name for c in sub.channels),
+                    buffered=sub.transport.get_write_buffer_size(),
+                    limit=limit,
+                ),
             )
             sub.abort("slow")
             self.unsubscribe(sub)

@@ -1,11 +1,14 @@
 """Log set-up: ``text`` lines for people, or ``json`` lines for log shippers.
 
-The code logs one line per event worth knowing, with its facts as ``key=value`` pairs
-in the message (``message rejected channel=chat reason=invalid_utf8``), which reads
-well as text and greps well. The json format keeps that single convention rather
-than a second one (``extra=``): it splits the formatted message into ``msg`` (the
-words before the first pair) and one field per pair, beside the stable ``ts``,
-``level`` and ``logger``. A value runs to the next `` key=``, so it may hold spaces.
+Every log call in ssehub has a fixed phrase as its message and its facts as structured
+fields: ``log.warning("message rejected", extra=fields(channel=name, reason=reason))``.
+Client and publisher text never goes into the message, and no field is ever parsed out
+of a formatted message (a User-Agent of ``x" status=500`` would forge one).
+
+The formatters are the one place where values are made safe: every string is cut to
+``MAX_VALUE`` characters (with a marker saying how much was dropped), and the text
+format quotes and escapes, JSON-string style, any value with whitespace, ``"``, ``=``
+or a character that is not printable, so one record is always one line.
 """
 
 from __future__ import annotations
@@ -21,62 +24,120 @@ from aiohttp import web
 
 from .config import LoggingConfig
 
-__all__ = ["ACCESS_LOGGER", "enable_access_log", "JsonFormatter", "TEXT_FORMAT", "fields", "setup"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "JsonFormatter",
+    "MAX_VALUE",
+    "TextFormatter",
+    "enable_access_log",
+    "fields",
+    "setup",
+]
 
 ACCESS_LOGGER = "ssehub.access"
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# Characters kept of any string value; the rest is replaced by a marker.
+MAX_VALUE = 200
 
-
-_PAIR = re.compile(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_.]*)=")
-_INT = re.compile(r"-?\d+")
-_FLOAT = re.compile(r"-?\d+\.\d+")
+# The envelope of a json line: fields of these names are renamed, never overwrite it.
 _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc"})
+# Characters that make a text value need quotes (non-printable ones are found apart).
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+# Characters json.dumps(ensure_ascii=False) leaves raw although they are not printable
+# (DEL, C1 controls, U+2028, lone surrogates, format characters...).
+_NON_ASCII = re.compile(r"[^\x20-\x7e]")
 
 
-def _value(text: str) -> Any:
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        return text[1:-1]
-    if _INT.fullmatch(text):
-        return int(text)
-    if _FLOAT.fullmatch(text):
-        return float(text)
+def fields(**kw: Any) -> dict[str, Any]:
+    """Structured facts for a log record: pass as ``extra=fields(channel=..., reason=...)``."""
+    return {"fields": kw}
+
+
+def _bounded(value: Any) -> Any:
+    """A field value fit for a log line: numbers and booleans as they are, the rest as a
+    string of at most ``MAX_VALUE`` characters."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > MAX_VALUE:
+        return f"{text[:MAX_VALUE]}...[{len(text) - MAX_VALUE} more chars]"
     return text
 
 
-def fields(message: str) -> tuple[str, dict[str, Any]]:
-    """Split ``words key=value key=value`` into the words and the pairs."""
-    matches = list(_PAIR.finditer(message))
-    if not matches:
-        return message, {}
-    out: dict[str, Any] = {}
-    for m, nxt in zip(matches, [*matches[1:], None], strict=True):
-        end = nxt.start() if nxt is not None else len(message)
-        key = m.group(1)
-        # A pair may not overwrite the envelope: ts/level/logger/msg stay stable.
-        out[f"field_{key}" if key in _RESERVED else key] = _value(message[m.end() : end])
-    return message[: matches[0].start()].strip(), out
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    if c.isprintable():
+        return c
+    n = ord(c)
+    if n > 0xFFFF:  # as JSON spells it: a surrogate pair
+        n -= 0x10000
+        return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
+    return f"\\u{n:04x}"
+
+
+def _json(value: Any) -> str:
+    """JSON text that is printable (non-printable characters escaped, always encodable)."""
+    return _NON_ASCII.sub(_escape_char, json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    given = getattr(record, "fields", None)
+    if not isinstance(given, dict):
+        return {}
+    return {f"field_{k}" if k in _RESERVED else str(k): _bounded(v) for k, v in given.items()}
+
+
+def _text_value(value: Any) -> str:
+    if not isinstance(value, str):
+        return _json(value)
+    if value == "" or _NEEDS_QUOTES.search(value) or not value.isprintable():
+        return _json(value)
+    return value
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    ts = datetime.fromtimestamp(record.created, UTC)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``<asctime> <LEVEL> <logger> <msg> key=value ...``: one line per record."""
+
+    def __init__(self) -> None:
+        # The format string only makes logging fill in asctime; formatMessage builds the line.
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line without the traceback: the message escaped, then the fields."""
+        msg = _bounded(record.message)
+        if not msg.isprintable():  # another library's message, with client text in it
+            msg = _json(msg)[1:-1]
+        line = f"{record.asctime} {record.levelname} {record.name} {msg}"
+        pairs = _record_fields(record)
+        if pairs:
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in pairs.items())
+        return line
+
+    def formatException(self, ei: Any) -> str:
+        """A traceback, every line indented so that none can pass for a record of its own."""
+        return "\n".join("    " + line for line in super().formatException(ei).splitlines())
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then the pairs."""
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then the fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line of JSON."""
-        message = record.getMessage()
-        msg, pairs = fields(message)
-        ts = datetime.fromtimestamp(record.created, UTC)
         out: dict[str, Any] = {
-            "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z",
+            "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
-            "msg": msg,
-            **pairs,
+            "msg": _bounded(record.getMessage()),
+            **_record_fields(record),
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        return _json(out)
 
 
 def setup(
@@ -84,10 +145,7 @@ def setup(
 ) -> logging.Handler:
     """Configure the root logger from the config; ``level`` (``--log-level``) wins if given."""
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    if config.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -103,12 +161,14 @@ _access = logging.getLogger(ACCESS_LOGGER)
 
 async def _log_response(request: web.Request, response: web.StreamResponse) -> None:
     _access.info(
-        'request remote=%s method=%s path=%s status=%d agent="%s"',
-        request.remote,
-        request.method,
-        request.path_qs,
-        response.status,
-        request.headers.get("User-Agent", ""),
+        "request",
+        extra=fields(
+            remote=request.remote,
+            method=request.method,
+            path=request.path_qs,
+            status=response.status,
+            agent=request.headers.get("User-Agent", ""),
+        ),
     )
 
 

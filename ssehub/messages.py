@@ -10,7 +10,13 @@ And on the ``juggernaut`` Redis channel: ``{"channels": [...], "data": ...}`` (o
 ``"channel": "c"``), Juggernaut's publish format.
 
 A message that breaks a rule is rejected whole, never altered: an ``id`` or
-``event`` with a line break would otherwise inject lines into every stream.
+``event`` with a line break would otherwise inject lines into every stream. JSON
+text can spell what UTF-8 cannot carry (a lone surrogate, ``"\\ud800"``): such a
+message is rejected as ``invalid_utf8``, like undecodable bytes.
+
+An empty ``id`` (``"id": ""``) counts as absent and the hub assigns its own: a browser
+whose last id is empty sends no ``Last-Event-ID`` on reconnect, so it would get
+neither a replay nor a gap signal.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ __all__ = ["Event", "Rejected", "parse", "parse_juggernaut", "MAX_ID_LENGTH"]
 # Ids come back to the hub as Last-Event-ID headers; keep them header-sized.
 MAX_ID_LENGTH = 256
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
+# A \uD800-\uDFFF escape: the only way a JSON text decoded from UTF-8 yields a surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_FIELDS = frozenset({"data", "event", "id", "retry"})
 # `except` is Juggernaut's "all but this session" option; sessions do not exist
 # yet, so it is accepted and has no effect (documented in the README).
@@ -68,6 +76,11 @@ def _load_object(payload: bytes, max_bytes: int, fields: frozenset[str]) -> dict
         raise Rejected("invalid_json", str(exc)) from None
     if not isinstance(obj, dict):
         raise Rejected("invalid_json", "not a JSON object")
+    if _SURROGATE_ESCAPE.search(text):  # rare: surrogate pairs (escaped emoji) or lone ones
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected("invalid_utf8", "lone surrogate in a JSON string") from None
     unknown = set(obj) - fields
     if unknown:
         raise Rejected("bad_field", f"unknown fields: {', '.join(sorted(unknown))}")
@@ -101,7 +114,7 @@ def parse_text(payload: bytes, max_bytes: int) -> Event:
 def parse_json(payload: bytes, max_bytes: int) -> Event:
     """The ``json`` format: an object with ``data`` and optional ``event``, ``id``, ``retry``."""
     obj = _load_object(payload, max_bytes, _JSON_FIELDS)
-    event_id = _field(obj, "id")
+    event_id = _field(obj, "id") or None  # "" is absent: the hub assigns an id
     if event_id is not None and len(event_id) > MAX_ID_LENGTH:
         raise Rejected("bad_field", f"id longer than {MAX_ID_LENGTH}")
     retry = obj.get("retry")

@@ -12,15 +12,15 @@ import signal
 import socket
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from .admin import create_admin_app
+from .aiohttp_compat import QuietBadRequests, connections, request_in_progress
 from .app import create_app
 from .broker import Broker, BrokerState
 from .config import Config, ConfigError, load
 from .hub import Hub
-from .logs import enable_access_log
+from .logs import enable_access_log, fields
 from .metrics import Metrics
 from .systemd import Notifier
 
@@ -38,20 +38,8 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _QuietBadRequests(logging.Filter):
-    """aiohttp logs every request it cannot parse at ERROR with a traceback, so any
-    client could fill the logs. A malformed request is the client's problem and
-    already got its 4xx: log it on one line at DEBUG instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            log.debug("bad request status=%s reason=%s", exc.code, exc.message)
-            return False
-        return True
-
-
-_quiet_bad_requests = _QuietBadRequests()
+# aiohttp logs every request it cannot parse with a traceback: one DEBUG line instead.
+_quiet_bad_requests = QuietBadRequests(log)
 
 
 class HubServer:
@@ -121,7 +109,7 @@ class HubServer:
         # streams that never carry an event, so systemd must not count it started.
         if new is BrokerState.UP and not self._ready_sent:
             self._ready_sent = True
-            log.info("ready port=%d channels=%d", self.port, len(self.hub.channels))
+            log.info("ready", extra=fields(port=self.port, channels=len(self.hub.channels)))
             self.notifier.notify_ready(self.status())
         else:
             self.notifier.notify_status(self.status())
@@ -134,7 +122,7 @@ class HubServer:
         sock = _listen_socket(admin.host, admin.port)
         self.admin_port = sock.getsockname()[1]
         await web.SockSite(self._admin_runner, sock).start()
-        log.info("admin listening host=%s port=%d", admin.host, self.admin_port)
+        log.info("admin listening", extra=fields(host=admin.host, port=self.admin_port))
 
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
@@ -149,7 +137,7 @@ class HubServer:
         self.hub.start_heartbeat()
         self._schedule_sweep()
         self.notifier.start(self.status)
-        log.info("listening host=%s port=%d", self.config.listen.host, self.port)
+        log.info("listening", extra=fields(host=self.config.listen.host, port=self.port))
 
     def _schedule_sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,13 +151,13 @@ class HubServer:
         connections: a connection seen without a request in progress in two
         consecutive sweeps is closed, i.e. after one to two ``request_timeout``.
         """
-        server = self._runner.server
-        if server is not None:
-            now_idle = {h for h in server.connections if h._current_request is None}
-            for handler in now_idle & self._unfinished:
-                handler.force_close()
-            self._unfinished = now_idle - self._unfinished
+        # Re-armed first, as the heartbeat is: whatever happens below (an aiohttp
+        # upgrade breaking what aiohttp_compat reads), the guard does not stop for good.
         self._schedule_sweep()
+        now_idle = {h for h in connections(self._runner) if not request_in_progress(h)}
+        for handler in now_idle & self._unfinished:
+            handler.force_close()
+        self._unfinished = now_idle - self._unfinished
 
     def reload(self) -> bool:
         """Re-read the config file (SIGHUP); keep running on the old one if it is invalid."""
@@ -186,20 +174,30 @@ class HubServer:
         try:
             new = load(self.config.source)
         except ConfigError as exc:
-            log.error("reload rejected, still running the previous config: %s", exc)
+            log.error(
+                "reload rejected, still running the previous config", extra=fields(error=str(exc))
+            )
             return False
         fixed = ("listen", "redis", "admin", "logging", "shutdown_timeout")
-        if any(getattr(new, k) != getattr(self.config, k) for k in fixed):
-            log.warning("reload: %s changes take effect on restart only", ", ".join(fixed))
+        pending = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        if pending:
+            log.warning(
+                "reload: these changes take effect on restart only",
+                extra=fields(keys=",".join(pending)),
+            )
             new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in fixed})
         added, removed, changed = self.hub.reload(new)
+        # The hub has switched: the server follows at once, whatever happens next.
         self.config = new
+        self.broker.set_channels(self.hub.redis_channels())
         log.info(
-            "reloaded channels=%d added=%s removed=%s changed=%s",
-            len(new.channels),
-            ",".join(added) or "-",
-            ",".join(removed) or "-",
-            ",".join(changed) or "-",
+            "reloaded",
+            extra=fields(
+                channels=len(new.channels),
+                added=",".join(added) or "-",
+                removed=",".join(removed) or "-",
+                changed=",".join(changed) or "-",
+            ),
         )
         return True
 
@@ -248,7 +246,7 @@ async def serve(config: Config) -> None:
     gc.freeze()
     try:
         await stop.wait()
-        log.info("shutting down connections=%d", server.hub.connections)
+        log.info("shutting down", extra=fields(connections=server.hub.connections))
     finally:
         await server.stop()
 

@@ -17,6 +17,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from . import logs
+
 __all__ = ["Notifier", "STATUS_INTERVAL"]
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,9 @@ class Notifier:
             self._sock.sendto("\n".join(fields).encode(), self.address)
         except OSError as exc:
             if not self._failed:  # once: systemd gone is not worth a line per tick
-                log.warning("systemd notify failed socket=%s error=%s", self.address, exc)
+                log.warning(
+                    "systemd notify failed", extra=logs.fields(socket=self.address, error=str(exc))
+                )
                 self._failed = True
             return False
         return True

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from ssehub.server import HubServer
 
 from .conftest import StartHub
+from .logcheck import rendered
 from .sseclient import SSEClient, http_request, wait_until
 
 CHANNELS: dict[str, dict[str, object]] = {"chat": {}, "news": {}, "a.b-c_d": {}}
@@ -239,7 +240,7 @@ async def test_malformed_requests_are_not_logged_as_errors(
     await asyncio.to_thread(
         exchange, hub.port, b"GET /channels/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
     )
-    await wait_until(lambda: "bad request status=400" in caplog.text, timeout=2)
+    await wait_until(lambda: "bad request status=400" in rendered(caplog), timeout=2)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert errors == []
 

@@ -39,37 +39,18 @@ def restore_root_logging() -> Iterator[None]:
     logging.getLogger("ssehub.access").setLevel(logging.NOTSET)
 
 
-@pytest.mark.parametrize(
-    ("message", "msg", "pairs"),
-    [
-        ("stopped", "stopped", {}),
-        ("listening host=127.0.0.1 port=8080", "listening", {"host": "127.0.0.1", "port": 8080}),
-        (
-            "message rejected channel=chat reason=invalid_utf8 detail=byte 0",
-            "message rejected",
-            {"channel": "chat", "reason": "invalid_utf8", "detail": "byte 0"},
-        ),
-        ('remote=::1 request="GET / HTTP/1.1" t=0.25', "", {
-            "remote": "::1", "request": "GET / HTTP/1.1", "t": 0.25,
-        }),
-        # A pair cannot overwrite the envelope's fields.
-        ("odd level=x msg=y", "odd", {"field_level": "x", "field_msg": "y"}),
-    ],
-)  # fmt: skip
-def test_key_value_pairs_become_fields(message: str, msg: str, pairs: dict[str, Any]) -> None:
-    assert fields(message) == (msg, pairs)
-
-
 def test_json_lines_carry_stable_fields(restore_root_logging: None) -> None:
     out = io.StringIO()
     setup(LoggingConfig(format="json", level="DEBUG"), stream=out)
     log = logging.getLogger("ssehub.hub")
-    log.warning("message rejected channel=%s reason=%s detail=%s", "chat", "too_large", "9 > 8")
+    log.warning(
+        "message rejected", extra=fields(channel="chat", reason="too_large", detail="9 > 8")
+    )
     log.debug('quote "inside" é')
     try:
         raise ValueError("boom")
     except ValueError:
-        log.exception("delivery failed channel=%s", "chat")
+        log.exception("delivery failed", extra=fields(channel="chat"))
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(lines) == 3
     first = lines[0]

@@ -1,0 +1,201 @@
+"""Each assumption in ssehub/aiohttp_compat.py, checked against the installed aiohttp.
+
+These fail loudly when an aiohttp upgrade changes what the hub relies on, rather than
+the hub silently losing a protection. They run a minimal aiohttp app on a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
+
+from ssehub import sse
+from ssehub.aiohttp_compat import (
+    close_connection_after,
+    connections,
+    expect,
+    request_in_progress,
+    stream_transport,
+)
+
+from .conftest import StartHub
+from .sseclient import SSEClient, http_request, wait_until
+
+Serve = Callable[[web.Application], Awaitable[tuple[web.AppRunner, int]]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> tuple[web.AppRunner, int]:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        assert runner.addresses
+        return runner, runner.addresses[0][1]
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_request_in_progress_follows_a_request_on_its_handler(serve: Serve) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/", held)
+    runner, port = await serve(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await wait_until(lambda: len(connections(runner)) == 1)
+        (handler,) = connections(runner)
+        assert not request_in_progress(handler)  # connected, nothing sent
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        await writer.drain()
+        assert not request_in_progress(handler)  # a partial head is not a request
+        writer.write(b"1\r\n\r\n")
+        await wait_until(lambda: request_in_progress(handler))
+        release.set()
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+        # Kept alive and idle again: the sweep must see it as idle.
+        await wait_until(lambda: not request_in_progress(handler))
+        assert connections(runner) == [handler]
+    finally:
+        writer.close()
+
+
+async def test_prepare_hooks_run_before_a_streams_headers_are_sent(serve: Serve) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"x")
+        await asyncio.Event().wait()  # a stream: the handler never returns
+        return resp
+
+    async def hook(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Hook"] = "ran"
+        close_connection_after(response)
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    app.on_response_prepare.append(hook)
+    _, port = await serve(app)
+    client = await SSEClient.connect(port, "/")
+    try:
+        assert client.headers["x-hook"] == "ran"
+        assert client.headers["connection"] == "close"
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_direct_transport_writes_follow_the_writer_in_order(
+    serve: Serve, version: str
+) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        chunked = request.version == HttpVersion11
+        if chunked:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"first\n")
+        transport = stream_transport(request)
+        assert transport is not None
+        for part in (b"second\n", b"third\n"):
+            transport.write(sse.chunk(part) if chunked else part)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    _, port = await serve(app)
+    client = await SSEClient.connect(port, "/", version=version)
+    try:
+        await client.read_until(lambda c: c.ended_cleanly or c.eof)
+        assert client.body == b"first\nsecond\nthird\n"
+        if version == "1.1":
+            assert client.headers["transfer-encoding"] == "chunked"
+            assert client.ended_cleanly  # write_eof's last chunk came after the direct ones
+    finally:
+        await client.close()
+
+
+async def test_route_expect_handler_replaces_aiohttps_own(serve: Serve) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok, expect_handler=expect)
+    _, port = await serve(app)
+    status, _, _ = await http_request(port, "/", headers={"Expect": "100-continue"})
+    assert status == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: \xff\xfe-odd\r\n\r\n")
+        head = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 417"), head
+
+
+async def test_aiohttp_logs_unparsable_requests_as_http_processing_errors(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    app = web.Application()
+    _, port = await serve(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).split()[1] == b"400"
+    finally:
+        writer.close()
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "aiohttp.server" and r.exc_info]
+
+    await wait_until(logged)
+    exc = logged()[0].exc_info
+    assert exc is not None and isinstance(exc[1], HttpProcessingError)
+
+
+class _FailsOnce(dict):  # type: ignore[type-arg]
+    """aiohttp's table of connections, made to fail the next time it is listed."""
+
+    armed = True
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("an aiohttp internal changed")
+        return super().keys()
+
+
+async def test_the_slowloris_sweep_goes_on_after_a_failure(start_hub: StartHub) -> None:
+    hub = await start_hub(limits={"request_timeout": 0.2})
+    server = hub._runner.server
+    assert server is not None
+    # What the sweep reads (through Server.connections) fails once, as it would if
+    # an upgrade changed it: the sweep must still run afterwards.
+    table = server._connections = _FailsOnce(server._connections)
+    await wait_until(lambda: not table.armed, timeout=2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    try:
+        writer.write(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by a later sweep
+    finally:
+        writer.close()

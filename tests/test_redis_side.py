@@ -1,0 +1,120 @@
+"""The Redis side never dies from odd input: what passes --check works at run time,
+the broker's loop survives whatever a connection attempt raises, and a reload whose
+subscription update fails leaves the hub and the server on the same config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from ssehub.broker import Broker
+from ssehub.config import ConfigError, RedisConfig, parse
+
+from .conftest import StartHub
+from .logcheck import records_with
+from .redis_server import RedisServer
+from .sseclient import open_stream, wait_until
+
+BAD_URLS = {
+    "redis://a..b/0": "invalid host",  # IDNA error inside getaddrinfo
+    "redis://h:abc/0": "Port could not be cast",  # ValueError in redis-py's parse_url
+    "redis://h:99999/0": "Port out of range",
+    "redis://h/0?socket_timeout=abc": "socket_timeout",
+    "unix://": "socket's path",  # no path: would have connected to 127.0.0.1:6379
+    "redis://:secret@a..b/0": "invalid host",
+}
+
+
+@pytest.mark.parametrize(("url", "reason"), BAD_URLS.items())
+def test_urls_that_cannot_work_are_config_errors(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"channels": {"a": {}}, "redis": {"url": url}}, source="hub.yaml")
+    assert str(info.value).startswith("hub.yaml: redis.url: ")
+    assert reason in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://a..b/0", "redis://h:abc/0"])
+@pytest.mark.parametrize("check", [True, False])
+def test_cli_exits_2_with_one_line_for_a_url_that_cannot_work(
+    tmp_path: Path, url: str, check: bool
+) -> None:
+    config = tmp_path / "hub.yaml"
+    config.write_text(f"redis: {{url: '{url}'}}\nchannels: {{chat: {{}}}}\n")
+    args = ["--check"] if check else ["--port", "0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ssehub", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"ssehub: {config}: redis.url: ")
+
+
+async def test_broker_survives_any_exception_from_a_connection_attempt(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ssehub.broker")
+    # Built directly, past the config's validation: what used to kill the broker's task.
+    config = RedisConfig(url="redis://a..b/0", reconnect_min=0.01, reconnect_max=0.02)
+    broker = Broker(config, ["chat"], lambda channel, payload: None)
+    attempts = [0]
+    connect = broker._connect
+
+    async def counting() -> Any:
+        attempts[0] += 1
+        return await connect()
+
+    broker._connect = counting  # type: ignore[method-assign]
+    task = asyncio.create_task(broker.run())
+    try:
+        await wait_until(lambda: attempts[0] >= 3 or task.done(), timeout=5)
+        assert not task.done(), task.exception()
+        (line,) = records_with(caplog, "redis unavailable, retrying")
+        assert line["reason"].startswith("UnicodeError: ")
+        # And once attempts succeed again, it subscribes.
+        good = RedisConfig(url=redis_server.url)
+        broker._params = Broker(good, [], lambda c, p: None)._params
+        await wait_until(lambda: broker.ready, timeout=5)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_reload_while_the_redis_connection_is_going_keeps_hub_and_server_together(
+    start_hub: StartHub, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    hub = await start_hub({"keep": {}})
+    path = tmp_path / "hub.yaml"
+    path.write_text(
+        f"listen: {{host: 127.0.0.1, port: 0}}\nredis: {{url: '{hub.config.redis.url}'}}\n"
+        "shutdown_timeout: 2\nchannels: {keep: {}, added: {}}\n"
+    )
+    hub.config = dataclasses.replace(hub.config, source=str(path))
+    # The connection closes in the same step as the SIGHUP: the broker is still UP,
+    # but its transport no longer takes writes.
+    proto = hub.broker._proto
+    assert proto is not None and proto.transport is not None
+    proto.transport.close()
+    assert hub.reload()
+    assert set(hub.config.channels) == set(hub.hub.config.channels) == {"keep", "added"}
+    # The next session subscribes to the new list.
+    await wait_until(lambda: hub.broker.ready and hub.broker.reconnects == 1, timeout=10)
+    client = await open_stream(hub.port, "/channels/added")
+    try:
+        await redis_client.publish("added", "after the reload")
+        assert [e.data for e in await client.next_events(1)] == ["after the reload"]
+    finally:
+        await client.close()
