@@ -7,12 +7,13 @@ import contextlib
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from . import demo, sse
+from .auth import Access, Refused
 from .broker import Broker
 from .channel import Channel
 from .cors import add_cors
@@ -20,13 +21,14 @@ from .hub import Hub
 from .messages import MAX_ID_LENGTH
 from .subscriber import Subscriber
 
-__all__ = ["BROKER", "BUSY_EVENT", "HUB", "create_app", "healthz", "readyz"]
+__all__ = ["ACCESS", "BROKER", "BUSY_EVENT", "HUB", "create_app", "healthz", "readyz"]
 
 # The named event that tells a client turned away by a limit why, before the stream ends.
 BUSY_EVENT = "ssehub-busy"
 
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
+ACCESS = web.AppKey("access", Access)
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -89,6 +91,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     mux = "name" not in request.match_info
     channels = _channel_list(hub, request) if mux else _channel(hub, request)
+    try:
+        expires = request.app[ACCESS].authorize(request, [(c.name, c.config) for c in channels])
+    except Refused as exc:
+        raise exc.response() from None
     last_event_id = _last_event_id(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
     refusal = _over_limit(hub, channels)
@@ -118,11 +124,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return resp
 
     sub = Subscriber(transport, chunked, asyncio.get_running_loop().create_future(), channels)
+    sub.expires = expires
     hub.subscribe(sub, last_event_id, mux)
+    request.app[ACCESS].track(sub)
     try:
         await sub.waiter
     finally:
         hub.unsubscribe(sub)
+        request.app[ACCESS].forget(sub)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
     with contextlib.suppress(ConnectionError):
@@ -205,6 +214,7 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
+    app[ACCESS] = access = Access(lambda: hub.config)
     app.router.add_get("/channels/{name}", stream, expect_handler=expect)
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)
@@ -230,4 +240,12 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
         app[HUB].close_all("shutdown")
 
     app.on_shutdown.append(end_streams)
+
+    # The expiry timer runs while the app does (one for all streams, see auth.Access).
+    async def expiry_timer(app: web.Application) -> AsyncIterator[None]:
+        access.start()
+        yield
+        access.stop()
+
+    app.cleanup_ctx.append(expiry_timer)
     return app

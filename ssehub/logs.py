@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from aiohttp import web
 
+from .auth import redact
 from .config import LoggingConfig
 
 __all__ = ["ACCESS_LOGGER", "enable_access_log", "JsonFormatter", "TEXT_FORMAT", "fields", "setup"]
@@ -106,7 +107,7 @@ async def _log_response(request: web.Request, response: web.StreamResponse) -> N
         'request remote=%s method=%s path=%s status=%d agent="%s"',
         request.remote,
         request.method,
-        request.path_qs,
+        redact(request.path_qs),  # a ?token= must never reach a log
         response.status,
         request.headers.get("User-Agent", ""),
     )

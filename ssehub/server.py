@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from .admin import create_admin_app
 from .app import create_app
+from .auth import redact
 from .broker import Broker, BrokerState
 from .config import Config, ConfigError, load
 from .hub import Hub
@@ -46,7 +47,7 @@ class _QuietBadRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            log.debug("bad request status=%s reason=%s", exc.code, exc.message)
+            log.debug("bad request status=%s reason=%s", exc.code, redact(exc.message))
             return False
         return True
 
