@@ -312,7 +312,7 @@ class Access:
 
 
 def issue(
-    key: bytes | str,
+    key: Any,
     algorithm: str,
     *,
     subject: str | None,
