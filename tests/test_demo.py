@@ -32,12 +32,14 @@ async def test_page_lists_channels_with_publish_commands(start_hub: StartHub) ->
             "name": "chat",
             "url": "/channels/chat",
             "redis_channel": "chat",
+            "auth": "public",
             "publish": "redis-cli PUBLISH chat 'hello'",
         },
         {
             "name": "news",
             "url": "/channels/news",
             "redis_channel": "site:news",
+            "auth": "public",
             "publish": "redis-cli PUBLISH site:news 'hello'",
         },
     ]
