@@ -13,11 +13,12 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from . import demo, sse
-from .auth import Access, Refused
+from .auth import Access, Denied
 from .broker import Broker
 from .channel import Channel
+from .config import ChannelConfig
 from .cors import add_cors
-from .hub import Hub
+from .hub import Hub, Refused, Unknown
 from .messages import MAX_ID_LENGTH
 from .subscriber import Subscriber
 
@@ -59,27 +60,32 @@ def _shown(name: str) -> str:
     return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _channel(hub: Hub, request: web.Request) -> Sequence[Channel]:
-    """``/channels/{name}``: the one channel named in the path."""
-    name = request.match_info["name"]
-    channel = hub.channels.get(name)
-    if channel is None:
-        raise web.HTTPNotFound(text=f"unknown channel: {_shown(name)}\n")
-    return channel.alone
-
-
-def _channel_list(hub: Hub, request: web.Request) -> Sequence[Channel]:
-    """``/events?channel=a&channel=b``: several channels through one connection."""
+def _names(hub: Hub, request: web.Request, mux: bool) -> list[str]:
+    """The channel names a stream asks for: the path's one, or ``/events``' ``?channel=``s."""
+    if not mux:
+        return [request.match_info["name"]]
     names = list(dict.fromkeys(request.query.getall("channel", [])))
     if not names:
         raise web.HTTPBadRequest(text="give at least one ?channel=\n")
     limit = hub.config.limits.max_channels_per_connection
     if len(names) > limit:
         raise web.HTTPBadRequest(text=f"at most {limit} channels per connection\n")
-    unknown = [n for n in names if n not in hub.channels]
-    if unknown:
-        raise web.HTTPNotFound(text=f"unknown channel: {_shown(', '.join(unknown))}\n")
-    return tuple(hub.channels[n] for n in names)
+    return names
+
+
+def _configs(hub: Hub, names: Sequence[str]) -> list[tuple[str, ChannelConfig]]:
+    """Each name asked for with its channel's or its family's config (for access checks);
+    names nothing serves are left out (``acquire`` answers them with a 404)."""
+    out = []
+    for name in names:
+        channel = hub.channels.get(name)
+        if channel is not None:
+            out.append((name, channel.config))
+            continue
+        match = hub.families.find(name)
+        if match is not None:
+            out.append((name, match[0].config))
+    return out
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -90,52 +96,81 @@ async def stream(request: web.Request) -> web.StreamResponse:
     """
     hub = request.app[HUB]
     mux = "name" not in request.match_info
-    channels = _channel_list(hub, request) if mux else _channel(hub, request)
+    names = _names(hub, request, mux)
     try:
-        expires = request.app[ACCESS].authorize(request, [(c.name, c.config) for c in channels])
-    except Refused as exc:
+        # Before acquire: a request without the right token must not create a family
+        # member (a Redis SUBSCRIBE) on its way to being refused.
+        expires = request.app[ACCESS].authorize(request, _configs(hub, names))
+    except Denied as exc:
         raise exc.response() from None
     last_event_id = _last_event_id(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
-    refusal = _over_limit(hub, channels)
-    if refusal is not None and not wants_stream:
-        return _unavailable(hub, refusal)
     if request.version.major != 1:
         # An HTTP/2 request line over plain HTTP/1 framing: nothing sensible to stream.
         raise web.HTTPBadRequest(text="HTTP/1.0 or HTTP/1.1 only\n")
-    resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-    # HTTP/1.1 bodies are chunked; an HTTP/1.0 body ends when the connection does
-    # (every response closes its connection: see close_after in create_app).
-    chunked = request.version == HttpVersion11
-    if chunked:
-        resp.enable_chunked_encoding()
-    await resp.prepare(request)
-    if request.method == "HEAD":
-        return resp
-    refusal = _over_limit(hub, channels)  # again: the awaits above let others in
-    if refusal is not None:
-        return await _turn_away(hub, resp, refusal)
-    # The first bytes go through aiohttp's writer, which sends the buffered
-    # headers with them; after this the hub writes straight to the transport,
-    # and aiohttp's writer is not touched again until the final chunk.
-    await resp.write(sse.retry(hub.config.retry_ms))
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        return resp
-
-    sub = Subscriber(transport, chunked, asyncio.get_running_loop().create_future(), channels)
-    sub.expires = expires
-    hub.subscribe(sub, last_event_id, mux)
-    request.app[ACCESS].track(sub)
     try:
+        # Held from here to the end: a family member lives while a stream holds it.
+        channels = hub.acquire(names)
+    except Unknown as exc:
+        raise web.HTTPNotFound(text=f"unknown channel: {_shown(', '.join(exc.names))}\n") from None
+    except Refused as exc:
+        if not wants_stream:
+            return _unavailable(hub, exc.reason)
+        return await _turn_away(hub, await _prepare(request), exc.reason)
+    sub: Subscriber | None = None
+    try:
+        refusal = _over_limit(hub, channels)
+        if refusal is not None and not wants_stream:
+            return _unavailable(hub, refusal)
+        resp = await _prepare(request)
+        if request.method == "HEAD":
+            return resp
+        refusal = _over_limit(hub, channels)  # again: the awaits above let others in
+        if refusal is not None:
+            return await _turn_away(hub, resp, refusal)
+        # The first bytes go through aiohttp's writer, which sends the buffered
+        # headers with them; after this the hub writes straight to the transport,
+        # and aiohttp's writer is not touched again until the final chunk.
+        await resp.write(sse.retry(hub.config.retry_ms))
+        # A new family member is not live until Redis confirms its subscription:
+        # a position given before that could miss what is published meanwhile.
+        members = [c.redis for c in channels if c.family is not None]
+        if members:
+            broker = request.app[BROKER]
+            while not await broker.wait_subscribed(members, hub.config.heartbeat):
+                await resp.write(sse.comment())  # Redis away: keep proxies patient
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return resp
+        sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
+        sub.expires = expires
+        hub.subscribe(sub, last_event_id, mux)
+        request.app[ACCESS].track(sub)
         await sub.waiter
     finally:
-        hub.unsubscribe(sub)
-        request.app[ACCESS].forget(sub)
+        if sub is not None:
+            hub.unsubscribe(sub)
+            request.app[ACCESS].forget(sub)
+        hub.release(channels)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
+    return resp
+
+
+def _future() -> asyncio.Future[str]:
+    return asyncio.get_running_loop().create_future()
+
+
+async def _prepare(request: web.Request) -> web.StreamResponse:
+    """Send a stream's headers: 200, ``text/event-stream``, no caching or buffering."""
+    resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    # HTTP/1.1 bodies are chunked; an HTTP/1.0 body ends when the connection does
+    # (every response closes its connection: see close_after in create_app).
+    if request.version == HttpVersion11:
+        resp.enable_chunked_encoding()
+    await resp.prepare(request)
     return resp
 
 

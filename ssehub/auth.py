@@ -35,7 +35,7 @@ __all__ = [
     "EXPIRED_EVENT",
     "Access",
     "Grant",
-    "Refused",
+    "Denied",
     "Verifier",
     "issue",
     "matches",
@@ -56,7 +56,7 @@ TICK = 1.0
 _REDACTED = "REDACTED"
 
 
-class Refused(Exception):
+class Denied(Exception):
     """A request that may not open its stream: 401 (no valid token) or 403 (not granted)."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -100,7 +100,7 @@ class Grant:
         claim = payload.get(CLAIM, {})
         subscribe = claim.get("subscribe", []) if isinstance(claim, dict) else None
         if not isinstance(subscribe, list) or not all(isinstance(s, str) for s in subscribe):
-            raise Refused(401, f"malformed {CLAIM} claim: expected subscribe: [names]")
+            raise Denied(401, f"malformed {CLAIM} claim: expected subscribe: [names]")
         self.claims = tuple(_pattern(s) for s in subscribe)
 
     def allows(self, name: str) -> bool:
@@ -136,7 +136,7 @@ class Verifier:
         self._cache: dict[str, Grant] = {}
 
     def verify(self, token: str) -> Grant:
-        """The grant of a valid token; Refused(401) otherwise."""
+        """The grant of a valid token; Denied(401) otherwise."""
         now = time.time()
         signature = token.rpartition(".")[2]
         grant = self._cache.get(signature)
@@ -146,7 +146,7 @@ class Verifier:
             if not grant.exp or now < grant.exp + self.config.leeway:
                 return grant
             del self._cache[signature]
-            raise Refused(401, "token expired")
+            raise Denied(401, "token expired")
         grant = Grant(token, self._decode(token))
         size = self.config.cache_size
         if size:
@@ -171,8 +171,8 @@ class Verifier:
         except jwt.InvalidTokenError as exc:
             for kind, reason in _REASONS:
                 if isinstance(exc, kind):
-                    raise Refused(401, reason) from None
-            raise Refused(401, "malformed token") from None
+                    raise Denied(401, reason) from None
+            raise Denied(401, "malformed token") from None
         return payload
 
 
@@ -237,20 +237,20 @@ class Access:
     ) -> float:
         """Check a stream request for ``channels`` (each: the concrete name asked for and
         its channel's or family's config). Returns the token's expiry (0: no token
-        needed, or none set); raises Refused."""
+        needed, or none set); raises Denied."""
         private = [name for name, cfg in channels if cfg.auth == "token"]
         if not private:
             return 0.0
         verifier = self.verifier()
         if verifier is None:  # pragma: no cover - config validation prevents it
-            raise Refused(401, "no auth configured")
+            raise Denied(401, "no auth configured")
         token = token_of(request, verifier.config.cookie)
         if token is None:
-            raise Refused(401, "token required")
+            raise Denied(401, "token required")
         grant = verifier.verify(token)
         denied = [name for name in private if not grant.allows(name)]
         if denied:
-            raise Refused(403, f"token does not grant channel: {', '.join(denied)}")
+            raise Denied(403, f"token does not grant channel: {', '.join(denied)}")
         return grant.exp
 
     # --- expiry of live streams ----------------------------------------------------

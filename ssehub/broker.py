@@ -9,6 +9,13 @@ Faults: a refused or dropped connection, an error reply, and a half-open
 connection (no answer to PING within ``health_check_timeout``) all end the session;
 the broker then reconnects with capped exponential backoff with full jitter and
 resubscribes. It logs state changes, not every retry.
+
+Subscriptions change while the connection lives: the hub asks for Redis channels with
+``want()`` and gives them up with ``drop()`` (family members come and go with their
+browsers). Changes made within one event-loop iteration go out as one ``SUBSCRIBE``
+and one ``UNSUBSCRIBE`` command, so a reconnect storm over thousands of members costs
+a few commands, not a round trip per browser. Redis confirms each channel; a stream
+that must not start before its channel is live awaits ``wait_subscribed()``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import random
 import ssl
 import typing
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,8 +46,24 @@ class BrokerState(enum.Enum):
     DOWN = "down"  # lost after having been up
 
 
+# Channels per SUBSCRIBE/UNSUBSCRIBE command: big enough that a storm of thousands
+# of new members is a handful of commands, small enough to keep each one short.
+_BATCH = 1000
+# Seconds subscription changes wait for others to join them in one command.
+_BATCH_WINDOW = 0.01
+
+
 class _SessionEnded(Exception):
     """The current connection is unusable; reconnect."""
+
+
+def _key(channel: str | bytes) -> bytes:
+    return channel.encode() if isinstance(channel, str) else channel
+
+
+def _confirm_timeout(config: RedisConfig, channels: int) -> float:
+    """Time allowed for Redis to confirm ``channels`` subscriptions (more for many)."""
+    return config.connect_timeout * (1 + channels / 50_000)
 
 
 def _command(*args: str | bytes) -> bytes:
@@ -51,12 +75,19 @@ def _command(*args: str | bytes) -> bytes:
 
 
 class _PubSubProtocol(asyncio.Protocol):
-    def __init__(self, on_message: Callable[[bytes, bytes], None]) -> None:
+    def __init__(
+        self,
+        on_message: Callable[[bytes, bytes], None],
+        on_ack: Callable[[bytes, bytes], None],
+    ) -> None:
         self._on_message = on_message
+        self._on_ack = on_ack
         self._reader = hiredis.Reader()
         self._replies: asyncio.Queue[Any] = asyncio.Queue()
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Set at the first error reply, so that a wait for confirmations ends at once.
+        self.error: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_rx = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,13 +109,20 @@ class _PubSubProtocol(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                try:
-                    on_message(reply[1], reply[2])
-                except Exception:  # a bug in delivery must not kill the input
-                    log.exception("delivery failed channel=%r", reply[1])
-            else:
-                self._replies.put_nowait(reply)
+            if type(reply) is list and len(reply) == 3:
+                kind = reply[0]
+                if kind == b"message":
+                    try:
+                        on_message(reply[1], reply[2])
+                    except Exception:  # a bug in delivery must not kill the input
+                        log.exception("delivery failed channel=%r", reply[1])
+                    continue
+                if kind == b"subscribe" or kind == b"unsubscribe":
+                    self._on_ack(kind, reply[1])
+                    continue
+            if isinstance(reply, hiredis.ReplyError) and not self.error.done():
+                self.error.set_result(None)
+            self._replies.put_nowait(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -94,6 +132,11 @@ class _PubSubProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             raise _SessionEnded("connection closed")
         self.transport.write(_command(*args))
+
+    def send_batched(self, command: str, channels: list[bytes]) -> None:
+        """``command`` over ``channels``, a bounded number of arguments per command."""
+        for i in range(0, len(channels), _BATCH):
+            self.send(command, *channels[i : i + _BATCH])
 
     async def reply(self, timeout: float) -> Any:
         """The next non-message reply (subscribe confirmations, pong, errors)."""
@@ -122,43 +165,150 @@ class _PubSubProtocol(asyncio.Protocol):
 
 
 class Broker:
-    """Keeps one subscription to every channel the hub needs, for as long as it runs."""
+    """Keeps the Redis subscriptions the hub wants, for as long as it runs."""
 
     def __init__(
         self,
         config: RedisConfig,
-        channels: Iterable[str],
+        channels: Iterable[str | bytes],
         on_message: Callable[[bytes, bytes], None],
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
     ) -> None:
         self.config = config
-        self.channels = list(channels)
         self.state = BrokerState.CONNECTING
         self.reconnects = 0  # sessions established after the first
         self._on_message = on_message
         self._on_state = on_state
         self._params: dict[str, Any] = parse_url(config.url)  # type: ignore[no-untyped-call]
         self._proto: _PubSubProtocol | None = None
+        # What the hub wants; what Redis confirmed on this connection; and the
+        # changes not yet sent (deltas against what the connection was told).
+        self.wanted: set[bytes] = {_key(c) for c in channels}
+        self.subscribed: set[bytes] = set()
+        # Commands sent per channel and not yet confirmed: a channel counts as
+        # subscribed only once the last of them (a SUBSCRIBE) is, so a drop and a
+        # quick re-want never pass for live in between.
+        self._unconfirmed: Counter[bytes] = Counter()
+        self._add: set[bytes] = set()
+        self._remove: set[bytes] = set()
+        self._flush_scheduled = False
+        self._last_flush = 0.0
+        # The connection that has been sent the full subscription: deltas go to it.
+        self._live: _PubSubProtocol | None = None
+        # Confirmations still expected before the session counts as up.
+        self._awaiting: set[bytes] = set()
+        self._all_confirmed: asyncio.Future[None] | None = None
+        # One future per channel someone awaits (shared, never one per stream).
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
 
-    def set_channels(self, channels: Iterable[str]) -> None:
-        """Change the subscription (config reload) without dropping the connection."""
-        new = list(channels)
-        add = [c for c in new if c not in self.channels]
-        drop = [c for c in self.channels if c not in new]
-        self.channels = new
-        proto = self._proto
-        if proto is None or not (add or drop):
-            return  # the next session subscribes to the new list
-        if self.state is not BrokerState.UP:
-            # Mid-handshake with the old list: start over with the new one.
-            if proto.transport is not None:
-                proto.transport.abort()
+    @property
+    def channels(self) -> list[str]:
+        """The Redis channels wanted, by name."""
+        return sorted(c.decode(errors="backslashreplace") for c in self.wanted)
+
+    def want(self, channels: Iterable[bytes]) -> None:
+        """Subscribe to ``channels`` (batched with every other change this iteration)."""
+        for c in channels:
+            if c in self.wanted:
+                continue
+            self.wanted.add(c)
+            if c in self._remove:
+                self._remove.discard(c)  # still subscribed on the wire: keep it
+            else:
+                self._add.add(c)
+        self._schedule_flush()
+
+    def drop(self, channels: Iterable[bytes]) -> None:
+        """Unsubscribe from ``channels`` (batched like ``want``)."""
+        for c in channels:
+            if c not in self.wanted:
+                continue
+            self.wanted.discard(c)
+            if c in self._add:
+                self._add.discard(c)  # never sent
+            else:
+                self._remove.add(c)
+            self.subscribed.discard(c)
+            waiter = self._waiters.pop(c, None)
+            if waiter is not None:
+                waiter.cancel()
+        self._schedule_flush()
+
+    def set_channels(self, channels: Iterable[str | bytes]) -> None:
+        """Make the subscription exactly ``channels`` (on the live connection)."""
+        new = {_key(c) for c in channels}
+        self.drop(self.wanted - new)
+        self.want(new - self.wanted)
+
+    async def wait_subscribed(self, channels: Iterable[bytes], timeout: float) -> bool:
+        """True once Redis confirmed every one of ``channels``; False after ``timeout``."""
+        missing = [c for c in channels if c not in self.subscribed]
+        if not missing:
+            return True
+        loop = asyncio.get_running_loop()
+        futures = set()
+        for c in missing:
+            waiter = self._waiters.get(c)
+            if waiter is None:
+                waiter = self._waiters[c] = loop.create_future()
+            futures.add(waiter)
+        # asyncio.wait, not await: cancelling one waiting stream must not cancel
+        # the future other streams share.
+        await asyncio.wait(futures, timeout=timeout)
+        return all(c in self.subscribed for c in missing)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_scheduled or not (self._add or self._remove):
             return
-        # Confirmations arrive as replies; the health-check loop reads and drops them.
-        if add:
-            proto.send("SUBSCRIBE", *add)
-        if drop:
-            proto.send("UNSUBSCRIBE", *drop)
+        self._flush_scheduled = True
+        # Like Nagle: a change after a quiet spell goes out in the next iteration;
+        # changes within a window of the last command wait for it to pass, so that
+        # a reconnect storm's arrivals, spread over many iterations, share commands.
+        loop = asyncio.get_running_loop()
+        wait = self._last_flush + _BATCH_WINDOW - loop.time()
+        if wait > 0:
+            loop.call_later(wait, self._flush)
+        else:
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._last_flush = asyncio.get_running_loop().time()
+        add, self._add = sorted(self._add), set()
+        remove, self._remove = sorted(self._remove), set()
+        proto = self._live
+        if proto is None:
+            return  # the next session subscribes to everything wanted
+        try:
+            if add:
+                self._send(proto, "SUBSCRIBE", add)
+            if remove:
+                self._send(proto, "UNSUBSCRIBE", remove)
+        except _SessionEnded:
+            pass  # the connection is going; the next session starts from `wanted`
+
+    def _send(self, proto: _PubSubProtocol, command: str, channels: list[bytes]) -> None:
+        proto.send_batched(command, channels)
+        self._unconfirmed.update(channels)
+
+    def _on_ack(self, kind: bytes, channel: bytes) -> None:
+        if self._awaiting and kind == b"subscribe":
+            self._awaiting.discard(channel)
+            done = self._all_confirmed
+            if not self._awaiting and done is not None and not done.done():
+                done.set_result(None)
+        left = self._unconfirmed[channel] - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return  # more changes on the way: not settled yet
+        del self._unconfirmed[channel]
+        if kind == b"unsubscribe" or channel not in self.wanted:
+            self.subscribed.discard(channel)
+            return
+        self.subscribed.add(channel)
+        waiter = self._waiters.pop(channel, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def ready(self) -> bool:
@@ -212,7 +362,7 @@ class Broker:
     async def _connect(self) -> _PubSubProtocol:
         loop = asyncio.get_running_loop()
         p = self._params
-        proto = _PubSubProtocol(self._on_message)
+        proto = _PubSubProtocol(self._on_message, self._on_ack)
         if "path" in p:
             coro = loop.create_unix_connection(lambda: proto, p["path"])
         else:
@@ -235,18 +385,44 @@ class Broker:
                 username = self._params.get("username")
                 proto.send(*(("AUTH", username, password) if username else ("AUTH", password)))
                 await proto.reply(cfg.connect_timeout)
-            if self.channels:
-                proto.send("SUBSCRIBE", *self.channels)
-                for _ in self.channels:
-                    await proto.reply(cfg.connect_timeout)
+            await self._subscribe_all(proto)
             if self.state is not BrokerState.CONNECTING:
                 self.reconnects += 1
             self._set_state(BrokerState.UP)
             await self._watch(proto)
         finally:
             self._proto = None
+            self._live = None
+            self.subscribed.clear()
+            self._unconfirmed.clear()
+            self._awaiting.clear()
             if proto.transport is not None:
                 proto.transport.abort()
+
+    async def _subscribe_all(self, proto: _PubSubProtocol) -> None:
+        """Subscribe the new connection to everything wanted; wait for Redis to confirm."""
+        # One synchronous step: from here on, changes are deltas sent to this connection.
+        channels = sorted(self.wanted)
+        self._add.clear()
+        self._remove.clear()
+        self._live = proto
+        if not channels:
+            return
+        self._awaiting = set(channels)
+        self._all_confirmed = asyncio.get_running_loop().create_future()
+        self._send(proto, "SUBSCRIBE", channels)
+        done, _ = await asyncio.wait(
+            {self._all_confirmed, proto.lost, proto.error},
+            timeout=_confirm_timeout(self.config, len(channels)),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self._all_confirmed not in done:
+            for reply in proto.drain_replies():
+                if isinstance(reply, hiredis.ReplyError):
+                    raise _SessionEnded(f"redis error: {reply}")
+            if proto.lost.done():
+                raise _SessionEnded("connection lost")
+            raise _SessionEnded(f"{len(self._awaiting)} subscriptions not confirmed in time")
 
     async def _watch(self, proto: _PubSubProtocol) -> None:
         """Health-check the idle connection until it is lost or stops answering."""

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from .config import ChannelConfig
+from .families import Family
 from .history import History
 from .subscriber import Subscriber
 
@@ -49,22 +50,42 @@ class MuxGroup(Group):
 
 
 class Channel:
-    """One configured channel: its direct subscribers, its /events groups, its history."""
+    """A listed channel or a live family member: its direct subscribers, its /events
+    groups, its history.
+
+    ``label`` names it in metrics: the channel's name, or its family's (``user.*``),
+    so that series stay bounded by the config whatever names clients ask for.
+    """
 
     __slots__ = (
         "alone",
         "config",
+        "family",
         "history",
+        "holds",
+        "label",
         "last_seq",
         "last_write",
         "mux_groups",
         "name",
+        "redis",
         "subs",
     )
 
-    def __init__(self, config: ChannelConfig) -> None:
+    def __init__(
+        self,
+        config: ChannelConfig,
+        name: str | None = None,
+        family: Family | None = None,
+        redis: bytes | None = None,
+    ) -> None:
         self.config = config
-        self.name = config.name
+        self.name = config.name if name is None else name
+        self.label = config.name
+        self.family = family
+        self.redis = config.redis_channel.encode() if redis is None else redis
+        # Stream handlers holding this channel (a member lives while any does).
+        self.holds = 0
         # The channel list of every direct subscriber: shared, not one per stream.
         self.alone: tuple[Channel] = (self,)
         self.subs = Group()

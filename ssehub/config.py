@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+DEFAULT_GRACE = 10.0
+# A family: one `*` among channel-name characters (``user.*``, ``room.*.chat``).
+FAMILY_NAME = re.compile(r"^[A-Za-z0-9._-]*\*[A-Za-z0-9._-]*$")
 
 
 class ConfigError(Exception):
@@ -153,6 +156,9 @@ class Limits:
     # Request line and header field size limits (bytes); larger gets a 4xx.
     max_line_size: int = field(default=8190, metadata=_check(_positive))
     max_field_size: int = field(default=8190, metadata=_check(_positive))
+    # Family members (``user.42`` of ``user.*``) alive at once, each one Redis
+    # subscription; past it a new member's browsers get the busy event.
+    max_members: int = field(default=50_000, metadata=_check(_positive))
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +262,15 @@ class ChannelConfig:
     history_ttl: float = field(default=0.0, metadata=_check(_non_negative))
     # "public": anyone may subscribe; "token": a JWT naming the channel is required.
     auth: str = field(default="public", metadata=_check(_one_of("public", "token")))
+    # Families only: seconds a member stays subscribed (with its history) after its
+    # last browser left, so that reconnecting browsers neither churn Redis nor lose
+    # their place.
+    grace: float = field(default=DEFAULT_GRACE, metadata=_check(_non_negative))
+
+    @property
+    def family(self) -> bool:
+        """True for a family (``user.*``): it serves every channel its pattern matches."""
+        return "*" in self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,18 +426,42 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
     return obj
 
 
-def _validate(obj: Any, path: str, source: str) -> None:
-    """Cross-field rules that a single field's check cannot express."""
-    if isinstance(obj, ChannelConfig):
-        if not CHANNEL_NAME.match(obj.name):
+def _validate_channel(ch: ChannelConfig, path: str, source: str) -> None:
+    if ch.family:
+        if not FAMILY_NAME.match(ch.name) or len(ch.name) > 200:
             raise ConfigError(
                 source,
                 path,
-                f"channel name {obj.name!r} is not URL-safe "
-                "(use letters, digits, '.', '_' and '-', at most 200)",
+                f"family {ch.name!r} must have exactly one '*' among letters, digits, "
+                "'.', '_' and '-' (at most 200)",
             )
-        if not obj.redis_channel:
-            object.__setattr__(obj, "redis_channel", obj.name)
+        if not ch.redis_channel:
+            object.__setattr__(ch, "redis_channel", ch.name)
+        elif ch.redis_channel.count("*") != 1:
+            raise ConfigError(
+                source,
+                f"{path}.redis_channel",
+                f"a family's redis_channel needs exactly one '*' for the member's part, "
+                f"got {ch.redis_channel!r}",
+            )
+        return
+    if not CHANNEL_NAME.match(ch.name):
+        raise ConfigError(
+            source,
+            path,
+            f"channel name {ch.name!r} is not URL-safe "
+            "(use letters, digits, '.', '_' and '-', at most 200)",
+        )
+    if ch.grace != DEFAULT_GRACE:
+        raise ConfigError(source, f"{path}.grace", "only families (names with '*') have a grace")
+    if not ch.redis_channel:
+        object.__setattr__(ch, "redis_channel", ch.name)
+
+
+def _validate(obj: Any, path: str, source: str) -> None:
+    """Cross-field rules that a single field's check cannot express."""
+    if isinstance(obj, ChannelConfig):
+        _validate_channel(obj, path, source)
     elif isinstance(obj, Cors):
         if "*" in obj.allow_origins and obj.allow_credentials:
             raise ConfigError(

@@ -12,6 +12,11 @@ are recognised as unknown instead of matching another message. A publisher-given
 (``json`` format) is sent as is on ``/channels`` streams and resolved through the
 history. ``/events`` streams always carry hub ids: one number is a position in every
 channel at once, so one ``Last-Event-ID`` resumes them all.
+
+Family members (``user.42`` of ``user.*``) are channels created when their first stream
+arrives and dropped once the last one has been gone for the family's ``grace``: their
+Redis subscription and history live exactly that long. A member's history starts
+empty, so a position from before it was created gets the ``expired`` gap.
 """
 
 from __future__ import annotations
@@ -22,15 +27,20 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from . import sse
 from .channel import Channel, Group, MuxGroup
 from .config import Config
+from .families import Families, Family
 from .history import AT, RAW, SEQ, Entry, entry
 from .messages import Event, Rejected, parse, parse_juggernaut
 from .subscriber import Subscriber
 
-__all__ = ["GAP_EVENT", "Hub", "Stats"]
+if TYPE_CHECKING:
+    from .broker import Broker
+
+__all__ = ["GAP_EVENT", "Hub", "Refused", "Stats", "Unknown"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,25 @@ GAP_EVENT = "ssehub-gap"
 
 _HEARTBEAT = sse.comment()
 _HEARTBEAT_CHUNK = sse.chunk(_HEARTBEAT)
+
+# Seconds between sweeps for family members whose grace period is over.
+_MEMBER_SWEEP = 0.5
+
+
+class Unknown(LookupError):
+    """Channel names that no listed channel and no family serves."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+class Refused(Exception):
+    """A stream turned away for a transient reason (a limit): the busy answer, not an error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _base36(n: int) -> str:
@@ -58,6 +87,8 @@ class Stats:
         "closed",
         "delivered",
         "gaps",
+        "members_dropped",
+        "members_refused",
         "opened",
         "received",
         "rejected",
@@ -66,6 +97,7 @@ class Stats:
     )
 
     def __init__(self) -> None:
+        # "per channel" counters are keyed by Channel.label: a family counts as one.
         self.received: Counter[str] = Counter()  # per channel
         self.rejected: Counter[tuple[str, str]] = Counter()  # (channel, reason)
         self.delivered = 0  # event writes to subscribers
@@ -74,6 +106,8 @@ class Stats:
         self.slow_cut = 0
         self.replays: Counter[str] = Counter()  # per channel: resumes served from history
         self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
+        self.members_refused: Counter[str] = Counter()  # per family: over limits.max_members
+        self.members_dropped: Counter[str] = Counter()  # per family: grace period over
 
 
 def _send(
@@ -99,7 +133,15 @@ class Hub:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = Stats()
+        # Listed channels and live family members, by name.
         self.channels: dict[str, Channel] = {}
+        self.families = Families(())
+        self.members: Counter[str] = Counter()  # live members per family
+        # Members no stream holds, by grace, each oldest first: name -> deadline.
+        self._idle: dict[float, dict[Channel, float]] = {}
+        self._member_sweep: asyncio.TimerHandle | None = None
+        # The Redis side: told which Redis channels to follow (set by the server).
+        self.broker: Broker | None = None
         # Keyed by the raw Redis channel name, as the broker reads it off the wire.
         self._by_redis: dict[bytes, list[Channel]] = {}
         self._mux: dict[frozenset[str], MuxGroup] = {}
@@ -115,7 +157,8 @@ class Hub:
         # message's arrival to its write (the metrics histogram); never per subscriber.
         self.observe_delay: Callable[[float], None] | None = None
         for ch in config.channels.values():
-            self.channels[ch.name] = Channel(ch)
+            if not ch.family:
+                self.channels[ch.name] = Channel(ch)
         self._apply(config)
 
     def _apply(self, config: Config) -> None:
@@ -126,41 +169,172 @@ class Hub:
         self._juggernaut = (
             config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
         )
+        self.families = Families(config.channels.values())
         self._by_redis = {}
         for channel in self.channels.values():
-            key = channel.config.redis_channel.encode()
-            self._by_redis.setdefault(key, []).append(channel)
+            self._by_redis.setdefault(channel.redis, []).append(channel)
 
     def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:
-        """Apply a new config: returns the channels (added, removed, changed).
+        """Apply a new config: returns the channels and families (added, removed, changed).
 
-        Streams of removed channels end cleanly; every other stream stays connected.
+        Streams of removed channels, and of members no family serves any more, end
+        cleanly; every other stream stays connected.
         """
         self._flush()
-        old = self.channels
+        old = self.config.channels
         added = [n for n in config.channels if n not in old]
         removed = [n for n in old if n not in config.channels]
-        changed = [n for n in config.channels if n in old and old[n].config != config.channels[n]]
+        changed = [n for n in config.channels if n in old and old[n] != config.channels[n]]
         for name in removed:
-            channel = self.channels.pop(name)
-            for group in [channel.subs, *channel.mux_groups]:
-                for sub in group.subscribers():
-                    sub.end("channel_removed")
+            if not old[name].family:
+                self._end(self.channels.pop(name), "channel_removed")
+        families = Families(config.channels.values())
+        for member in [c for c in self.channels.values() if c.family is not None]:
+            found = None if member.name in config.channels else families.find(member.name)
+            if found is None or found[0].name != member.label:
+                self._remove_member(member)
+                continue
+            family, part = found
+            grace = family.config.grace
+            idle = self._idle.get(member.config.grace, {})
+            if member in idle and grace != member.config.grace:
+                del idle[member]  # re-queued under its new grace, still in deadline order
+                self._idle.setdefault(grace, {})[member] = time.monotonic() + grace
+            member.family = family
+            member.config = family.config
+            member.redis = family.redis_channel(part)
+            member.history.resize(family.config.history, family.config.history_ttl)
         for name in changed:
-            channel = self.channels[name]
-            channel.config = config.channels[name]
-            channel.history.resize(channel.config.history, channel.config.history_ttl)
+            channel = self.channels.get(name)
+            if channel is not None and channel.family is None:
+                channel.config = config.channels[name]
+                channel.redis = channel.config.redis_channel.encode()
+                channel.history.resize(channel.config.history, channel.config.history_ttl)
         for name in added:
-            self.channels[name] = Channel(config.channels[name])
+            if not config.channels[name].family:
+                self.channels[name] = Channel(config.channels[name])
         self._apply(config)
+        if self.broker is not None:
+            self.broker.set_channels(self.redis_channels())
         return added, removed, changed
 
-    def redis_channels(self) -> list[str]:
+    def _end(self, channel: Channel, reason: str) -> None:
+        for group in [channel.subs, *channel.mux_groups]:
+            for sub in group.subscribers():
+                sub.end(reason)
+
+    def redis_channels(self) -> list[bytes]:
         """The Redis channels the broker must subscribe to."""
-        names = {k.decode() for k in self._by_redis}
+        names = set(self._by_redis)
         if self._juggernaut is not None:
-            names.add(self._juggernaut.decode())
+            names.add(self._juggernaut)
         return sorted(names)
+
+    # --- family members -------------------------------------------------------------
+
+    def acquire(self, names: Sequence[str]) -> tuple[Channel, ...]:
+        """Hold the channels a new stream follows, creating family members as needed.
+
+        Raises ``Unknown`` for names nothing serves, ``Refused`` when new members
+        would pass ``limits.max_members``. Every successful call needs a ``release``.
+        """
+        found: list[Channel | None] = []
+        unknown: list[str] = []
+        new: list[tuple[str, Family, str]] = []
+        for name in names:
+            channel = self.channels.get(name)
+            found.append(channel)
+            if channel is not None:
+                continue
+            match = self.families.find(name)
+            if match is None or match[0].redis_channel(match[1]) == self._juggernaut:
+                unknown.append(name)
+            else:
+                new.append((name, *match))
+        if unknown:
+            raise Unknown(unknown)
+        if new and sum(self.members.values()) + len(new) > self.config.limits.max_members:
+            for _, family, _ in new:
+                self.stats.members_refused[family.name] += 1
+            raise Refused("max_members")
+        created = {name: self._create_member(name, family, part) for name, family, part in new}
+        channels = tuple(
+            c if c is not None else created[n] for c, n in zip(found, names, strict=True)
+        )
+        for channel in channels:
+            channel.holds += 1
+            if channel.family is not None:
+                self._idle.get(channel.config.grace, {}).pop(channel, None)
+        return channels
+
+    def release(self, channels: Sequence[Channel]) -> None:
+        """A stream that held ``channels`` is gone; members no stream holds start their grace."""
+        now = time.monotonic()
+        for channel in channels:
+            channel.holds -= 1
+            if (
+                channel.holds
+                or channel.family is None
+                or self.channels.get(channel.name) is not channel
+            ):
+                continue
+            grace = channel.config.grace
+            if grace <= 0:
+                self._remove_member(channel)
+            else:
+                self._idle.setdefault(grace, {})[channel] = now + grace
+
+    def _create_member(self, name: str, family: Family, part: str) -> Channel:
+        channel = Channel(family.config, name, family, family.redis_channel(part))
+        # Nothing before this point reached the new member: positions handed out so
+        # far (which are <= seq) get a gap; the new member's own positions come later.
+        self.seq += 1
+        channel.history.evicted_seq = self.seq
+        self.channels[name] = channel
+        self.members[family.name] += 1
+        others = self._by_redis.setdefault(channel.redis, [])
+        others.append(channel)
+        if len(others) == 1 and self.broker is not None:
+            self.broker.want((channel.redis,))
+        return channel
+
+    def _remove_member(self, channel: Channel, reason: str = "channel_removed") -> None:
+        """Forget a member: end its streams (if any), unsubscribe, drop its history."""
+        if self.channels.get(channel.name) is not channel:
+            return
+        self._end(channel, reason)
+        del self.channels[channel.name]
+        self.members[channel.label] -= 1
+        if not self.members[channel.label]:
+            del self.members[channel.label]
+        self._idle.get(channel.config.grace, {}).pop(channel, None)
+        others = self._by_redis.get(channel.redis, [])
+        if channel in others:
+            others.remove(channel)
+        if not others:
+            self._by_redis.pop(channel.redis, None)
+            if self.broker is not None:
+                self.broker.drop((channel.redis,))
+
+    def drop_idle_members(self, now: float | None = None) -> int:
+        """Drop members whose grace is over (all idle ones when ``now`` is None)."""
+        dropped = 0
+        for idle in self._idle.values():
+            while idle:
+                channel, deadline = next(iter(idle.items()))
+                if now is not None and deadline > now:
+                    break  # each dict is in deadline order: the rest are later
+                del idle[channel]
+                self.stats.members_dropped[channel.label] += 1
+                self._remove_member(channel)
+                dropped += 1
+        return dropped
+
+    def _sweep_members(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Re-armed first, like the heartbeat: an error below must not stop the sweeps.
+        self._member_sweep = loop.call_later(_MEMBER_SWEEP, self._sweep_members)
+        self.drop_idle_members(time.monotonic())
 
     @property
     def connections(self) -> int:
@@ -181,12 +355,12 @@ class Hub:
                 self._publish_juggernaut(payload)
             return
         for channel in channels:
-            self.stats.received[channel.name] += 1
+            self.stats.received[channel.label] += 1
             try:
                 event = parse(channel.config.format, payload, self._max_message)
                 self._ingest(channel, event)
             except Rejected as exc:
-                self._reject(channel.name, exc)
+                self._reject(channel.label, exc)
 
     def _publish_juggernaut(self, payload: bytes) -> None:
         try:
@@ -197,9 +371,11 @@ class Hub:
         for name in names:
             channel = self.channels.get(name)
             if channel is None:
-                self._reject("juggernaut", Rejected("unknown_channel", name))
+                if self.families.find(name) is None:
+                    self._reject("juggernaut", Rejected("unknown_channel", name))
+                # else: a family member nobody follows on this hub; nothing to do
                 continue
-            self.stats.received[name] += 1
+            self.stats.received[channel.label] += 1
             self._ingest(channel, event)
 
     def _reject(self, channel: str, exc: Rejected) -> None:
@@ -323,7 +499,7 @@ class Hub:
         sub.group = group
         self._connections += 1
         for channel in sub.channels:
-            self.stats.opened[channel.name] += 1
+            self.stats.opened[channel.label] += 1
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """Stop delivering to ``sub`` and count why it ended."""
@@ -366,18 +542,20 @@ class Hub:
             if n is None:
                 reason = "unknown_id"
             else:
+                # Events after n fell out of the history, or (a new member) came
+                # before the channel existed here.
+                if channel.history.evicted_seq > n:
+                    reason = "expired"
                 if n < channel.last_seq:
-                    if channel.history.evicted_seq > n:
-                        reason = "expired"
                     entries = list(channel.history.after(n))
                     if entries:
-                        self.stats.replays[channel.name] += 1
+                        self.stats.replays[channel.label] += 1
                     for e in entries:
                         replay.append((e[SEQ], self._mux_bytes(channel, e) if mux else e[RAW]))
                 if reason is None and n < self.outage_seq:
                     reason = "redis_outage"
             if reason is not None:
-                self.stats.gaps[channel.name] += 1
+                self.stats.gaps[channel.label] += 1
                 gaps.append(self._gap(channel, reason, last_event_id))
         replay.sort(key=lambda r: r[0])
         return b"".join(gaps) + b"".join(r for _, r in replay) + marker
@@ -399,12 +577,12 @@ class Hub:
         for channel in self.channels.values():
             if channel.subs:
                 raw = self._gap(channel, "redis_outage", None) + marker
-                self.stats.gaps[channel.name] += len(channel.subs)
+                self.stats.gaps[channel.label] += len(channel.subs)
                 self._write(channel.subs, raw, sse.chunk(raw))
         for group in list(self._mux.values()):
             raw = b"".join(self._gap(c, "redis_outage", None) for c in group.channels) + marker
             for channel in group.channels:
-                self.stats.gaps[channel.name] += len(group)
+                self.stats.gaps[channel.label] += len(group)
             self._write(group, raw, sse.chunk(raw))
 
     def groups(self) -> Iterable[Group]:
@@ -422,14 +600,16 @@ class Hub:
     # --- heartbeat ----------------------------------------------------------------
 
     def start_heartbeat(self) -> None:
-        """One timer for the whole hub, not one per connection."""
+        """One timer for the whole hub, not one per connection (and one for members' grace)."""
         loop = asyncio.get_running_loop()
         self._heartbeat = loop.call_later(self.config.heartbeat, self._beat)
+        self._member_sweep = loop.call_later(_MEMBER_SWEEP, self._sweep_members)
 
     def stop_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
+        for timer in (self._heartbeat, self._member_sweep):
+            if timer is not None:
+                timer.cancel()
+        self._heartbeat = self._member_sweep = None
 
     def _beat(self) -> None:
         interval = self.config.heartbeat

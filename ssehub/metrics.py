@@ -14,6 +14,7 @@ nothing here assumes it is the only process.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -59,7 +60,11 @@ class HubCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         """Yield every family; labels come only from configured channels and fixed reasons."""
         hub, stats = self.hub, self.hub.stats
-        names = sorted(hub.channels)
+        # Labels: the config's channel and family names, never a member's name.
+        names = sorted(hub.config.channels)
+        streams: Counter[str] = Counter()
+        for ch in hub.channels.values():
+            streams[ch.label] += len(ch)
 
         total = GaugeMetricFamily("ssehub_connections", "Open event streams, all channels.")
         total.add_metric([], hub.connections)
@@ -69,8 +74,34 @@ class HubCollector(Collector):
             "ssehub_channel_connections", "Open event streams per channel.", labels=["channel"]
         )
         for name in names:
-            per_channel.add_metric([name], len(hub.channels[name]))
+            per_channel.add_metric([name], streams[name])
         yield per_channel
+
+        families = sorted(n for n, c in hub.config.channels.items() if c.family)
+        members = GaugeMetricFamily(
+            "ssehub_family_members",
+            "Live members per family (subscribed in Redis, with browsers or in grace).",
+            labels=["family"],
+        )
+        for name in families:
+            members.add_metric([name], hub.members[name])
+        yield members
+        refused = CounterMetricFamily(
+            "ssehub_family_members_refused",
+            "New members turned away over limits.max_members, per family.",
+            labels=["family"],
+        )
+        for name in families:
+            refused.add_metric([name], stats.members_refused[name])
+        yield refused
+        dropped = CounterMetricFamily(
+            "ssehub_family_members_dropped",
+            "Members unsubscribed after their grace period, per family.",
+            labels=["family"],
+        )
+        for name in families:
+            dropped.add_metric([name], stats.members_dropped[name])
+        yield dropped
 
         yield _per_channel(
             "ssehub_connections_opened",

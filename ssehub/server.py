@@ -64,6 +64,7 @@ class HubServer:
         self.broker = Broker(
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
+        self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
         # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
         self.notifier = Notifier() if notifier is None else notifier
         self._ready_sent = False
@@ -110,6 +111,10 @@ class HubServer:
         return f"connections={self.hub.connections} redis={self.broker.state.value}"
 
     def _on_redis_state(self, old: BrokerState, new: BrokerState) -> None:
+        if new is BrokerState.DOWN:
+            # Members no browser holds would only be resubscribed for nothing (and
+            # their history has a hole now): drop them before the next session.
+            self.hub.drop_idle_members()
         if old is BrokerState.DOWN and new is BrokerState.UP:
             # What Redis published while we were away is gone: say so in-band.
             self.hub.signal_outage()
@@ -189,7 +194,6 @@ class HubServer:
             log.warning("reload: %s changes take effect on restart only", ", ".join(fixed))
             new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in fixed})
         added, removed, changed = self.hub.reload(new)
-        self.broker.set_channels(self.hub.redis_channels())
         self.config = new
         log.info(
             "reloaded channels=%d added=%s removed=%s changed=%s",

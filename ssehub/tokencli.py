@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 
-from .auth import Refused, Verifier, issue
+from .auth import Denied, Verifier, issue
 from .config import HMAC_ALGORITHMS, ConfigError, load
 
 __all__ = ["main", "parse_ttl"]
@@ -103,7 +103,7 @@ def main(argv: Sequence[str]) -> int:
         Verifier(auth).verify(token)
     except (ValueError, TypeError, jwt.PyJWTError) as exc:
         return fail(f"--private-key: not a private key for {alg}: {exc}")
-    except Refused as exc:
+    except Denied as exc:
         return fail(f"the hub would refuse this token: {exc.reason}")
     print(token)
     return 0

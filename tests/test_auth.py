@@ -445,3 +445,24 @@ def test_bad_auth_config_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "hub.yaml"
     path.write_text("auth: {secret_file: /nonexistent/secret}\nchannels: {chat: {}}\n")
     assert main(["--config", str(path), "--check"]) == EXIT_CONFIG
+
+
+async def test_private_family_serves_each_bearer_its_own_member_only(
+    start_hub: StartHub, secret_file: str, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub(
+        {"chat": {}, "user.*": {"auth": "token"}}, auth={"secret_file": secret_file}
+    )
+    t = token()  # user.42
+    status, _, text = await http_request(hub.port, f"/channels/user.43?token={t}")
+    assert (status, text) == (403, b"token does not grant channel: user.43\n")
+    assert await status_of(hub.port, "/channels/user.43") == 401
+    # Refused before the member exists: no Redis subscription for a stranger.
+    assert "user.43" not in hub.hub.channels
+    c = await open_stream(hub.port, f"/channels/user.42?token={t}")
+    try:
+        await redis_client.publish("user.42", "yours")
+        (event,) = await c.next_events(1)
+        assert event.data == "yours"
+    finally:
+        await c.close()
