@@ -97,7 +97,7 @@ def rig(ctx: Ctx, cls: type[Server], channels: list[str], subs: int) -> Iterator
 
 def connect(r: Rig, n: int, concurrency: int = 512, timeout: float = 60.0) -> ClientStats:
     """Open ``n`` more streams (connection i on channel i mod k); wait until open."""
-    target = Target("127.0.0.1", r.server.port, tuple(r.server.path(c) for c in r.channels))
+    target = Target("127.0.0.1", r.server.port, r.server.paths(r.channels))
     want = r.opened + n
     r.client.start_connect(target, n, concurrency)
     r.client.wait_connected(timeout)

@@ -30,6 +30,7 @@ __all__ = [
     "core_ticks",
     "RedisServer",
     "Server",
+    "SsehubAuthServer",
     "SsehubServer",
     "free_port",
     "stop_all",
@@ -265,6 +266,10 @@ class Server:
     def path(self, channel: str) -> str:
         return f"/channels/{channel}"
 
+    def paths(self, channels: list[str]) -> tuple[str, ...]:
+        """Where subscribers go: connection i uses ``paths[i % len(paths)]``."""
+        return tuple(self.path(c) for c in channels)
+
     def argv(self, channels: list[str]) -> list[str]:
         raise NotImplementedError
 
@@ -331,6 +336,70 @@ class SsehubMetricsServer(SsehubServer):
 
     def config(self, channels: list[str]) -> dict[str, object]:
         return {**super().config(channels), "admin": {"host": "127.0.0.1", "port": free_port()}}
+
+
+class SsehubAuthServer(SsehubServer):
+    """The hub with every channel ``auth: token`` (HS256): each subscriber brings its own
+    token in the query, so a connect storm verifies a signature per connection (no two
+    share a token, so the verified-token cache never spares one). Compared with
+    ``ssehub`` in the same run, it shows what verification costs."""
+
+    name = "ssehub+auth"
+    algorithm = "HS256"
+    # Distinct tokens: one per subscriber of the largest storm.
+    tokens = 10_000
+
+    def _keys(self) -> tuple[object, dict[str, object]]:
+        """The signing key, and the auth section that verifies it."""
+        secret = os.urandom(32).hex().encode()
+        (self.workdir / "auth-secret").write_bytes(secret)
+        return secret, {"secret_file": str(self.workdir / "auth-secret")}
+
+    def config(self, channels: list[str]) -> dict[str, object]:
+        import jwt  # ssehub's own dependency, in the .venv the bench runs with
+
+        key, auth = self._keys()
+        exp = int(time.time()) + 3600
+        self._tokens = [
+            jwt.encode(
+                {"sub": f"u{i}", "exp": exp, "ssehub": {"subscribe": ["c*"]}},
+                key,
+                algorithm=self.algorithm,
+            )
+            for i in range(self.tokens)
+        ]
+        return {
+            **super().config(channels),
+            "auth": {"algorithms": [self.algorithm], **auth},
+            "channels": {c: {"auth": "token"} for c in channels},
+        }
+
+    def paths(self, channels: list[str]) -> tuple[str, ...]:
+        # len(paths) is a multiple of len(channels) (1 or 5,000 in every scenario), so
+        # connection i still lands on channel i mod k.
+        n = len(channels) * max(1, self.tokens // len(channels))
+        return tuple(
+            f"/channels/{channels[i % len(channels)]}?token={self._tokens[i % self.tokens]}"
+            for i in range(n)
+        )
+
+
+class SsehubAuthES256Server(SsehubAuthServer):
+    """As ``ssehub+auth`` with ES256 (an ECDSA P-256 public key): a costlier check."""
+
+    name = "ssehub+auth-es256"
+    algorithm = "ES256"
+
+    def _keys(self) -> tuple[object, dict[str, object]]:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        private = ec.generate_private_key(ec.SECP256R1())
+        public = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        (self.workdir / "auth-key.pub").write_bytes(public)
+        return private, {"key_file": str(self.workdir / "auth-key.pub")}
 
 
 def _bench_python() -> Path:
@@ -476,6 +545,8 @@ class Nchan(Server):
 SERVERS: dict[str, type[Server]] = {
     "ssehub": SsehubServer,
     "ssehub+metrics": SsehubMetricsServer,
+    "ssehub+auth": SsehubAuthServer,
+    "ssehub+auth-es256": SsehubAuthES256Server,
     "nchan": Nchan,
     "flask-sse": FlaskSSE,
     "flask-recipe": FlaskRecipe,

@@ -18,6 +18,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from .auth import redact
 from .logs import fields
 
 __all__ = [
@@ -104,6 +105,8 @@ class QuietBadRequests(logging.Filter):
         """Drop aiohttp's record of a malformed request, after one line of our own."""
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            self.log.debug("bad request", extra=fields(status=exc.code, reason=exc.message))
+            # The message may quote the request line, and with it a ?token=.
+            reason = redact(exc.message)
+            self.log.debug("bad request", extra=fields(status=exc.code, reason=reason))
             return False
         return True

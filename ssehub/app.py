@@ -7,27 +7,30 @@ import contextlib
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from . import demo, sse
 from .aiohttp_compat import close_connection_after, expect, stream_transport
+from .auth import Access, Denied
 from .broker import Broker
 from .channel import Channel
+from .config import ChannelConfig
 from .cors import add_cors
 from .hub import Hub, Refused, Unknown
 from .messages import MAX_ID_LENGTH
 from .subscriber import Subscriber
 
-__all__ = ["BROKER", "BUSY_EVENT", "HUB", "create_app", "healthz", "readyz"]
+__all__ = ["ACCESS", "BROKER", "BUSY_EVENT", "HUB", "create_app", "healthz", "readyz"]
 
 # The named event that tells a client turned away by a limit why, before the stream ends.
 BUSY_EVENT = "ssehub-busy"
 
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
+ACCESS = web.AppKey("access", Access)
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -71,6 +74,21 @@ def _names(hub: Hub, request: web.Request, mux: bool) -> list[str]:
     return names
 
 
+def _configs(hub: Hub, names: Sequence[str]) -> list[tuple[str, ChannelConfig]]:
+    """Each name asked for with its channel's or its family's config (for access checks);
+    names nothing serves are left out (``acquire`` answers them with a 404)."""
+    out = []
+    for name in names:
+        channel = hub.channels.get(name)
+        if channel is not None:
+            out.append((name, channel.config))
+            continue
+        match = hub.families.find(name)
+        if match is not None:
+            out.append((name, match[0].config))
+    return out
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
     """Open an event stream and hold it until either side ends it.
 
@@ -80,6 +98,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     mux = "name" not in request.match_info
     names = _names(hub, request, mux)
+    try:
+        # Before acquire: a request without the right token must not create a family
+        # member (a Redis SUBSCRIBE) on its way to being refused.
+        expires = request.app[ACCESS].authorize(request, _configs(hub, names))
+    except Denied as exc:
+        raise exc.response() from None
     last_event_id = _last_event_id(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
     if request.version.major != 1:
@@ -106,8 +130,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if refusal is not None:
             return await _turn_away(hub, resp, refusal)
         # The first bytes go through aiohttp's writer, which sends the buffered
-        # headers with them; after this the hub writes straight to the transport,
-        # and aiohttp's writer is not touched again until the final chunk.
+        # headers with them. Once the subscriber is registered the hub writes
+        # straight to the transport, and aiohttp's writer is not touched again
+        # until the final chunk (before that, only the keepalives below use it).
         await resp.write(sse.retry(hub.config.retry_ms))
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
@@ -120,11 +145,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if transport is None:
             return resp
         sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
+        sub.expires = expires
         hub.subscribe(sub, last_event_id, mux)
+        request.app[ACCESS].track(sub)
         await sub.waiter
     finally:
         if sub is not None:
             hub.unsubscribe(sub)
+            request.app[ACCESS].forget(sub)
         hub.release(channels)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
@@ -213,6 +241,7 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
+    app[ACCESS] = access = Access(lambda: hub.config)
     app.router.add_get("/channels/{name}", stream, expect_handler=expect)
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)
@@ -236,4 +265,12 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
         app[HUB].close_all("shutdown")
 
     app.on_shutdown.append(end_streams)
+
+    # The expiry timer runs while the app does (one for all streams, see auth.Access).
+    async def expiry_timer(app: web.Application) -> AsyncIterator[None]:
+        access.start()
+        yield
+        access.stop()
+
+    app.cleanup_ctx.append(expiry_timer)
     return app

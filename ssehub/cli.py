@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, load the config, run the hub; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["token"]:  # a subcommand, leaving `ssehub --config …` as it was
+        from .tokencli import main as token_main
+
+        return token_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = load(args.config)

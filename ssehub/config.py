@@ -8,6 +8,7 @@ Unknown keys are errors: a typo must never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -22,6 +23,7 @@ from redis.connection import parse_url
 
 __all__ = [
     "Admin",
+    "AuthConfig",
     "ChannelConfig",
     "Config",
     "ConfigError",
@@ -203,6 +205,59 @@ class Admin:
 
     host: str = "127.0.0.1"
     port: int = field(default=9090, metadata=_check(_port))
+    # With `auth:` configured, a non-loopback host is refused unless this says so.
+    allow_remote: bool = False
+
+
+# Algorithms an `auth:` section may name, by key family. "none" is never one of them.
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = (
+    ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),  # an RSA key
+    ("ES256", "ES384", "ES512"),  # an EC key
+)
+
+
+def _algorithms(value: Any) -> None:
+    known = (HMAC_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)
+    if not value:
+        raise _Invalid("expected at least one algorithm")
+    for alg in value:
+        if not any(alg in family for family in known):
+            names = ", ".join(a for family in known for a in family)
+            raise _Invalid(f"unknown algorithm {alg!r} (known: {names})")
+    if not any(set(value) <= set(family) for family in known):
+        # One key verifies them all: mixing families is how algorithm confusion starts.
+        raise _Invalid(f"algorithms of one key type only (HS*, RS*/PS* or ES*), got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """JWT verification for channels with ``auth: token`` (see README, Access control)."""
+
+    # Accepted signature algorithms; anything else (``none`` included) is rejected.
+    algorithms: tuple[str, ...] = field(default=("HS256",), metadata=_check(_algorithms))
+    # HS*: the shared secret, from a file or an environment variable (never inline).
+    secret_file: str = ""
+    secret_env: str = ""
+    # RS*/PS*/ES*: the PEM public key the tokens are verified with.
+    key_file: str = ""
+    # Checked when set: the token's `aud` must contain it, its `iss` must equal it.
+    audience: str = ""
+    issuer: str = ""
+    # The cookie a browser may carry the token in (after the Authorization header,
+    # before the `token` query parameter).
+    cookie: str = field(default="ssehub_token", metadata=_check(_not_empty))
+    # Seconds of clock skew allowed on `exp` and `nbf`.
+    leeway: float = field(default=0.0, metadata=_check(_non_negative))
+    # Tokens without `exp` are refused: a token in a URL must not be valid forever.
+    require_exp: bool = True
+    # Seconds before `exp` a stream gets the `ssehub-auth-expired` event.
+    renew_before: float = field(default=30.0, metadata=_check(_positive))
+    # Verified tokens remembered (by signature, until they expire) to spare a
+    # signature check on every reconnect.
+    cache_size: int = field(default=10000, metadata=_check(_non_negative_int))
+    # The secret or PEM key read at load; never shown in a repr.
+    key: bytes = field(default=b"", repr=False, metadata={"internal": True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +281,8 @@ class ChannelConfig:
     # age in seconds (0 = no age limit).
     history: int = field(default=100, metadata=_check(_non_negative_int))
     history_ttl: float = field(default=0.0, metadata=_check(_non_negative))
+    # "public": anyone may subscribe; "token": a JWT naming the channel is required.
+    auth: str = field(default="public", metadata=_check(_one_of("public", "token")))
     # Families only: seconds a member stays subscribed (with its history) after its
     # last browser left, so that reconnecting browsers neither churn Redis nor lose
     # their place.
@@ -253,6 +310,8 @@ class Config:
     juggernaut: Juggernaut = field(default_factory=Juggernaut)
     # Off when absent: metrics are for operators and must not reach browsers.
     admin: Admin | None = None
+    # JWT verification for channels with `auth: token`; off when absent.
+    auth: AuthConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # GET / serves a demo page (channels, subscribe buttons, live events); false turns it off.
     demo: bool = True
@@ -432,7 +491,10 @@ def _validate(obj: Any, path: str, source: str) -> None:
                 "'*' cannot be combined with allow_credentials (browsers refuse it); "
                 "list the origins",
             )
+    elif isinstance(obj, AuthConfig):
+        object.__setattr__(obj, "key", _auth_key(obj, path, source))
     elif isinstance(obj, Config):
+        _check_auth(obj, source)
         jug = obj.juggernaut
         if jug.enabled:
             for ch in obj.channels.values():
@@ -444,3 +506,73 @@ def _validate(obj: Any, path: str, source: str) -> None:
                     )
     elif isinstance(obj, RedisConfig) and obj.reconnect_max < obj.reconnect_min:
         raise ConfigError(source, f"{path}.reconnect_max", "must not be smaller than reconnect_min")
+
+
+def _auth_key(auth: AuthConfig, path: str, source: str) -> bytes:
+    """Read the secret or public key named by ``auth`` and check it suits its algorithms."""
+    import jwt  # only hubs with an auth section need it loaded
+
+    hmac = auth.algorithms[0] in HMAC_ALGORITHMS
+    given = [k for k in ("secret_file", "secret_env", "key_file") if getattr(auth, k)]
+    wanted = "secret_file or secret_env" if hmac else "key_file"
+    if len(given) != 1 or (given[0] == "key_file") == hmac:
+        what = "HS* algorithms" if hmac else "public-key algorithms"
+        raise ConfigError(
+            source,
+            f"{path}.{given[0] if given else wanted}",
+            f"{what} need exactly one of {wanted}",
+        )
+    (key_name,) = given
+    where = f"{path}.{key_name}"
+    if key_name == "secret_env":
+        value = os.environ.get(auth.secret_env)
+        if not value:
+            raise ConfigError(source, where, f"environment variable {auth.secret_env} is not set")
+        key = value.encode()
+    else:
+        try:
+            key = Path(getattr(auth, key_name)).read_bytes()
+        except OSError as exc:
+            raise ConfigError(source, where, f"cannot read: {exc.strerror or exc}") from None
+    if hmac:
+        key = key.removesuffix(b"\n").removesuffix(b"\r")  # `echo secret > file`
+        # RFC 7518 3.2: an HMAC key at least as long as the hash output.
+        need = max(int(alg[2:]) // 8 for alg in auth.algorithms)
+        if len(key) < need:
+            raise ConfigError(
+                source, where, f"the secret must be at least {need} bytes, got {len(key)}"
+            )
+    for alg in auth.algorithms:
+        try:
+            jwt.get_algorithm_by_name(alg).prepare_key(key)
+        except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
+            raise ConfigError(source, where, f"not a key for {alg}: {exc}") from None
+    return key
+
+
+def _check_auth(config: Config, source: str) -> None:
+    """Private channels need the auth section; an auth-enabled hub keeps its admin local."""
+    if config.auth is None:
+        for ch in config.channels.values():
+            if ch.auth == "token":
+                raise ConfigError(
+                    source, f"channels.{ch.name}.auth", "'token' needs a top-level auth section"
+                )
+        return
+    admin = config.admin
+    if admin is not None and not admin.allow_remote and not _is_loopback(admin.host):
+        raise ConfigError(
+            source,
+            "admin.host",
+            f"{admin.host!r} is not a loopback address; with auth configured the admin "
+            "listener stays local unless admin.allow_remote is true",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere

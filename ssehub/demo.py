@@ -48,6 +48,8 @@ def channels_json(config: Config) -> str:
             "name": ch.name,
             "url": f"/channels/{ch.name}",
             "redis_channel": ch.redis_channel,
+            # "token": private; the page sends the pasted token as ?token=.
+            "auth": ch.auth,
             "publish": f"redis-cli PUBLISH {shlex.quote(ch.redis_channel)} {_SAMPLE[ch.format]}",
             **({"family": True} if ch.family else {}),
         }

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from aiohttp import web
 
+from .auth import redact
 from .config import LoggingConfig
 
 __all__ = [
@@ -165,7 +166,7 @@ async def _log_response(request: web.Request, response: web.StreamResponse) -> N
         extra=fields(
             remote=request.remote,
             method=request.method,
-            path=request.path_qs,
+            path=redact(request.path_qs),  # a ?token= must never reach a log
             status=response.status,
             agent=request.headers.get("User-Agent", ""),
         ),

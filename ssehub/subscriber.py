@@ -20,7 +20,7 @@ class Subscriber:
     A client that goes away cancels the handler instead (``handler_cancellation``).
     """
 
-    __slots__ = ("channels", "chunked", "group", "reason", "transport", "waiter")
+    __slots__ = ("channels", "chunked", "expires", "group", "reason", "transport", "waiter")
 
     def __init__(
         self,
@@ -38,6 +38,8 @@ class Subscriber:
         self.chunked = chunked
         self.waiter = waiter
         self.reason = ""
+        # When its token expires (Unix time; 0: public, never): see auth.Access.
+        self.expires = 0.0
 
     def end(self, reason: str) -> None:
         """End the stream cleanly: the handler writes the last chunk and returns."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,6 +24,7 @@ from .cdp import Browser, chromium_path, launch
 from .conftest import hub_config
 from .redis_server import RedisServer
 from .sseclient import wait_until
+from .test_auth import SECRET, token
 
 pytestmark = pytest.mark.slow
 
@@ -185,4 +188,44 @@ async def test_page_follows_a_family_member_named_in_its_field(
         await page.wait_for(shows("user.*", "event", "for alice"))
     finally:
         await page.evaluate("document.querySelector('button.subscribe.on')?.click()")
+        await hub.stop()
+
+
+async def test_private_channel_takes_a_pasted_token_and_shows_its_expiry(
+    page: Browser, redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    (tmp_path / "secret").write_bytes(SECRET)
+    config = hub_config(
+        redis_server.url,
+        {"chat": {}, "user.42": {"auth": "token"}},
+        auth={"secret_file": str(tmp_path / "secret"), "renew_before": 1},
+        retry_ms=200,
+    )
+    hub = await start(config)
+    try:
+        await page.goto(f"http://127.0.0.1:{hub.port}/")
+        assert await page.text(card("user.42", ".private")) == "private: token"
+        assert await page.evaluate(
+            f"!document.querySelector({json.dumps(card('chat', '.private'))})"
+        )
+        # No token: the hub answers 401, which closes an EventSource for good.
+        await page.click(card("user.42", "button.subscribe"))
+        await page.wait_for(state_is("user.42", "closed"))
+        assert "paste a valid token" in await page.text(card("user.42", ".state"))
+
+        exp = int(time.time()) + 4
+        await page.evaluate(
+            f"document.getElementById('token').value = {json.dumps(token(exp=exp))}"
+        )
+        await page.click(card("user.42", "button.subscribe"))
+        await page.wait_for(state_is("user.42", "open"))
+        await wait_until(lambda: len(hub.hub.channels["user.42"]) == 1)
+        await redis_client.publish("user.42", "for 42")
+        await page.wait_for(shows("user.42", "event", "for 42"))
+        # Before exp: the named event; at exp the stream ends, and the browser's own
+        # reconnect with the same (now expired) token meets a 401.
+        await page.wait_for(shows("user.42", "auth", "token expires soon"), timeout=8)
+        await page.wait_for(state_is("user.42", "closed"), timeout=8)
+        assert time.time() >= exp
+    finally:
         await hub.stop()

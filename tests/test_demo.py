@@ -32,12 +32,14 @@ async def test_page_lists_channels_with_publish_commands(start_hub: StartHub) ->
             "name": "chat",
             "url": "/channels/chat",
             "redis_channel": "chat",
+            "auth": "public",
             "publish": "redis-cli PUBLISH chat 'hello'",
         },
         {
             "name": "news",
             "url": "/channels/news",
             "redis_channel": "site:news",
+            "auth": "public",
             "publish": "redis-cli PUBLISH site:news 'hello'",
         },
     ]
@@ -79,5 +81,6 @@ def test_a_family_is_listed_with_its_star_for_the_page_to_fill_in() -> None:
         "url": "/channels/user.*",
         "redis_channel": "app:user:*",
         "publish": "redis-cli PUBLISH 'app:user:*' 'hello'",
+        "auth": "public",
         "family": True,
     }
