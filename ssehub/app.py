@@ -136,11 +136,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
         await resp.write(sse.retry(hub.config.retry_ms))
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
-        members = [c.redis for c in channels if c.family is not None]
+        members = [c.redis for c in channels if c.family is not None and not c.stream]
         if members:
             broker = request.app[BROKER]
             while not await broker.wait_subscribed(members, hub.config.heartbeat):
                 await resp.write(sse.comment())  # Redis away: keep proxies patient
+        # A stream channel's position is its stream's: known once the reader has
+        # read where the stream ends.
+        streams = [c.redis for c in channels if c.stream]
+        if streams and hub.streams is not None:
+            while not await hub.streams.wait_live(streams, hub.config.heartbeat):
+                await resp.write(sse.comment())
         transport = stream_transport(request)
         if transport is None:
             return resp
@@ -218,7 +224,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """200 only while the hub holds a live Redis subscription for its channels."""
     broker = request.app[BROKER]
-    if broker.ready:
+    if request.app[HUB].upstream_ready:
         return web.Response(text="ready\n")
     return web.Response(status=503, text=f"not ready: redis {broker.state.value}\n")
 

@@ -69,6 +69,8 @@ class Channel:
         "mux_groups",
         "name",
         "redis",
+        "stream",
+        "stream_pos",
         "subs",
     )
 
@@ -83,7 +85,13 @@ class Channel:
         self.name = config.name if name is None else name
         self.label = config.name
         self.family = family
-        self.redis = config.redis_channel.encode() if redis is None else redis
+        # The Redis channel feeding it, or its stream's key (``stream`` is then true).
+        self.stream = bool(config.stream)
+        if redis is None:
+            redis = (config.stream or config.redis_channel).encode()
+        self.redis = redis
+        # Stream channels: the entry id of the newest event (the stream's position).
+        self.stream_pos = "0-0"
         # Stream handlers holding this channel (a member lives while any does).
         self.holds = 0
         # The channel list of every direct subscriber: shared, not one per stream.

@@ -180,6 +180,8 @@ class Limits:
     # Family members (``user.42`` of ``user.*``) alive at once, each one Redis
     # subscription; past it a new member's browsers get the busy event.
     max_members: int = field(default=50_000, metadata=_check(_positive))
+    # The most events ?rewind=N (or a channel's `rewind`) may ask for.
+    max_rewind: int = field(default=100, metadata=_check(_non_negative_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +289,14 @@ class ChannelConfig:
     # last browser left, so that reconnecting browsers neither churn Redis nor lose
     # their place.
     grace: float = field(default=DEFAULT_GRACE, metadata=_check(_non_negative))
+    # A Redis Stream key feeding this channel instead of pub/sub (a family's has one
+    # '*'): ids are entry ids, so a client resumes exactly on any node, any time.
+    stream: str = ""
+    # Stream channels: trim the stream to about this many entries (XTRIM MAXLEN ~;
+    # 0 = leave trimming to the publishers' XADD MAXLEN/MINID).
+    stream_maxlen: int = field(default=0, metadata=_check(_non_negative_int))
+    # Events a first connection (no Last-Event-ID) starts with (?rewind= overrides).
+    rewind: int = field(default=0, metadata=_check(_non_negative_int))
 
     @property
     def family(self) -> bool:
@@ -448,6 +458,18 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
 
 
 def _validate_channel(ch: ChannelConfig, path: str, source: str) -> None:
+    if ch.stream and ch.redis_channel:
+        raise ConfigError(
+            source, f"{path}.redis_channel", "a stream channel reads its stream, not pub/sub"
+        )
+    if ch.stream_maxlen and not ch.stream:
+        raise ConfigError(source, f"{path}.stream_maxlen", "only stream channels have one")
+    if ch.family and ch.stream and ch.stream.count("*") != 1:
+        raise ConfigError(
+            source,
+            f"{path}.stream",
+            f"a family's stream needs exactly one '*' for the member's part, got {ch.stream!r}",
+        )
     if ch.family:
         if not FAMILY_NAME.match(ch.name) or len(ch.name) > 200:
             raise ConfigError(
@@ -456,9 +478,9 @@ def _validate_channel(ch: ChannelConfig, path: str, source: str) -> None:
                 f"family {ch.name!r} must have exactly one '*' among letters, digits, "
                 "'.', '_' and '-' (at most 200)",
             )
-        if not ch.redis_channel:
+        if not ch.redis_channel and not ch.stream:
             object.__setattr__(ch, "redis_channel", ch.name)
-        elif ch.redis_channel.count("*") != 1:
+        elif ch.redis_channel and ch.redis_channel.count("*") != 1:
             raise ConfigError(
                 source,
                 f"{path}.redis_channel",
@@ -475,7 +497,7 @@ def _validate_channel(ch: ChannelConfig, path: str, source: str) -> None:
         )
     if ch.grace != DEFAULT_GRACE:
         raise ConfigError(source, f"{path}.grace", "only families (names with '*') have a grace")
-    if not ch.redis_channel:
+    if not ch.redis_channel and not ch.stream:
         object.__setattr__(ch, "redis_channel", ch.name)
 
 
@@ -495,6 +517,13 @@ def _validate(obj: Any, path: str, source: str) -> None:
         object.__setattr__(obj, "key", _auth_key(obj, path, source))
     elif isinstance(obj, Config):
         _check_auth(obj, source)
+        for ch in obj.channels.values():
+            if ch.rewind > obj.limits.max_rewind:
+                raise ConfigError(
+                    source,
+                    f"channels.{ch.name}.rewind",
+                    f"{ch.rewind} is more than limits.max_rewind ({obj.limits.max_rewind})",
+                )
         jug = obj.juggernaut
         if jug.enabled:
             for ch in obj.channels.values():

@@ -36,7 +36,8 @@ class Family:
         self.config = config
         self.name = config.name
         self.prefix, _, self.suffix = config.name.partition("*")
-        redis_prefix, _, redis_suffix = config.redis_channel.partition("*")
+        # A stream family maps members to stream keys, a pub/sub one to Redis channels.
+        redis_prefix, _, redis_suffix = (config.stream or config.redis_channel).partition("*")
         self.redis_prefix = redis_prefix.encode()
         self.redis_suffix = redis_suffix.encode()
 
@@ -55,7 +56,7 @@ class Family:
         return part if MEMBER_PART.fullmatch(part) else None
 
     def redis_channel(self, part: str) -> bytes:
-        """The Redis channel feeding the member whose ``*`` matched ``part``."""
+        """The Redis channel (or stream key) feeding the member whose ``*`` matched ``part``."""
         return self.redis_prefix + part.encode() + self.redis_suffix
 
 

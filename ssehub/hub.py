@@ -35,11 +35,13 @@ from .config import Config
 from .families import Families, Family
 from .history import AT, RAW, SEQ, Entry, entry
 from .logs import fields
-from .messages import Event, Rejected, parse, parse_juggernaut
+from .messages import Event, Rejected, parse, parse_entry, parse_juggernaut
 from .subscriber import Subscriber
 
 if TYPE_CHECKING:
     from .broker import Broker
+    from .streams import Entry as StreamEntry
+    from .streams import StreamReader
 
 __all__ = ["GAP_EVENT", "Hub", "Refused", "Stats", "Unknown"]
 
@@ -50,6 +52,9 @@ GAP_EVENT = "ssehub-gap"
 
 _HEARTBEAT = sse.comment()
 _HEARTBEAT_CHUNK = sse.chunk(_HEARTBEAT)
+
+# Recent entries read when a stream starts (so resumes need no round trip), at most.
+_MAX_PREFILL = 1000
 
 # Seconds between sweeps for family members whose grace period is over.
 _MEMBER_SWEEP = 0.5
@@ -141,10 +146,14 @@ class Hub:
         # Members no stream holds, by grace, each oldest first: name -> deadline.
         self._idle: dict[float, dict[Channel, float]] = {}
         self._member_sweep: asyncio.TimerHandle | None = None
-        # The Redis side: told which Redis channels to follow (set by the server).
+        # The Redis side, told what to follow (set by the server): pub/sub channels
+        # through the broker, stream channels through the stream reader.
         self.broker: Broker | None = None
-        # Keyed by the raw Redis channel name, as the broker reads it off the wire.
+        self.streams: StreamReader | None = None
+        # Keyed by the raw Redis channel name, as the broker reads it off the wire,
+        # and by stream key.
         self._by_redis: dict[bytes, list[Channel]] = {}
+        self._by_stream: dict[bytes, list[Channel]] = {}
         self._mux: dict[frozenset[str], MuxGroup] = {}
         self._pending: list[tuple[Channel, Entry]] = []
         self._connections = 0
@@ -172,8 +181,15 @@ class Hub:
         )
         self.families = Families(config.channels.values())
         self._by_redis = {}
+        self._by_stream = {}
         for channel in self.channels.values():
-            self._by_redis.setdefault(channel.redis, []).append(channel)
+            self._index(channel).setdefault(channel.redis, []).append(channel)
+
+    def _index(self, channel: Channel) -> dict[bytes, list[Channel]]:
+        return self._by_stream if channel.stream else self._by_redis
+
+    def _upstream(self, channel: Channel) -> Broker | StreamReader | None:
+        return self.streams if channel.stream else self.broker
 
     def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:
         """Apply a new config: returns the channels and families (added, removed, changed).
@@ -192,7 +208,11 @@ class Hub:
         families = Families(config.channels.values())
         for member in [c for c in self.channels.values() if c.family is not None]:
             found = None if member.name in config.channels else families.find(member.name)
-            if found is None or found[0].name != member.label:
+            if (
+                found is None
+                or found[0].name != member.label
+                or bool(found[0].config.stream) != member.stream
+            ):
                 self._remove_member(member)
                 continue
             family, part = found
@@ -207,16 +227,25 @@ class Hub:
             member.history.resize(family.config.history, family.config.history_ttl)
         for name in changed:
             channel = self.channels.get(name)
-            if channel is not None and channel.family is None:
-                channel.config = config.channels[name]
-                channel.redis = channel.config.redis_channel.encode()
-                channel.history.resize(channel.config.history, channel.config.history_ttl)
+            if channel is None or channel.family is not None:
+                continue
+            new = config.channels[name]
+            if new.stream != channel.config.stream:
+                # Another source means other ids: its streams start over.
+                self._end(self.channels.pop(name), "channel_removed")
+                added.append(name)
+                continue
+            channel.config = new
+            channel.redis = (new.stream or new.redis_channel).encode()
+            channel.history.resize(new.history, new.history_ttl)
         for name in added:
             if not config.channels[name].family:
                 self.channels[name] = Channel(config.channels[name])
         self._apply(config)
         if self.broker is not None:
             self.broker.set_channels(self.redis_channels())
+        if self.streams is not None:
+            self.streams.set_streams(self._by_stream)
         return added, removed, changed
 
     def _end(self, channel: Channel, reason: str) -> None:
@@ -293,10 +322,11 @@ class Hub:
         channel.history.evicted_seq = self.seq
         self.channels[name] = channel
         self.members[family.name] += 1
-        others = self._by_redis.setdefault(channel.redis, [])
+        others = self._index(channel).setdefault(channel.redis, [])
         others.append(channel)
-        if len(others) == 1 and self.broker is not None:
-            self.broker.want((channel.redis,))
+        upstream = self._upstream(channel)
+        if len(others) == 1 and upstream is not None:
+            upstream.want((channel.redis,))
         return channel
 
     def _remove_member(self, channel: Channel, reason: str = "channel_removed") -> None:
@@ -309,13 +339,15 @@ class Hub:
         if not self.members[channel.label]:
             del self.members[channel.label]
         self._idle.get(channel.config.grace, {}).pop(channel, None)
-        others = self._by_redis.get(channel.redis, [])
+        index = self._index(channel)
+        others = index.get(channel.redis, [])
         if channel in others:
             others.remove(channel)
         if not others:
-            self._by_redis.pop(channel.redis, None)
-            if self.broker is not None:
-                self.broker.drop((channel.redis,))
+            index.pop(channel.redis, None)
+            upstream = self._upstream(channel)
+            if upstream is not None:
+                upstream.drop((channel.redis,))
 
     def drop_idle_members(self, now: float | None = None) -> int:
         """Drop members whose grace is over (all idle ones when ``now`` is None)."""
@@ -338,6 +370,13 @@ class Hub:
         self.drop_idle_members(time.monotonic())
 
     @property
+    def upstream_ready(self) -> bool:
+        """Subscribed to every pub/sub channel, and reading every stream channel."""
+        if self.broker is not None and not self.broker.ready:
+            return False
+        return not self._by_stream or self.streams is None or self.streams.ready
+
+    @property
     def connections(self) -> int:
         """Open streams across all channels."""
         return self._connections
@@ -345,6 +384,12 @@ class Hub:
     def position(self) -> str:
         """The id of the current position: everything up to now has been delivered."""
         return f"{self.epoch}-{self.seq}"
+
+    def _position(self, channels: Sequence[Channel], mux: bool) -> str:
+        """A new stream's position: a stream channel's is its stream's newest entry id."""
+        if not mux and channels[0].stream:
+            return channels[0].stream_pos
+        return self.position()
 
     # --- input --------------------------------------------------------------------
 
@@ -363,6 +408,39 @@ class Hub:
             except Rejected as exc:
                 self._reject(channel.label, exc)
 
+    def stream_keys(self) -> list[bytes]:
+        """The stream keys the stream reader must read."""
+        return sorted(self._by_stream)
+
+    def stream_prefill(self, key: bytes) -> int:
+        """Recent entries of ``key`` to read when it starts: what its channels keep."""
+        return min(
+            _MAX_PREFILL, max((c.config.history for c in self._by_stream.get(key, ())), default=0)
+        )
+
+    def stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
+        """The reader knows where ``key`` ends: keep its recent ``entries`` for resume."""
+        for channel in self._by_stream.get(key, ()):
+            channel.stream_pos = entries[-1][0].decode() if entries else "0-0"
+        self._stream_input(key, entries, received=False)
+
+    def stream_entries(self, key: bytes, entries: list[StreamEntry]) -> None:
+        """New entries of ``key``: each one an event whose id is its entry id."""
+        self._stream_input(key, entries, received=True)
+
+    def _stream_input(self, key: bytes, entries: list[StreamEntry], received: bool) -> None:
+        for channel in self._by_stream.get(key, ()):
+            fmt = channel.config.format
+            for entry_id, entry_fields in entries:
+                eid = entry_id.decode()
+                channel.stream_pos = eid
+                if received:
+                    self.stats.received[channel.label] += 1
+                try:
+                    self._ingest(channel, parse_entry(fmt, eid, entry_fields, self._max_message))
+                except Rejected as exc:
+                    self._reject(channel.label, exc)
+
     def _publish_juggernaut(self, payload: bytes) -> None:
         try:
             names, event = parse_juggernaut(payload, self._max_message)
@@ -380,6 +458,8 @@ class Hub:
             self.stats.received[channel.label] += 1
             # Each channel on its own: whatever happens to one, the others get the event.
             try:
+                if channel.stream:
+                    raise Rejected("stream_channel", "its events are its stream's entries")
                 self._ingest(channel, event)
             except Rejected as exc:
                 self._reject(channel.label, exc)
@@ -539,13 +619,15 @@ class Hub:
                 return n
         if not mux:
             for channel in channels:
+                if channel.stream and last_event_id == channel.stream_pos:
+                    return self.seq  # at the newest entry (its id may be a start marker)
                 found = channel.history.seq_of(last_event_id)
                 if found is not None:
                     return found
         return None
 
     def _resume(self, channels: Sequence[Channel], last_event_id: str | None, mux: bool) -> bytes:
-        marker = b"id: %s\n\n" % self.position().encode()
+        marker = b"id: %s\n\n" % self._position(channels, mux).encode()
         if last_event_id is None:
             # Even a fresh stream gets a position, so that its reconnect carries a
             # Last-Event-ID and anything missed meanwhile is replayed or signalled.
@@ -569,8 +651,8 @@ class Hub:
                         self.stats.replays[channel.label] += 1
                     for e in entries:
                         replay.append((e[SEQ], self._mux_bytes(channel, e) if mux else e[RAW]))
-                if reason is None and n < self.outage_seq:
-                    reason = "redis_outage"
+                if reason is None and n < self.outage_seq and not channel.stream:
+                    reason = "redis_outage"  # (a stream reader's outage loses nothing)
             if reason is not None:
                 self.stats.gaps[channel.label] += 1
                 gaps.append(self._gap(channel, reason, last_event_id))
@@ -592,13 +674,16 @@ class Hub:
         self.outage_seq = self.seq
         marker = b"id: %s\n\n" % self.position().encode()
         for channel in self.channels.values():
-            if channel.subs:
+            if channel.subs and not channel.stream:
                 raw = self._gap(channel, "redis_outage", None) + marker
                 self.stats.gaps[channel.label] += len(channel.subs)
                 self._write(channel.subs, raw, sse.chunk(raw))
         for group in list(self._mux.values()):
-            raw = b"".join(self._gap(c, "redis_outage", None) for c in group.channels) + marker
-            for channel in group.channels:
+            pubsub = [c for c in group.channels if not c.stream]
+            if not pubsub:
+                continue
+            raw = b"".join(self._gap(c, "redis_outage", None) for c in pubsub) + marker
+            for channel in pubsub:
                 self.stats.gaps[channel.label] += len(group)
             self._write(group, raw, sse.chunk(raw))
 

@@ -6,6 +6,12 @@ Formats, per channel (``format:``):
 - ``json``: ``{"data": ..., "event": "...", "id": "...", "retry": 5000}``; only
   ``data`` is required; a non-string ``data`` is sent as compact JSON.
 
+A stream channel's entries (``XADD key * data … [event …] [retry …]``) go through
+``parse_entry``: ``data`` is required and read in the channel's format (``text``: as
+is; ``json``: a JSON value, a string sent as is and anything else as compact JSON),
+``event`` and ``retry`` are optional, any other field is rejected. The entry id is the
+event's id.
+
 And on the ``juggernaut`` Redis channel: ``{"channels": [...], "data": ...}`` (or
 ``"channel": "c"``), Juggernaut's publish format.
 
@@ -26,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Event", "Rejected", "parse", "parse_juggernaut", "MAX_ID_LENGTH"]
+__all__ = ["Event", "Rejected", "parse", "parse_entry", "parse_juggernaut", "MAX_ID_LENGTH"]
 
 # Ids come back to the hub as Last-Event-ID headers; keep them header-sized.
 MAX_ID_LENGTH = 256
@@ -129,6 +135,48 @@ _PARSERS = {"text": parse_text, "json": parse_json}
 def parse(fmt: str, payload: bytes, max_bytes: int) -> Event:
     """Parse ``payload`` in the channel's format."""
     return _PARSERS[fmt](payload, max_bytes)
+
+
+_ENTRY_FIELDS = frozenset({b"data", b"event", b"retry"})
+
+
+def parse_entry(fmt: str, entry_id: str, fields: dict[bytes, bytes], max_bytes: int) -> Event:
+    """A stream entry's fields as an event whose id is the entry id."""
+    unknown = set(fields) - _ENTRY_FIELDS
+    if unknown:
+        names = ", ".join(sorted(k.decode("utf-8", "backslashreplace") for k in unknown))
+        raise Rejected("bad_field", f"unknown fields: {names}")
+    raw = fields.get(b"data")
+    if raw is None:
+        raise Rejected("bad_field", "data is required")
+    text = _decode(raw, max_bytes)
+    if fmt == "json":
+        text = _data_text(_load_value(text))
+    event = None
+    if b"event" in fields:
+        event = _decode(fields[b"event"], MAX_ID_LENGTH)
+        if _FORBIDDEN.search(event):
+            raise Rejected("bad_field", "event contains CR, LF or NUL")
+    retry = None
+    if b"retry" in fields:
+        value = fields[b"retry"]
+        if not value.isdigit() or len(value) > 10:
+            raise Rejected("bad_field", "retry must be a non-negative integer")
+        retry = int(value)
+    return Event(data=text, event=event, id=entry_id, retry=retry)
+
+
+def _load_value(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise Rejected("invalid_json", str(exc)) from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected("invalid_utf8", "lone surrogate in a JSON string") from None
+    return value
 
 
 def parse_juggernaut(payload: bytes, max_bytes: int) -> tuple[list[str], Event]:

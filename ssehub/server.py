@@ -22,6 +22,7 @@ from .config import Config, ConfigError, load
 from .hub import Hub
 from .logs import enable_access_log, fields
 from .metrics import Metrics
+from .streams import StreamReader
 from .systemd import Notifier
 
 __all__ = ["HubServer", "run", "serve"]
@@ -52,6 +53,16 @@ class HubServer:
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
+        # Stream channels: one reader for all of them (it connects once one is wanted).
+        self.streams = StreamReader(
+            config.redis,
+            self.hub.stream_entries,
+            self.hub.stream_started,
+            self.hub.stream_prefill,
+            self._on_streams_state,
+        )
+        self.streams.want(self.hub.stream_keys())
+        self.hub.streams = self.streams
         # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
         self.notifier = Notifier() if notifier is None else notifier
         self._ready_sent = False
@@ -77,6 +88,7 @@ class HubServer:
             max_field_size=limits.max_field_size,
         )
         self._broker_task: asyncio.Task[None] | None = None
+        self._streams_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._unfinished: set[RequestHandler] = set()
         self.port = 0
@@ -97,6 +109,25 @@ class HubServer:
         """One line for ``systemctl status``."""
         return f"connections={self.hub.connections} redis={self.broker.state.value}"
 
+    @property
+    def ready(self) -> bool:
+        """Serving, subscribed to every pub/sub channel and reading every stream."""
+        return self.hub.upstream_ready
+
+    def _on_streams_state(self, old: BrokerState, new: BrokerState) -> None:
+        # Nothing was lost on stream channels: the reader goes on from its positions.
+        self._check_ready()
+
+    def _check_ready(self) -> None:
+        # Ready means serving *and* subscribed: a hub without Redis would accept
+        # streams that never carry an event, so systemd must not count it started.
+        if self.ready and not self._ready_sent:
+            self._ready_sent = True
+            log.info("ready", extra=fields(port=self.port, channels=len(self.hub.channels)))
+            self.notifier.notify_ready(self.status())
+        else:
+            self.notifier.notify_status(self.status())
+
     def _on_redis_state(self, old: BrokerState, new: BrokerState) -> None:
         if new is BrokerState.DOWN:
             # Members no browser holds would only be resubscribed for nothing (and
@@ -105,14 +136,7 @@ class HubServer:
         if old is BrokerState.DOWN and new is BrokerState.UP:
             # What Redis published while we were away is gone: say so in-band.
             self.hub.signal_outage()
-        # Ready means serving *and* subscribed: a hub without Redis would accept
-        # streams that never carry an event, so systemd must not count it started.
-        if new is BrokerState.UP and not self._ready_sent:
-            self._ready_sent = True
-            log.info("ready", extra=fields(port=self.port, channels=len(self.hub.channels)))
-            self.notifier.notify_ready(self.status())
-        else:
-            self.notifier.notify_status(self.status())
+        self._check_ready()
 
     async def _start_admin(self) -> None:
         admin = self.config.admin
@@ -134,6 +158,7 @@ class HubServer:
         await site.start()
         await self._start_admin()
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
+        self._streams_task = asyncio.create_task(self.streams.run(), name="ssehub-streams")
         self.hub.start_heartbeat()
         self._schedule_sweep()
         self.notifier.start(self.status)
@@ -213,11 +238,12 @@ class HubServer:
         # After the public side: metrics and readiness stay readable while streams drain.
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        if self._broker_task is not None:
-            self._broker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._broker_task
-            self._broker_task = None
+        for task in (self._broker_task, self._streams_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._broker_task = self._streams_task = None
         self.notifier.close()
         log.info("stopped")
 

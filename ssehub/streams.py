@@ -1,0 +1,313 @@
+"""The Redis Streams side: one blocking reader for every stream channel of the process.
+
+A stream channel's events are the entries of a Redis Stream (``XADD orders * data …``),
+and its SSE ids are the entry ids: the same on every hub node and after every restart,
+so a client resumes exactly wherever it reconnects.
+
+One connection blocks in ``XREAD COUNT … BLOCK … STREAMS k1 k2 … id1 id2 …`` over every
+stream the hub follows, and hands each batch to the hub synchronously. It continues
+from the last entry it delivered per stream, across reconnects: entries added while
+Redis (or the hub's connection) was away are delivered afterwards, none lost, none
+doubled. A second, ordinary connection does the rest: reading where a new stream
+starts (``XREVRANGE``, which also fills the hub's cache of recent entries), paging
+through ``XRANGE`` for clients that resume from further back than the cache, trimming,
+and ``CLIENT UNBLOCK`` to wake the reader when the set of streams changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .broker import BrokerState
+from .config import RedisConfig
+from .logs import fields
+
+__all__ = ["Entry", "StreamReader", "parse_stream_id"]
+
+log = logging.getLogger(__name__)
+
+# (entry id, field -> value), as Redis returns them.
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+# Entries per XREAD batch (all streams together) and per XRANGE page.
+READ_COUNT = 1000
+PAGE = 500
+# Milliseconds one XREAD may block; a silent connection is checked after this.
+BLOCK_MS = 5000
+# XRANGE round trips in flight for all resuming clients together.
+MAX_REPLAY_READS = 16
+
+
+def parse_stream_id(value: str) -> tuple[int, int] | None:
+    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id."""
+    ms, sep, seq = value.partition("-")
+    if not sep or not (ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
+        return None
+    if len(ms) > 20 or len(seq) > 20:
+        return None
+    return int(ms), int(seq)
+
+
+class _SessionEnded(Exception):
+    pass
+
+
+class StreamReader:
+    """Reads every wanted stream from where it left off; cancel ``run()`` to stop."""
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        on_entries: Callable[[bytes, list[Entry]], None],
+        on_start: Callable[[bytes, list[Entry]], None],
+        prefill: Callable[[bytes], int],
+        on_state: Callable[[BrokerState, BrokerState], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.state = BrokerState.CONNECTING
+        self.reconnects = 0
+        self._on_entries = on_entries
+        self._on_start = on_start
+        self._prefill = prefill
+        self._on_state = on_state
+        # Streams being read, each with the id of the last entry delivered.
+        self.positions: dict[bytes, bytes] = {}
+        # Wanted streams whose start has not been read yet.
+        self._pending: set[bytes] = set()
+        self._changed = asyncio.Event()
+        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._control: aioredis.Redis | None = None
+        self._reader_id: int | None = None
+        self._blocked = False
+        self._unblocker: asyncio.Task[None] | None = None
+        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+
+    # --- what the hub asks for ------------------------------------------------------
+
+    @property
+    def wanted(self) -> set[bytes]:
+        return set(self.positions) | self._pending
+
+    def want(self, keys: Iterable[bytes]) -> None:
+        """Start reading ``keys`` (from their current end)."""
+        new = [k for k in keys if k not in self.positions and k not in self._pending]
+        if new:
+            self._pending.update(new)
+            self._wake()
+
+    def drop(self, keys: Iterable[bytes]) -> None:
+        """Stop reading ``keys``."""
+        changed = False
+        for k in keys:
+            if self.positions.pop(k, None) is not None:
+                changed = True
+            if k in self._pending:
+                self._pending.discard(k)
+                changed = True
+            waiter = self._waiters.pop(k, None)
+            if waiter is not None:
+                waiter.cancel()
+        if changed:
+            self._wake()
+
+    def set_streams(self, keys: Iterable[bytes]) -> None:
+        """Read exactly ``keys`` from now on (config reload)."""
+        new = set(keys)
+        self.drop(self.wanted - new)
+        self.want(new - self.wanted)
+
+    def live(self, key: bytes) -> bool:
+        """True once the reader knows where ``key`` starts: its events will all arrive."""
+        return key in self.positions
+
+    async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool:
+        """True once every one of ``keys`` is live; False after ``timeout``."""
+        missing = [k for k in keys if k not in self.positions]
+        if not missing:
+            return True
+        loop = asyncio.get_running_loop()
+        futures = set()
+        for k in missing:
+            waiter = self._waiters.get(k)
+            if waiter is None:
+                waiter = self._waiters[k] = loop.create_future()
+            futures.add(waiter)
+        await asyncio.wait(futures, timeout=timeout)  # never cancels the shared futures
+        return all(k in self.positions for k in missing)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BrokerState.UP
+
+    async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
+        """Entries of ``key`` after ``after`` up to ``until`` (inclusive), oldest first.
+
+        At most ``MAX_REPLAY_READS`` of these are in flight for the whole process, and
+        a caller has one at a time: a resume storm queues here instead of loading Redis.
+        """
+        async with self._replays:
+            control = self._need_control()
+            entries: Any = await control.xrange(key, b"(" + after, until, count=count)
+            return typing.cast(list[Entry], entries)
+
+    async def first_id(self, key: bytes) -> bytes | None:
+        """The id of the oldest entry ``key`` still has, or None when it is empty."""
+        async with self._replays:
+            entries: Any = await self._need_control().xrange(key, count=1)
+        return typing.cast(bytes, entries[0][0]) if entries else None
+
+    def _need_control(self) -> aioredis.Redis:
+        if self._control is None or self.state is not BrokerState.UP:
+            raise RedisError("redis streams connection is down")
+        return self._control
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._changed.set()
+        if self._blocked and self._unblocker is None:
+            # The reader sits in XREAD with the old set of streams: end that wait.
+            self._unblocker = asyncio.get_running_loop().create_task(self._unblock())
+
+    async def _unblock(self) -> None:
+        try:
+            # Redis may not have the XREAD yet when the UNBLOCK arrives (two
+            # connections): try again while the reader still waits with old streams.
+            for _ in range(50):
+                control, reader_id = self._control, self._reader_id
+                if not self._blocked or control is None or reader_id is None:
+                    return
+                if await control.client_unblock(reader_id):
+                    return
+                await asyncio.sleep(0.01)
+        except (RedisError, OSError) as exc:  # the session is ending; it will start over
+            log.debug("stream reader unblock failed", extra=fields(error=str(exc)))
+        finally:
+            self._unblocker = None
+
+    def _client(self, socket_timeout: float | None) -> aioredis.Redis:
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            self.config.url,
+            single_connection_client=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=self.config.connect_timeout,
+            retry=Retry(NoBackoff(), 0),  # reconnects are this loop's job, with backoff
+        )
+        return client
+
+    async def run(self) -> None:
+        """Connect, read forever, reconnect with capped jittered backoff."""
+        attempt = 0
+        while True:
+            # No connection until there is a stream to read: hubs without stream
+            # channels never open one.
+            while not self.wanted:
+                self._changed.clear()
+                await self._changed.wait()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure ends the session, never the loop
+                why = str(exc) or type(exc).__name__
+                if self.state is BrokerState.UP:
+                    attempt = 0
+                    self._set_state(BrokerState.DOWN, why)
+                elif attempt == 0:
+                    log.warning("redis streams unavailable", extra=fields(reason=why))
+            cfg = self.config
+            cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
+            attempt = min(attempt + 1, 30)
+            await asyncio.sleep(random.uniform(cfg.reconnect_min / 2, cap))
+
+    def _set_state(self, state: BrokerState, why: str = "") -> None:
+        old, self.state = self.state, state
+        if state is old:
+            return
+        if state is BrokerState.UP:
+            log.info("redis streams reading", extra=fields(streams=len(self.positions)))
+        else:
+            log.warning("redis streams down", extra=fields(reason=why))
+        if self._on_state is not None:
+            try:
+                self._on_state(old, state)
+            except Exception:
+                log.exception("stream state listener failed")
+
+    async def _session(self) -> None:
+        cfg = self.config
+        reader = self._client(socket_timeout=None)  # XREAD blocks; its own deadline below
+        control = self._client(socket_timeout=cfg.connect_timeout + cfg.health_check_timeout)
+        try:
+            self._reader_id = int(await reader.client_id())
+            await control.ping()
+            self._control = control
+            if self.state is not BrokerState.CONNECTING:
+                self.reconnects += 1
+            self._set_state(BrokerState.UP)
+            while True:
+                await self._read_once(reader, control)
+        finally:
+            self._control = None
+            self._reader_id = None
+            self._blocked = False
+            for client in (reader, control):
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+
+    async def _start(self, control: aioredis.Redis) -> None:
+        """Find where each pending stream ends (one pipelined round trip for them all)."""
+        keys = sorted(self._pending)
+        pipe = control.pipeline(transaction=False)
+        for key in keys:
+            pipe.xrevrange(key, count=max(1, self._prefill(key)))
+        replies: list[Any] = await pipe.execute()
+        for key, newest_first in zip(keys, replies, strict=True):
+            if key not in self._pending:
+                continue  # dropped while we asked
+            self._pending.discard(key)
+            entries = list(reversed(newest_first or []))
+            self.positions[key] = entries[-1][0] if entries else b"0-0"
+            self._on_start(key, entries)
+            waiter = self._waiters.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def _read_once(self, reader: aioredis.Redis, control: aioredis.Redis) -> None:
+        self._changed.clear()
+        if self._pending:
+            await self._start(control)
+        if not self.positions:
+            # Nothing to read: wait for a stream, and check the connection meanwhile.
+            try:
+                await asyncio.wait_for(self._changed.wait(), self.config.health_check_interval)
+            except TimeoutError:
+                await asyncio.wait_for(reader.ping(), self.config.health_check_timeout)
+            return
+        streams: Any = dict(self.positions)
+        deadline = BLOCK_MS / 1000 + self.config.health_check_timeout
+        self._blocked = True
+        try:
+            reply: Any = await asyncio.wait_for(
+                reader.xread(streams, count=READ_COUNT, block=BLOCK_MS), deadline
+            )
+        except TimeoutError:
+            raise _SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
+        finally:
+            self._blocked = False
+        for key, entries in reply or ():
+            if key not in self.positions or not entries:
+                continue  # dropped while we read
+            self.positions[key] = entries[-1][0]
+            self._on_entries(key, entries)
