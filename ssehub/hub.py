@@ -418,6 +418,10 @@ class Hub:
             _MAX_PREFILL, max((c.config.history for c in self._by_stream.get(key, ())), default=0)
         )
 
+    def stream_maxlen(self, key: bytes) -> int:
+        """The length to trim ``key`` to (``stream_maxlen``; 0: leave it to publishers)."""
+        return max((c.config.stream_maxlen for c in self._by_stream.get(key, ())), default=0)
+
     def stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
         """The reader knows where ``key`` ends: keep its recent ``entries`` for resume."""
         for channel in self._by_stream.get(key, ()):

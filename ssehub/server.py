@@ -60,6 +60,7 @@ class HubServer:
             self.hub.stream_started,
             self.hub.stream_prefill,
             self._on_streams_state,
+            self.hub.stream_maxlen,
         )
         self.streams.want(self.hub.stream_keys())
         self.hub.streams = self.streams

@@ -45,6 +45,8 @@ READ_COUNT = 1000
 PAGE = 500
 # Milliseconds one XREAD may block; a silent connection is checked after this.
 BLOCK_MS = 5000
+# Seconds between two XTRIMs of one stream (channels with `stream_maxlen`).
+TRIM_EVERY = 1.0
 # XRANGE round trips in flight for all resuming clients together.
 MAX_REPLAY_READS = 16
 
@@ -73,6 +75,7 @@ class StreamReader:
         on_start: Callable[[bytes, list[Entry]], None],
         prefill: Callable[[bytes], int],
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
+        maxlen: Callable[[bytes], int] = lambda key: 0,
     ) -> None:
         self.config = config
         self.state = BrokerState.CONNECTING
@@ -81,6 +84,10 @@ class StreamReader:
         self._on_start = on_start
         self._prefill = prefill
         self._on_state = on_state
+        self._maxlen = maxlen
+        # Stream -> loop time of its last XTRIM (streams with a `stream_maxlen`).
+        self._trimmed: dict[bytes, float] = {}
+        self._trimmer: asyncio.Task[None] | None = None
         # Streams being read, each with the id of the last entry delivered.
         self.positions: dict[bytes, bytes] = {}
         # Wanted streams whose start has not been read yet.
@@ -306,8 +313,38 @@ class StreamReader:
             raise _SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
         finally:
             self._blocked = False
+        grown = []
         for key, entries in reply or ():
             if key not in self.positions or not entries:
                 continue  # dropped while we read
             self.positions[key] = entries[-1][0]
             self._on_entries(key, entries)
+            grown.append(key)
+        self._trim(control, grown)
+
+    def _trim(self, control: aioredis.Redis, keys: list[bytes]) -> None:
+        """``XTRIM key MAXLEN ~ N`` for streams that grew, at most every TRIM_EVERY s each."""
+        now = asyncio.get_running_loop().time()
+        due = [
+            (k, n)
+            for k in keys
+            if (n := self._maxlen(k)) > 0 and now - self._trimmed.get(k, 0.0) >= TRIM_EVERY
+        ]
+        if not due or self._trimmer is not None:
+            return
+        for k, _ in due:
+            self._trimmed[k] = now
+
+        async def trim() -> None:
+            try:
+                pipe = control.pipeline(transaction=False)
+                for k, n in due:
+                    pipe.xtrim(k, maxlen=n, approximate=True)
+                await pipe.execute()
+            except (RedisError, OSError) as exc:  # next time, or the next session
+                log.debug("stream trim failed", extra=fields(error=str(exc)))
+            finally:
+                self._trimmer = None
+
+        # Off the reading path: the next XREAD does not wait for the trim.
+        self._trimmer = asyncio.get_running_loop().create_task(trim())

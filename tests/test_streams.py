@@ -222,3 +222,25 @@ async def test_two_hub_nodes_serve_the_same_ids(
         assert (replayed.id, replayed.data) == (missed, "moved")
     finally:
         await moved.close()
+
+
+async def test_stream_maxlen_trims_the_stream(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    stream = key("trim")
+    hub = await start(start_hub, {"orders": {"stream": stream, "stream_maxlen": 10}})
+    c = await open_stream(hub.port, "/channels/orders")
+    try:
+        pipe = redis_client.pipeline(transaction=False)
+        for i in range(500):
+            pipe.xadd(stream, {"data": str(i)})
+        await pipe.execute()
+        await c.next_events(500, timeout=10)
+
+        async def trimmed() -> bool:
+            # MAXLEN ~ trims whole macro nodes (100 entries by default): approximate.
+            return int(await redis_client.xlen(stream)) <= 110
+
+        await wait_until(trimmed, timeout=5)
+    finally:
+        await c.close()
