@@ -1,4 +1,4 @@
-"""Hostile and broken HTTP input: never a 5xx, never a crash, never a leak.
+"""Hostile and broken HTTP input: a 4xx or a clean close; never a 5xx, a hang, a crash or a leak.
 
 Requests are raw bytes over real sockets. The hypothesis run drives blocking
 sockets from a worker thread while the hub serves on the test's event loop, so
@@ -218,6 +218,30 @@ async def test_oversized_requests_get_a_4xx(
     assert handler_errors(caplog) == []
 
 
+async def test_configured_line_and_field_limits_apply(start_hub: StartHub) -> None:
+    hub = await start_hub(CHANNELS, limits={"max_line_size": 1024, "max_field_size": 1024})
+    for request in [
+        b"GET /channels/" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /channels/chat HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 2000 + b"\r\n\r\n",
+    ]:
+        head = await asyncio.to_thread(exchange, hub.port, request)
+        assert 400 <= status_of(head) < 500, head[:60]
+
+
+async def test_garbage_gets_400(start_hub: StartHub) -> None:
+    hub = await start_hub(CHANNELS)
+    head = await asyncio.to_thread(exchange, hub.port, b"\x16\x03\x01\x02\x00garbage\r\n\r\n")
+    assert status_of(head) == 400, head[:80]
+
+
+async def test_invalid_utf8_in_a_channel_name_is_404_not_500(start_hub: StartHub) -> None:
+    hub = await start_hub(CHANNELS)
+    for path in ["/channels/%80", "/channels/a%ff%fe", "/events?channel=%c3%28"]:
+        status, _, body = await http_request(hub.port, path)
+        assert status == 404, (path, status, body[:80])
+        assert b"unknown channel: " in body
+
+
 async def test_oversized_last_event_id_is_a_400_from_the_app(start_hub: StartHub) -> None:
     hub = await start_hub(CHANNELS)
     for lei in ["x" * 257, "a\x00b"]:
@@ -241,6 +265,40 @@ async def test_malformed_requests_are_not_logged_as_errors(
     await wait_until(lambda: "bad request status=400" in caplog.text, timeout=2)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert errors == []
+
+
+async def test_partial_request_is_closed_after_the_request_timeout(start_hub: StartHub) -> None:
+    hub = await start_hub(CHANNELS, limits={"request_timeout": 0.2})
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    try:
+        writer.write(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no answer
+        assert loop.time() - started < 1.5
+        # Meanwhile and afterwards the hub serves others.
+        status, _, _ = await http_request(hub.port, "/healthz")
+        assert status == 200
+    finally:
+        writer.close()
+
+
+async def test_streams_are_not_swept_as_idle(start_hub: StartHub) -> None:
+    hub = await start_hub(CHANNELS, limits={"request_timeout": 0.1}, heartbeat=0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    try:
+        writer.write(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 0.6  # several sweep periods
+        while loop.time() < end:
+            chunk = await asyncio.wait_for(reader.read(4096), 2)
+            assert chunk, "stream was closed"
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200")
+        assert hub.hub.connections == 1
+    finally:
+        writer.close()
 
 
 async def test_slowloris_does_not_block_others(
