@@ -199,16 +199,25 @@ async def test_disconnect_removes_subscriber_at_once(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
     hub = await start_hub()
-    clients = [await open_stream(hub.port, "/channels/chat") for _ in range(10)]
-    await wait_until(lambda: hub.hub.connections == 10)
-    for c in clients:
-        await c.close()
-    await wait_until(lambda: hub.hub.connections == 0, timeout=2)
-    assert hub.hub.stats.closed["client_gone"] == 10
-    # Publishing afterwards touches no dead transport.
-    await redis_client.publish("chat", "after")
-    tasks = [t for t in asyncio.all_tasks() if "handle" in repr(t.get_coro())]
-    await wait_until(lambda: all(t.done() for t in tasks), timeout=2)
+    survivor = await open_stream(hub.port, "/channels/chat")
+    try:
+        tasks_before = asyncio.all_tasks()
+        clients = [await open_stream(hub.port, "/channels/chat") for _ in range(10)]
+        await wait_until(lambda: hub.hub.connections == 11)
+        for c in clients:
+            await c.close()
+        await wait_until(lambda: hub.hub.connections == 1, timeout=2)
+        assert hub.hub.stats.closed["client_gone"] == 10
+        assert len(hub.hub.channels["chat"]) == 1
+        # Their handler tasks ended too.
+        await wait_until(lambda: asyncio.all_tasks() <= tasks_before, timeout=2)
+        # Publishing afterwards touches no dead transport: the flush that reaches the
+        # survivor writes to it alone.
+        await redis_client.publish("chat", "after")
+        assert [e.data for e in await survivor.next_events(1)] == ["after"]
+        assert hub.hub.stats.delivered == 1
+    finally:
+        await survivor.close()
 
 
 async def test_one_redis_connection_for_many_subscribers(

@@ -3,45 +3,86 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .redis_server import RedisServer
 
 
-def start_daemon(config: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssehub", "--config", str(config), *args],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        match = re.search(r"listening host=\S+ port=(\d+)", line)
-        if match:
-            return proc, int(match.group(1))
-    proc.kill()
-    proc.wait()
+class Daemon:
+    """``python -m ssehub`` as a child process, its stderr read with deadlines.
+
+    A thread does the blocking reads into a queue, so a daemon that falls silent
+    fails the test at the caller's deadline instead of hanging it in readline().
+    """
+
+    def __init__(self, config: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ssehub", "--config", str(config), *args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.ended = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._lines.put(line)
+        self._lines.put(None)  # end of stderr
+
+    def lines(self, timeout: float) -> Iterator[str]:
+        """The daemon's next stderr lines, until ``timeout`` seconds have passed or
+        stderr ends (then ``ended`` is true)."""
+        deadline = time.monotonic() + timeout
+        while not self.ended:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if line is None:
+                self.ended = True
+                return
+            yield line
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def reap(self) -> None:
+        """Kill the daemon if a test left it running, and close its pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=10)  # stderr is at its end once the process is gone
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+LISTENING = re.compile(r"listening host=\S+ port=(\d+)")
+
+
+def start_daemon(config: Path, *args: str) -> tuple[Daemon, int]:
+    """Start the daemon and return it with the port it logged it listens on."""
+    daemon = Daemon(config, *args)
+    for line in daemon.lines(timeout=20):
+        if match := LISTENING.search(line):
+            return daemon, int(match.group(1))
+    daemon.reap()
     raise AssertionError("daemon did not start listening")
-
-
-def reap(proc: subprocess.Popen[str]) -> None:
-    """Kill the daemon if a test left it running, and close its pipe."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
 
 
 def get(port: int, path: str) -> bytes:
@@ -56,17 +97,17 @@ def get(port: int, path: str) -> bytes:
 def test_daemon_serves_and_exits_0_on_sigterm(tmp_path: Path, redis_server: RedisServer) -> None:
     config = tmp_path / "hub.yaml"
     config.write_text(f"redis: {{url: '{redis_server.url}'}}\nchannels: {{chat: {{}}}}\n")
-    proc, port = start_daemon(config, "--host", "127.0.0.1", "--port", "0")
+    daemon, port = start_daemon(config, "--host", "127.0.0.1", "--port", "0")
     try:
         assert get(port, "/healthz").startswith(b"HTTP/1.0 200")
         deadline = time.monotonic() + 10
         while not get(port, "/readyz").startswith(b"HTTP/1.0 200"):
             assert time.monotonic() < deadline, "never ready"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=15) == 0
     finally:
-        reap(proc)
+        daemon.reap()
 
 
 def test_port_in_use_exits_3(tmp_path: Path) -> None:
@@ -93,19 +134,13 @@ def test_sighup_reloads_and_sigterm_ends_streams_within_the_timeout(
     config = tmp_path / "hub.yaml"
     base = f"redis: {{url: '{redis_server.url}'}}\nshutdown_timeout: 3\n"
     config.write_text(base + "channels: {chat: {}}\n")
-    proc, port = start_daemon(config, "--port", "0")
-    assert proc.stderr is not None
+    daemon, port = start_daemon(config, "--port", "0")
     stream = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
         config.write_text(base + "channels: {chat: {}, later: {}}\n")
-        proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while True:
-            line = proc.stderr.readline()
-            assert time.monotonic() < deadline and line, "no reload log line"
-            if "reloaded" in line:
-                assert "added=later" in line
-                break
+        daemon.send_signal(signal.SIGHUP)
+        reloaded = next((line for line in daemon.lines(timeout=10) if "reloaded" in line), "")
+        assert "added=later" in reloaded, f"reload log line: {reloaded!r}"
         with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
             probe.sendall(b"GET /channels/later HTTP/1.1\r\nHost: x\r\n\r\n")
             assert probe.recv(100).startswith(b"HTTP/1.1 200")
@@ -113,9 +148,9 @@ def test_sighup_reloads_and_sigterm_ends_streams_within_the_timeout(
         stream.sendall(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
         assert stream.recv(100).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=15) == 0
         assert time.monotonic() - started < 3 + 2
     finally:
         stream.close()
-        reap(proc)
+        daemon.reap()

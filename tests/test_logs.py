@@ -5,12 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from ssehub.logs import _log_response, fields, setup
 
 from .conftest import StartHub
 from .redis_server import RedisServer
-from .test_cli import get, reap
+from .test_cli import Daemon, get
 
 
 @pytest.fixture
@@ -78,18 +74,15 @@ def test_logging_config_is_validated() -> None:
         parse({"channels": {"a": {}}, "logging": {"level": "LOUD"}})
 
 
-def read_json_lines(proc: subprocess.Popen[str], until: str, timeout: float = 15) -> list[Any]:
+def read_json_lines(daemon: Daemon, until: str, timeout: float = 15) -> list[Any]:
     """Parse stderr lines (each must be JSON) until one whose msg is ``until``."""
-    assert proc.stderr is not None
     out: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        assert line, f"stderr ended before {until!r}: {out}"
+    for line in daemon.lines(timeout):
         out.append(json.loads(line))
         if out[-1]["msg"] == until:
             return out
-    raise AssertionError(f"no {until!r} line within {timeout}s")
+    end = "stderr ended" if daemon.ended else f"{timeout}s passed"
+    raise AssertionError(f"{end} before a {until!r} line: {out}")
 
 
 def test_daemon_logs_json_lines(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -98,27 +91,21 @@ def test_daemon_logs_json_lines(tmp_path: Path, redis_server: RedisServer) -> No
         f"redis: {{url: '{redis_server.url}'}}\nchannels: {{chat: {{}}}}\n"
         "logging: {format: json, access_log: true}\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssehub", "--config", str(config), "--port", "0"],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ},
-    )
+    daemon = Daemon(config, "--port", "0")
     try:
-        lines = read_json_lines(proc, "ready")
+        lines = read_json_lines(daemon, "ready")
         listening = next(line for line in lines if line["msg"] == "listening")
         port = listening["port"]
         assert isinstance(port, int)
         assert get(port, "/healthz?x=1").startswith(b"HTTP/1.0 200")
-        access = read_json_lines(proc, "request")[-1]
+        access = read_json_lines(daemon, "request")[-1]
         assert access["logger"] == "ssehub.access"
         assert (access["method"], access["path"], access["status"]) == ("GET", "/healthz?x=1", 200)
         assert access["remote"] == "127.0.0.1"
         # A stream is logged when it opens, even though it never returns normally.
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\nUser-Agent: test agent\r\n\r\n")
-            access = read_json_lines(proc, "request")[-1]
+            access = read_json_lines(daemon, "request")[-1]
         assert (access["path"], access["status"], access["agent"]) == (
             "/channels/chat",
             200,
@@ -127,15 +114,15 @@ def test_daemon_logs_json_lines(tmp_path: Path, redis_server: RedisServer) -> No
 
         with redis.Redis.from_url(redis_server.url) as r:
             r.publish("chat", b"\xff")
-        rejected = read_json_lines(proc, "message rejected")[-1]
+        rejected = read_json_lines(daemon, "message rejected")[-1]
         assert rejected["level"] == "WARNING"
         assert (rejected["channel"], rejected["reason"]) == ("chat", "invalid_utf8")
 
-        proc.send_signal(signal.SIGTERM)
-        assert read_json_lines(proc, "stopped")
-        assert proc.wait(timeout=15) == 0
+        daemon.send_signal(signal.SIGTERM)
+        assert read_json_lines(daemon, "stopped")
+        assert daemon.wait(timeout=15) == 0
     finally:
-        reap(proc)
+        daemon.reap()
 
 
 async def test_access_log_is_off_unless_configured(start_hub: StartHub) -> None:

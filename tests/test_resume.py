@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 
 import pytest
 import redis.asyncio as aioredis
 
+from ssehub.history import AT
 from ssehub.hub import GAP_EVENT
 
 from .conftest import StartHub
@@ -145,6 +148,14 @@ async def test_last_event_id_query_parameter_and_header_precedence(
         await client.close()
 
 
+def joined_at(client: SSEClient) -> int:
+    """The hub sequence number in the stream's position marker (an id-only block):
+    events up to it came as the replay, later ones live."""
+    match = re.search(rb"(?:^|\n)id: [^\n]*-(\d+)\n\n", client.body)
+    assert match, client.body[:200]
+    return int(match.group(1))
+
+
 async def test_messages_published_during_replay_arrive_once_in_order(
     start_hub: StartHub, redis_client: aioredis.Redis
 ) -> None:
@@ -153,29 +164,35 @@ async def test_messages_published_during_replay_arrive_once_in_order(
     await redis_client.publish("chat", "m0")
     await wait_until(lambda: hub.hub.seq == 1)
     first_id = hub.hub.position()
+    clients: list[SSEClient] = []
 
     async def publisher() -> None:
-        for start in range(1, total, 20):
+        for batch, start in enumerate(range(1, total, 20)):
+            # Batches and resumes take turns (two batches a resume), so that they
+            # overlap on any machine: every resume has more batches after it.
+            await wait_until(lambda: len(clients) >= (batch + 1) // 2, timeout=10)  # noqa: B023
             pipe = redis_client.pipeline(transaction=False)
             for i in range(start, min(start + 20, total)):
                 pipe.publish("chat", f"m{i}")
             await pipe.execute()
-            await asyncio.sleep(0)
-
-    async def resumer() -> SSEClient:
-        return await open_stream(hub.port, "/channels/chat", first_id)
 
     task = asyncio.create_task(publisher())
-    clients = []
-    for _ in range(10):
-        clients.append(await resumer())
-    await task
     try:
+        for k in range(10):
+            # ...and every resume but the first has events to replay.
+            await wait_until(lambda: hub.hub.seq > 40 * k, timeout=10)  # noqa: B023
+            clients.append(await open_stream(hub.port, "/channels/chat", first_id))
+        await task
         for client in clients:
             events = await client.next_events(total - 1, timeout=10)
             assert [e.data for e in events] == [f"m{i}" for i in range(1, total)]
             assert gaps(client) == []
+        # The overlap happened: each client got events live after its resume, and all
+        # but the first a replay before it (m0 is sequence number 1).
+        joined = [joined_at(client) for client in clients]
+        assert joined[0] < total and all(1 < n < total for n in joined[1:]), joined
     finally:
+        task.cancel()
         for client in clients:
             await client.close()
 
@@ -202,14 +219,17 @@ async def test_publisher_given_ids_are_sent_and_resumable(
 async def test_history_age_limit(start_hub: StartHub, redis_client: aioredis.Redis) -> None:
     hub = await start_hub({"chat": {"history": 100, "history_ttl": 0.2}})
     ids = await publish_and_collect(hub.port, redis_client, "chat", 2)
-    first = hub.hub.channels["chat"].history
-    await wait_until(lambda: (first.expire(), len(first) == 0)[1], timeout=3)
+    history = hub.hub.channels["chat"].history
+    newest = list(history.after(0))[-1][AT]
+    # Only wait for the events to age: the hub itself must drop them when asked.
+    await wait_until(lambda: time.monotonic() - newest > 0.2, timeout=3)
     client = await open_stream(hub.port, "/channels/chat", ids[0])
     try:
-        assert gaps(client)[0]["reason"] == "expired"
+        assert gaps(client) == [{"channel": "chat", "reason": "expired", "lastEventId": ids[0]}]
         assert [e.event for e in client.events] == [GAP_EVENT]
     finally:
         await client.close()
+    assert len(history) == 0
 
 
 async def test_oversized_or_malformed_last_event_id_is_400(start_hub: StartHub) -> None:
