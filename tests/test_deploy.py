@@ -9,6 +9,7 @@ and says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -119,6 +120,11 @@ def nginx_prefix(prefix: Path, upstream: int, http: int, https: int) -> Path:
     ]:
         assert old in site, old
         site = site.replace(old, new)
+    return nginx_main(prefix, site)
+
+
+def nginx_main(prefix: Path, site: str) -> Path:
+    """A main nginx.conf in ``prefix`` that includes ``site`` (a server block file)."""
     # Nothing listens beyond loopback in tests.
     site = "\n".join(line for line in site.splitlines() if "listen [::]" not in line)
     (prefix / "site.conf").write_text(site)
@@ -152,15 +158,19 @@ def test_nginx_conf_is_valid(tmp_path: Path) -> None:
 @pytest.fixture
 def nginx_in_front(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
     """Yields (prefix, https port, upstream port); the caller starts the hub on upstream."""
-    exe = nginx_exe()
     upstream, http, https = free_port(), free_port(), free_port()
-    main = nginx_prefix(tmp_path, upstream, http, https)
+    with run_nginx(tmp_path, nginx_prefix(tmp_path, upstream, http, https)):
+        yield tmp_path, https, upstream
+
+
+@contextlib.contextmanager
+def run_nginx(prefix: Path, main: Path) -> Iterator[None]:
     proc = subprocess.Popen(
-        [exe, "-p", str(tmp_path), "-c", str(main), "-e", "stderr", "-g", "daemon off;"],
+        [nginx_exe(), "-p", str(prefix), "-c", str(main), "-e", "stderr", "-g", "daemon off;"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        yield tmp_path, https, upstream
+        yield
     finally:
         proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop
         try:
@@ -214,6 +224,72 @@ async def test_events_stream_through_nginx_unbuffered(
         ]
     finally:
         conn.close()
+
+
+def nginx_lb(prefix: Path, nodes: tuple[int, int], listen: int) -> Path:
+    """deploy/nginx-lb.conf with the nodes on the given loopback ports."""
+    site = (DEPLOY / "nginx-lb.conf").read_text()
+    for old, new in [
+        ("server 127.0.0.1:8081;", f"server 127.0.0.1:{nodes[0]};"),
+        ("server 127.0.0.1:8082;", f"server 127.0.0.1:{nodes[1]};"),
+        ("listen 8000;", f"listen 127.0.0.1:{listen};"),
+    ]:
+        assert old in site, old
+        site = site.replace(old, new)
+    return nginx_main(prefix, site)
+
+
+@pytest.mark.slow
+async def test_a_stream_channel_resumes_exactly_on_another_node_behind_nginx(
+    tmp_path: Path, start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """Two nodes behind deploy/nginx-lb.conf; the node serving a browser stops; its
+    reconnect, through nginx with its Last-Event-ID, reaches the other node and gets
+    exactly what it missed."""
+    nodes = (free_port(), free_port())
+    listen = free_port()
+    channels = {"orders": {"stream": "lb:orders"}}
+    hubs = [
+        await start_hub(channels, listen={"host": "127.0.0.1", "port": port}, wait_ready=False)
+        for port in nodes
+    ]
+    await wait_until(lambda: all(h.ready for h in hubs), timeout=10)
+    with run_nginx(tmp_path, nginx_lb(tmp_path, nodes, listen)):
+        deadline = time.monotonic() + 10
+        while True:  # nginx may still be starting
+            try:
+                first = await SSEClient.connect(listen, "/channels/orders")
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "nginx did not start"
+                await asyncio.sleep(0.05)
+        try:
+            assert first.status == 200
+            await first.read_until(lambda c: c.parser.last_id)
+            sent = [(await redis_client.xadd("lb:orders", {"data": "one"})).decode()]
+            await first.next_events(1)
+            serving = next(h for h in hubs if h.hub.connections == 1)
+            other = next(h for h in hubs if h is not serving)
+            await serving.stop()  # a deploy: streams end cleanly, the node goes away
+            # nginx ends the body with its last chunk and keeps the connection.
+            await first.read_until(lambda c: c.ended_cleanly)
+            last_id = first.events[-1].id
+            sent += [
+                (await redis_client.xadd("lb:orders", {"data": f"moved {i}"})).decode()
+                for i in range(3)
+            ]
+        finally:
+            await first.close()
+        back = await SSEClient.connect(listen, "/channels/orders", {"Last-Event-ID": last_id})
+        try:
+            assert back.status == 200
+            await wait_until(lambda: other.hub.connections == 1)
+            sent.append((await redis_client.xadd("lb:orders", {"data": "live"})).decode())
+            events = await back.next_events(4)
+            assert [e.id for e in events] == sent[1:]
+            assert [e.data for e in events] == ["moved 0", "moved 1", "moved 2", "live"]
+        finally:
+            await back.close()
 
 
 # --- containers -----------------------------------------------------------------
