@@ -160,6 +160,9 @@ def _parse_stats(line: str) -> ClientStats:
         pos += 2
     nconn = int(f[pos])
     connect_s = [int(x) / 1e6 for x in f[pos + 1 : pos + 1 + nconn]]
+    pos += 1 + nconn
+    nlive = int(f[pos])
+    live_s = [int(x) / 1e6 for x in f[pos + 1 : pos + 1 + nlive]]
     return ClientStats(
         opened=opened,
         failed=failed,
@@ -168,6 +171,8 @@ def _parse_stats(line: str) -> ClientStats:
         hist=hist,
         max_us=max_us,
         connect_s=connect_s,
+        live=nlive,
+        live_s=live_s,
         cpu_s=cpu_us / 1e6,
         wall_s=wall_us / 1e6,
         errors={"failed": failed} if failed else {},

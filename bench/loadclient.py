@@ -55,6 +55,10 @@ class ClientStats:
     hist: dict[int, int] = field(default_factory=dict)
     max_us: int = 0
     connect_s: list[float] = field(default_factory=list)
+    # Streams whose first ``id:`` line arrived (ssehub sends it once the stream's
+    # channels are subscribed in Redis), and how long after connect() each took.
+    live: int = 0
+    live_s: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
     wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
@@ -69,6 +73,8 @@ class ClientStats:
             self.hist[k] = self.hist.get(k, 0) + v
         self.max_us = max(self.max_us, other.max_us)
         self.connect_s.extend(other.connect_s)
+        self.live += other.live
+        self.live_s.extend(other.live_s)
         self.cpu_s += other.cpu_s
         self.wall_s = max(self.wall_s, other.wall_s)
         for k, n in other.errors.items():
@@ -98,6 +104,7 @@ class _State:
         self.failed = 0
         self.dropped = 0
         self.connect_s: list[float] = []
+        self.live_s: list[float] = []
         self.errors: dict[str, int] = {}
 
     def reset(self) -> None:
@@ -110,13 +117,14 @@ class _State:
 
 
 class _SSEProtocol(asyncio.Protocol):
-    __slots__ = ("closing", "head", "is_open", "st", "t0", "transport")
+    __slots__ = ("closing", "head", "is_live", "is_open", "st", "t0", "transport")
 
     def __init__(self, st: _State, t0: float) -> None:
         self.st = st
         self.t0 = t0
         self.head = b""
         self.is_open = False
+        self.is_live = False
         self.closing = False
         self.transport: asyncio.Transport | None = None
 
@@ -143,6 +151,16 @@ class _SSEProtocol(asyncio.Protocol):
             self.st.opened += 1
             self.st.connect_s.append(time.monotonic() - self.t0)
             data = head[end + 4 :]
+            self.head = b"\n"  # a body starting with "id:" starts a line
+        if not self.is_live:
+            # The first "id:" line (as in sseload.c); the kept tail catches a split one.
+            seen = self.head + data
+            if b"\nid:" in seen:
+                self.is_live = True
+                self.st.live_s.append(time.monotonic() - self.t0)
+                self.head = b""
+            else:
+                self.head = seen[-3:]
         n = data.count(MARK)
         if not n:
             return
@@ -232,6 +250,8 @@ class _Worker:
             hist=hist,
             max_us=st.max_us,
             connect_s=list(st.connect_s),
+            live=len(st.live_s),
+            live_s=list(st.live_s),
             cpu_s=ru.ru_utime + ru.ru_stime - self.cpu0,
             wall_s=time.monotonic() - self.wall0,
             errors=dict(st.errors),
@@ -315,6 +335,16 @@ class StatsPoller:
             if s.opened >= n or s.opened + s.failed >= n or time.monotonic() > deadline:
                 return s
             time.sleep(0.1)
+
+    def wait_live(self, n: int, timeout: float) -> ClientStats:
+        """Poll until ``n`` streams had their first ``id:`` line, or every attempt has
+        resolved without that, or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if s.live >= n or s.live + s.failed + s.dropped >= n or time.monotonic() > deadline:
+                return s
+            time.sleep(0.05)
 
 
 class LoadClient(StatsPoller):

@@ -61,11 +61,15 @@ def _note(r: Result) -> str:
 NOTE_KEYS = (
     "rss_per_conn_kb",
     "open_all_s",
+    "live_all_s",
+    "subscribe_calls",
+    "listen_overflows",
     "failures",
     "last_delivery_ms",
     "dropped",
     "max_sustained_dps",
     "reason",
+    "redis_cpu_pct",
     "server_core_busy_pct",
     "load_core_busy_pct",
 )

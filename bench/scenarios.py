@@ -19,7 +19,16 @@ from .cclient import CLoadClient
 from .loadclient import ClientStats, LoadClient, Target
 from .publisher import Publisher, PubResult
 from .report import Result
-from .servers import FD_CAP, RedisServer, Server, busy_pct, core_ticks
+from .servers import (
+    FAMILY,
+    FD_CAP,
+    RedisServer,
+    Server,
+    busy_pct,
+    core_ticks,
+    listen_overflows,
+    member,
+)
 
 __all__ = ["SCENARIOS", "Ctx", "smoke"]
 
@@ -67,15 +76,21 @@ class Rig:
     server: Server
     client: LoadClient | CLoadClient
     pub: Publisher
-    channels: list[str]
+    channels: list[str]  # what subscribers follow; connection i is on channel i mod k
+    pub_channels: list[str]  # where the publisher sends for each of them, in order
     opened: int = 0
 
 
 @contextmanager
-def rig(ctx: Ctx, cls: type[Server], channels: list[str], subs: int) -> Iterator[Rig]:
-    """Start a server, load workers and a publisher; stop all of them whatever happens."""
+def rig(
+    ctx: Ctx, cls: type[Server], channels: list[str], subs: int, serve: list[str] | None = None
+) -> Iterator[Rig]:
+    """Start a server, load workers and a publisher; stop all of them whatever happens.
+
+    The server is configured with ``serve`` (default: ``channels``): ``[FAMILY]`` for
+    subscribers on family members."""
     server = cls(ctx.workdir, ctx.redis.url, ctx.server_core)
-    server.start(channels)
+    server.start(serve if serve is not None else channels)
     client: LoadClient | CLoadClient | None = None
     pub: Publisher | None = None
     try:
@@ -86,7 +101,7 @@ def rig(ctx: Ctx, cls: type[Server], channels: list[str], subs: int) -> Iterator
             client = LoadClient(workers, ctx.sources(workers))
         port = server.port if server.publish_kind == "nchan" else ctx.redis.port
         pub = Publisher(server.publish_kind, "127.0.0.1", port, server.publish_fmt)
-        yield Rig(server, client, pub, channels)
+        yield Rig(server, client, pub, channels, [server.publish_name(c) for c in channels])
     finally:
         if client is not None:
             client.close()
@@ -106,7 +121,7 @@ def connect(r: Rig, n: int, concurrency: int = 512, timeout: float = 60.0) -> Cl
         # flask-sse sends its headers with the first event: nudge until all are open.
         deadline = time.monotonic() + timeout
         while st.opened + st.failed < want and time.monotonic() < deadline:
-            r.pub.prime(r.channels)
+            r.pub.prime(r.pub_channels)
             st = r.client.wait_open(want, 0.5)
         time.sleep(0.5)  # let the last prime events land before counters are reset
     r.opened = st.opened
@@ -135,7 +150,7 @@ def measure(ctx: Ctx, r: Rig, rate: float, duration: float) -> Window:
     tree = r.server.tree()
     cpu0, rcpu0, t0 = tree.cpu_s(), ctx.redis.cpu_s(), time.monotonic()
     sc0, lc0 = core_ticks(ctx.server_core), core_ticks(ctx.load_core)
-    res = r.pub.run(r.channels, rate, duration)
+    res = r.pub.run(r.pub_channels, rate, duration)
     # Subscribers per channel: connection i is on channel i mod k.
     k = len(r.channels)
     per = [r.opened // k + (1 if c < r.opened % k else 0) for c in range(k)]
@@ -372,9 +387,11 @@ def connect_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
         return [skip]
     with rig(ctx, cls, ["c0"], subs) as r:
         tree = r.server.tree()
+        lo0 = listen_overflows()
         cpu0, t0 = tree.cpu_s(), time.monotonic()
         st = connect(r, subs, concurrency=subs, timeout=30)
         elapsed = time.monotonic() - t0
+        lo1 = listen_overflows()
         res = Result(cls.name, "storm", "", st.opened)
         res.server_cpu_pct = 100 * (tree.cpu_s() - cpu0) / elapsed
         res.server_rss_mb = tree.rss_bytes() / 2**20
@@ -384,9 +401,109 @@ def connect_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
             round(sorted(st.connect_s)[len(st.connect_s) // 2], 3) if st.connect_s else None
         )
         res.extra["failures"] = subs - st.opened
+        if lo0 is not None and lo1 is not None:
+            res.extra["listen_overflows"] = lo1 - lo0  # system-wide: see listen_overflows
         if st.errors:
             res.extra["errors"] = st.errors
         res.ok = st.opened == subs and (res.extra["open_all_s"] or 99) <= 5
+        return [res]
+
+
+# --- family members (issue 12) ------------------------------------------------------------
+
+FAMILY_SUBS = 10_000
+
+
+def _no_families(cls: type[Server], scenario: str, subs: int) -> Result | None:
+    if cls.no_families is None:
+        return None
+    return Result(cls.name, scenario, "", subs, ok=False, skipped=f"no families: {cls.no_families}")
+
+
+def _seconds(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of ``values`` (1.0: the largest), rounded to ms."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def family_fanout(ctx: Ctx, cls: type[Server]) -> list[Result]:
+    """10,000 subscribers, each on its own member of one family (per-user notifications),
+    10,000 msg/s spread over the 10,000 members' Redis channels (1 msg/s each)."""
+    subs = FAMILY_SUBS
+    skip = _no_families(cls, "family-fanout", subs)
+    if skip:
+        return [skip]
+    members = [member(i) for i in range(subs)]
+    rate = float(subs)  # one message per member per second
+    with rig(ctx, cls, members, subs, serve=[FAMILY]) as r:
+        st = connect(r, subs, concurrency=1024)
+        if cls.live_on_id:
+            # Published before a member is subscribed would be lost: wait for every id.
+            st = r.client.wait_live(subs, 60)
+        live = st.live if cls.live_on_id else st.opened
+        if live < subs:
+            return [
+                Result(
+                    cls.name, "family-fanout", "", live, ok=False,
+                    error=f"only {live}/{subs} streams live: {st.errors}",
+                )
+            ]  # fmt: skip
+        time.sleep(1.0)  # let the connect storm's tail settle before the window
+        w = measure(ctx, r, rate, ctx.duration(10))
+        res = to_result(ctx, r, "family-fanout", f"{subs}m x1", w, rate)
+        res.extra["members"] = subs
+        return [res]
+
+
+def family_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
+    """10,000 clients connecting at once, each to a distinct member of one family: time
+    until every stream is live (its first ``id:`` line: its member is subscribed in
+    Redis), and how many SUBSCRIBE commands Redis got for the 10,000 members."""
+    subs = FAMILY_SUBS
+    skip = _no_families(cls, "family-storm", subs)
+    if skip:
+        return [skip]
+    members = [member(i) for i in range(subs)]
+    with rig(ctx, cls, members, subs, serve=[FAMILY]) as r:
+        time.sleep(0.5)  # the hub's own start-up commands are done
+        tree = r.server.tree()
+        calls0 = ctx.redis.command_calls("subscribe")
+        lo0 = listen_overflows()
+        cpu0, rcpu0, t0 = tree.cpu_s(), ctx.redis.cpu_s(), time.monotonic()
+        sc0 = core_ticks(ctx.server_core)
+        st = connect(r, subs, concurrency=subs, timeout=30)
+        if cls.live_on_id:
+            st = r.client.wait_live(subs, 30)
+        elapsed = time.monotonic() - t0
+        cpu1, rcpu1 = tree.cpu_s(), ctx.redis.cpu_s()
+        sc1 = core_ticks(ctx.server_core)
+        calls = ctx.redis.command_calls("subscribe") - calls0
+        lo1 = listen_overflows()
+        live_s = st.live_s if cls.live_on_id else st.connect_s
+        res = Result(cls.name, "family-storm", "", st.opened)
+        res.server_cpu_pct = 100 * (cpu1 - cpu0) / elapsed
+        res.server_rss_mb = tree.rss_bytes() / 2**20
+        res.client_cpu_pct = 100 * st.cpu_s / elapsed
+        res.extra["open_all_s"] = _seconds(st.connect_s, 1.0)
+        res.extra["open_p50_s"] = _seconds(st.connect_s, 0.5)
+        res.extra["live_all_s"] = _seconds(live_s, 1.0)
+        res.extra["live_p50_s"] = _seconds(live_s, 0.5)
+        res.extra["live"] = len(live_s)
+        res.extra["failures"] = subs - len(live_s)
+        res.extra["redis_cpu_pct"] = round(100 * (rcpu1 - rcpu0) / elapsed, 1)
+        res.extra["server_core_busy_pct"] = busy_pct(sc0, sc1)
+        if lo0 is not None and lo1 is not None:
+            res.extra["listen_overflows"] = lo1 - lo0  # system-wide: see listen_overflows
+        if cls.publish_kind == "redis":
+            res.extra["subscribe_calls"] = calls
+            res.extra["redis_channels"] = int(ctx.redis.info("stats").get("pubsub_channels", "0"))
+        if not cls.live_on_id:
+            res.extra["live_is"] = "headers (no Redis; channels made in-process)"
+        if st.errors:
+            res.extra["errors"] = st.errors
+        res.ok = len(live_s) == subs and (res.extra["live_all_s"] or 99) <= 5
         return [res]
 
 
@@ -402,4 +519,6 @@ SCENARIOS: dict[str, Scenario] = {
     "burst": burst,
     "storm": connect_storm,
     "channels": many_channels,
+    "family-fanout": family_fanout,
+    "family-storm": family_storm,
 }

@@ -20,6 +20,8 @@ from pathlib import Path
 
 __all__ = [
     "BENCH_DIR",
+    "FAMILY",
+    "FAMILY_REDIS",
     "FD_CAP",
     "SERVERS",
     "FlaskRecipe",
@@ -33,6 +35,8 @@ __all__ = [
     "SsehubAuthServer",
     "SsehubServer",
     "free_port",
+    "listen_overflows",
+    "member",
     "stop_all",
 ]
 
@@ -41,6 +45,17 @@ REPO_DIR = BENCH_DIR.parent
 BENCH_VENV = BENCH_DIR / ".venv"
 # Open files per process: the hard limit on these machines (a subscriber is a socket).
 FD_CAP = 20_000
+# The family of the family scenarios (one member per user) and the Redis channels
+# feeding its members: subscriber i follows ``user.<i>``, fed by ``app:user:<i>``.
+FAMILY = "user.*"
+FAMILY_REDIS = "app:user:*"
+
+
+def member(i: int) -> str:
+    """The family member of subscriber ``i``."""
+    return FAMILY.replace("*", str(i))
+
+
 _started: list[subprocess.Popen[bytes]] = []
 
 
@@ -179,6 +194,22 @@ def core_ticks(core: int | None) -> tuple[int, int]:
     return (0, 0)
 
 
+def listen_overflows() -> int | None:
+    """``TcpExtListenOverflows`` of this network namespace (every listener in it, not only
+    the server's): SYNs dropped because an accept queue was full; each comes back only
+    after the client's 1 s (then 3 s, …) retransmit timer."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(row["ListenOverflows"]) if "ListenOverflows" in row else None
+    return None
+
+
 def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
     """Share of a core that was busy between two ``core_ticks`` readings, in %."""
     total = after[1] - before[1]
@@ -232,6 +263,35 @@ class RedisServer:
     def cpu_s(self) -> float:
         return ProcessTree(self.proc.pid).cpu_s() if self.proc else 0.0
 
+    def info(self, section: str) -> dict[str, str]:
+        """``INFO section`` as {field: value} (``cmdstat_subscribe`` -> ``calls=3,…``)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(f"INFO {section}\r\n".encode())
+            buf = b""
+            while b"\r\n" not in buf:
+                buf += s.recv(65536) or b"\r\n"
+            head, _, body = buf.partition(b"\r\n")
+            if not head.startswith(b"$"):
+                raise RuntimeError(f"INFO {section}: {head[:80]!r}")
+            size = int(head[1:])
+            while len(body) < size:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+        out = {}
+        for line in body[:size].decode().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and not key.startswith("#"):
+                out[key] = value
+        return out
+
+    def command_calls(self, command: str) -> int:
+        """How many times ``command`` ran since Redis started (``INFO commandstats``)."""
+        stat = self.info("commandstats").get(f"cmdstat_{command.lower()}", "")
+        fields = dict(f.split("=", 1) for f in stat.split(",") if "=" in f)
+        return int(fields.get("calls", 0))
+
     def stop(self) -> None:
         stop(self.proc)
         self.proc = None
@@ -245,6 +305,12 @@ class Server:
     publish_fmt = "plain"  # or "flask-sse": JSON {"data": …}
     fds_per_sub = 1  # the Flask baselines hold a Redis connection per subscriber too
     needs_prime = False  # headers only go out with the first event
+    # Why the family scenarios cannot run here (None: they can): the server must serve
+    # any member of FAMILY on demand.
+    no_families: str | None = "serves only channels it is configured with"
+    # The first "id:" line of a stream means its channel is live (ssehub); without
+    # one, a stream is live once its headers arrived (nchan creates channels in-process).
+    live_on_id = False
 
     def __init__(self, workdir: Path, redis_url: str, core: int | None) -> None:
         self.workdir = workdir
@@ -269,6 +335,10 @@ class Server:
     def paths(self, channels: list[str]) -> tuple[str, ...]:
         """Where subscribers go: connection i uses ``paths[i % len(paths)]``."""
         return tuple(self.path(c) for c in channels)
+
+    def publish_name(self, channel: str) -> str:
+        """Where the publisher sends what subscribers of ``channel`` get."""
+        return channel
 
     def argv(self, channels: list[str]) -> list[str]:
         raise NotImplementedError
@@ -303,14 +373,25 @@ class SsehubServer(Server):
     """The hub, as deployed: ``python -m ssehub --config … --port …`` (uvloop)."""
 
     name = "ssehub"
+    no_families: str | None = None
+    live_on_id = True
 
     def config(self, channels: list[str]) -> dict[str, object]:
         return {
             "listen": {"host": "127.0.0.1", "port": self.port},
             "redis": {"url": self.redis_url},
             "heartbeat": 15,
-            "channels": {c: {} for c in channels},
+            # FAMILY, when asked for, with its default grace (10 s) and history (100).
+            "channels": {
+                c: {"redis_channel": FAMILY_REDIS} if c == FAMILY else {} for c in channels
+            },
         }
+
+    def publish_name(self, channel: str) -> str:
+        prefix = FAMILY.partition("*")[0]
+        if channel.startswith(prefix):
+            return FAMILY_REDIS.replace("*", channel[len(prefix) :])
+        return channel
 
     def argv(self, channels: list[str]) -> list[str]:
         config = self.config(channels)
@@ -345,6 +426,7 @@ class SsehubAuthServer(SsehubServer):
     ``ssehub`` in the same run, it shows what verification costs."""
 
     name = "ssehub+auth"
+    no_families = "its tokens grant c* only"
     algorithm = "HS256"
     # Distinct tokens: one per subscriber of the largest storm.
     tokens = 10_000
@@ -520,6 +602,7 @@ class Nchan(Server):
 
     name = "nchan"
     publish_kind = "nchan"
+    no_families = None  # nchan_channel_id $1: any channel id, created on demand
 
     @classmethod
     def unavailable(cls) -> str | None:

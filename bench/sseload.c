@@ -11,8 +11,13 @@
  *                               answers "connected ELAPSED_US" when all resolved
  *   reset                       zero event counters and the CPU baseline
  *   stats                       "stats opened failed dropped events max_us cpu_us wall_us
- *                                nbuckets [bucket count]... nconn [connect_us]..."
+ *                                nbuckets [bucket count]... nconn [connect_us]...
+ *                                nlive [live_us]..."
  *   close                       close everything, answer "closed", exit
+ *
+ * A stream is "live" once its first "id:" line arrived after the headers: ssehub sends
+ * a stream's position only when its channels are subscribed in Redis. connect_us is
+ * the time from connect() to the response headers, live_us to that first "id:" line.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -48,6 +53,9 @@ typedef struct {
     int path;
     int head_len;
     char *head;
+    int live;
+    int tail_len;
+    char tail[3]; /* last bytes before live: "\nid:" may straddle two reads */
 } conn_t;
 
 static conn_t *conns;
@@ -62,6 +70,8 @@ static uint64_t hist[HIST_SIZE];
 static uint64_t opened, failed, dropped, events, max_us;
 static int64_t *connect_us;
 static size_t nconnect_us, capconnect_us;
+static int64_t *live_us;
+static size_t nlive_us, caplive_us;
 static double cpu0;
 static int64_t wall0;
 
@@ -103,6 +113,32 @@ static void add_connect_time(int64_t us) {
         connect_us = realloc(connect_us, capconnect_us * sizeof *connect_us);
     }
     connect_us[nconnect_us++] = us;
+}
+
+static void add_live_time(int64_t us) {
+    if (nlive_us == caplive_us) {
+        caplive_us = caplive_us ? caplive_us * 2 : 1024;
+        live_us = realloc(live_us, caplive_us * sizeof *live_us);
+    }
+    live_us[nlive_us++] = us;
+}
+
+/* Body bytes of a stream not live yet: look for the start of an "id:" line. */
+static void watch_live(conn_t *c, const char *p, size_t n) {
+    char buf[4 + 64];
+    /* the tail plus the first bytes of this read catch a split "\nid:" */
+    size_t head = n < 64 ? n : 64;
+    memcpy(buf, c->tail, c->tail_len);
+    memcpy(buf + c->tail_len, p, head);
+    size_t blen = c->tail_len + head;
+    if (memmem(buf, blen, "\nid:", 4) || memmem(p, n, "\nid:", 4)) {
+        c->live = 1;
+        add_live_time((now_mono() - c->t0) / 1000);
+        return;
+    }
+    size_t keep = blen < 3 ? blen : 3;
+    memcpy(c->tail, buf + blen - keep, keep);
+    c->tail_len = (int)keep;
 }
 
 static void finish(conn_t *c, int failure) {
@@ -239,9 +275,16 @@ static void on_readable(conn_t *c) {
         add_connect_time((now_mono() - c->t0) / 1000);
         free(c->head);
         c->head = NULL;
-        if (body_off < (size_t)n) on_body(rbuf + body_off, n - body_off);
+        /* the blank line ending the headers: a body starting with "id:" is a line start */
+        c->tail[0] = '\n';
+        c->tail_len = 1;
+        if (body_off < (size_t)n) {
+            watch_live(c, rbuf + body_off, n - body_off);
+            on_body(rbuf + body_off, n - body_off);
+        }
         return;
     }
+    if (!c->live) watch_live(c, rbuf, n);
     on_body(rbuf, n);
 }
 
@@ -257,6 +300,8 @@ static void print_stats(void) {
         if (hist[i]) printf(" %d %llu", i, (unsigned long long)hist[i]);
     printf(" %zu", nconnect_us);
     for (size_t i = 0; i < nconnect_us; i++) printf(" %lld", (long long)connect_us[i]);
+    printf(" %zu", nlive_us);
+    for (size_t i = 0; i < nlive_us; i++) printf(" %lld", (long long)live_us[i]);
     printf("\n");
     fflush(stdout);
 }
