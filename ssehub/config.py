@@ -151,6 +151,12 @@ class Limits:
     # Request line and header field size limits (bytes); larger gets a 4xx.
     max_line_size: int = field(default=8190, metadata=_check(_positive))
     max_field_size: int = field(default=8190, metadata=_check(_positive))
+    # Bytes of history kept by all channels together; past it the hub-wide oldest
+    # events are evicted first, whatever their channel.
+    history_bytes: int = field(default=256 * 1024 * 1024, metadata=_check(_positive))
+    # Distinct channel sets followed through /events at once: each is a group whose
+    # bytes a flush builds. A new set past the limit is turned away as busy (0 = none).
+    max_event_groups: int = field(default=1000, metadata=_check(_non_negative_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +205,8 @@ class ChannelConfig:
     # age in seconds (0 = no age limit).
     history: int = field(default=100, metadata=_check(_non_negative_int))
     history_ttl: float = field(default=0.0, metadata=_check(_non_negative))
+    # Bytes of encoded events kept (oldest evicted first), whatever ``history`` says.
+    history_bytes: int = field(default=16 * 1024 * 1024, metadata=_check(_positive))
 
 
 @dataclass(frozen=True, slots=True)

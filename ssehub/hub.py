@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from . import sse
 from .channel import Channel, Group, MuxGroup
 from .config import Config
-from .history import AT, RAW, SEQ, Entry, entry
+from .history import AT, RAW, SEQ, Budget, Entry, History, entry
 from .messages import Event, Rejected, parse, parse_juggernaut
 from .subscriber import Subscriber
 
@@ -57,6 +57,7 @@ class Stats:
     __slots__ = (
         "closed",
         "delivered",
+        "evicted",
         "gaps",
         "opened",
         "received",
@@ -74,6 +75,7 @@ class Stats:
         self.slow_cut = 0
         self.replays: Counter[str] = Counter()  # per channel: resumes served from history
         self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
+        self.evicted: Counter[tuple[str, str]] = Counter()  # (channel, reason): history drops
 
 
 def _send(
@@ -107,6 +109,9 @@ class Hub:
         self._connections = 0
         self._flush_scheduled = False
         self._heartbeat: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._aging: list[History] = []  # histories with an age bound, for the expiry timer
+        self.budget = Budget(config.limits.history_bytes, self.stats.evicted)
         # Per-run epoch: start time in ms, base 36 (8 characters for centuries).
         self.epoch = _base36(time.time_ns() // 1_000_000)
         self.seq = 0  # last hub sequence number handed out
@@ -115,7 +120,7 @@ class Hub:
         # message's arrival to its write (the metrics histogram); never per subscriber.
         self.observe_delay: Callable[[float], None] | None = None
         for ch in config.channels.values():
-            self.channels[ch.name] = Channel(ch)
+            self.channels[ch.name] = Channel(ch, self.budget)
         self._apply(config)
 
     def _apply(self, config: Config) -> None:
@@ -130,6 +135,12 @@ class Hub:
         for channel in self.channels.values():
             key = channel.config.redis_channel.encode()
             self._by_redis.setdefault(key, []).append(channel)
+        self._aging = [c.history for c in self.channels.values() if c.history.ttl > 0]
+        self.budget.limit = config.limits.history_bytes
+        self.budget._settle()
+        if self._expiry is not None:  # the interval may have changed: re-arm at once
+            self._expiry.cancel()
+            self._expire()
 
     def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:
         """Apply a new config: returns the channels (added, removed, changed).
@@ -143,15 +154,17 @@ class Hub:
         changed = [n for n in config.channels if n in old and old[n].config != config.channels[n]]
         for name in removed:
             channel = self.channels.pop(name)
+            channel.history.clear()
             for group in [channel.subs, *channel.mux_groups]:
                 for sub in group.subscribers():
                     sub.end("channel_removed")
         for name in changed:
             channel = self.channels[name]
             channel.config = config.channels[name]
-            channel.history.resize(channel.config.history, channel.config.history_ttl)
+            cfg = channel.config
+            channel.history.resize(cfg.history, cfg.history_ttl, cfg.history_bytes)
         for name in added:
-            self.channels[name] = Channel(config.channels[name])
+            self.channels[name] = Channel(config.channels[name], self.budget)
         self._apply(config)
         return added, removed, changed
 
@@ -419,17 +432,35 @@ class Hub:
             for sub in group.subscribers():
                 sub.end(reason)
 
-    # --- heartbeat ----------------------------------------------------------------
+    # --- timers -------------------------------------------------------------------
 
     def start_heartbeat(self) -> None:
-        """One timer for the whole hub, not one per connection."""
+        """Start the hub's timers: one heartbeat and one history expiry for the whole
+        hub, not one per connection or channel."""
         loop = asyncio.get_running_loop()
         self._heartbeat = loop.call_later(self.config.heartbeat, self._beat)
+        self._expire()
 
     def stop_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
+        """Stop the hub's timers."""
+        for timer in (self._heartbeat, self._expiry):
+            if timer is not None:
+                timer.cancel()
+        self._heartbeat = self._expiry = None
+
+    def _expire(self) -> None:
+        """Free events past their channel's age even when the channel gets no new ones.
+
+        Costs one look per channel with an age bound plus what it frees. Runs every
+        half of the shortest ``history_ttl`` (0.05-30 s), so an event outlives its
+        age by at most that much.
+        """
+        ttls = [h.ttl for h in self._aging]
+        interval = min(max(min(ttls) / 2, 0.05), 30.0) if ttls else 30.0
+        # Re-armed first, as the heartbeat: nothing below may stop it for good.
+        self._expiry = asyncio.get_running_loop().call_later(interval, self._expire)
+        for history in self._aging:
+            history.expire()
 
     def _beat(self) -> None:
         interval = self.config.heartbeat
