@@ -118,8 +118,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return resp
 
     sub = Subscriber(transport, chunked, asyncio.get_running_loop().create_future(), channels)
-    hub.subscribe(sub, last_event_id, mux)
+    live = hub.subscribe(sub, last_event_id, mux)
     try:
+        # A resume longer than the buffer bound goes out as the client reads it:
+        # drain() waits on the transport's pause/resume_writing, nothing else.
+        with contextlib.suppress(ConnectionError):
+            while not live and not sub.waiter.done():
+                await request.writer.drain()
+                live = hub.catch_up(sub)
         await sub.waiter
     finally:
         hub.unsubscribe(sub)
