@@ -152,8 +152,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
             return resp
         sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
         sub.expires = expires
-        hub.subscribe(sub, last_event_id, mux)
+        live = hub.subscribe(sub, last_event_id, mux)
         request.app[ACCESS].track(sub)
+        # A resume longer than the buffer bound goes out as the client reads it:
+        # drain() waits on the transport's pause/resume_writing, nothing else.
+        with contextlib.suppress(ConnectionError):
+            while not live and not sub.waiter.done():
+                await request.writer.drain()
+                live = hub.catch_up(sub)
         await sub.waiter
     finally:
         if sub is not None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from .config import ChannelConfig
 from .families import Family
-from .history import History
+from .history import Budget, History
 from .subscriber import Subscriber
 
 __all__ = ["Channel", "Group", "MuxGroup"]
@@ -41,12 +41,15 @@ class Group:
 class MuxGroup(Group):
     """``/events`` subscribers following the same set of channels."""
 
-    __slots__ = ("channels", "names")
+    __slots__ = ("channels", "joining", "names")
 
     def __init__(self, channels: Sequence[Channel]) -> None:
         super().__init__()
         self.channels = tuple(channels)
         self.names = frozenset(c.name for c in channels)
+        # Members still catching up with history: the group outlives its last live
+        # member while any remain, so they join the group they were counted in.
+        self.joining = 0
 
 
 class Channel:
@@ -77,6 +80,7 @@ class Channel:
     def __init__(
         self,
         config: ChannelConfig,
+        budget: Budget,
         name: str | None = None,
         family: Family | None = None,
         redis: bytes | None = None,
@@ -98,7 +102,9 @@ class Channel:
         self.alone: tuple[Channel] = (self,)
         self.subs = Group()
         self.mux_groups: set[MuxGroup] = set()
-        self.history = History(config.history, config.history_ttl)
+        self.history = History(
+            config.history, config.history_ttl, config.history_bytes, budget, config.name
+        )
         self.last_seq = 0  # hub sequence number of this channel's newest event
         self.last_write = 0.0
 

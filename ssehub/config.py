@@ -182,6 +182,12 @@ class Limits:
     max_members: int = field(default=50_000, metadata=_check(_positive))
     # The most events ?rewind=N (or a channel's `rewind`) may ask for.
     max_rewind: int = field(default=100, metadata=_check(_non_negative_int))
+    # Bytes of history kept by all channels together; past it the hub-wide oldest
+    # events are evicted first, whatever their channel.
+    history_bytes: int = field(default=256 * 1024 * 1024, metadata=_check(_positive))
+    # Distinct channel sets followed through /events at once: each is a group whose
+    # bytes a flush builds. A new set past the limit is turned away as busy (0 = none).
+    max_event_groups: int = field(default=1000, metadata=_check(_non_negative_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +308,9 @@ class ChannelConfig:
     def family(self) -> bool:
         """True for a family (``user.*``): it serves every channel its pattern matches."""
         return "*" in self.name
+
+    # Bytes of encoded events kept (oldest evicted first), whatever ``history`` says.
+    history_bytes: int = field(default=16 * 1024 * 1024, metadata=_check(_positive))
 
 
 @dataclass(frozen=True, slots=True)

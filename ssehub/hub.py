@@ -22,6 +22,8 @@ empty, so a position from before it was created gets the ``expired`` gap.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import logging
 import time
@@ -33,7 +35,7 @@ from . import sse
 from .channel import Channel, Group, MuxGroup
 from .config import Config
 from .families import Families, Family
-from .history import AT, RAW, SEQ, Entry, entry
+from .history import AT, ID, RAW, SEQ, Budget, Entry, History, entry
 from .logs import fields
 from .messages import Event, Rejected, parse, parse_entry, parse_juggernaut
 from .subscriber import Subscriber
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from .streams import Entry as StreamEntry
     from .streams import StreamReader
 
-__all__ = ["GAP_EVENT", "Hub", "Refused", "Stats", "Unknown"]
+__all__ = ["GAP_EVENT", "Hub", "Refused", "Replay", "Stats", "Unknown"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class Stats:
     __slots__ = (
         "closed",
         "delivered",
+        "evicted",
         "gaps",
         "members_dropped",
         "members_refused",
@@ -114,6 +117,7 @@ class Stats:
         self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
         self.members_refused: Counter[str] = Counter()  # per family: over limits.max_members
         self.members_dropped: Counter[str] = Counter()  # per family: grace period over
+        self.evicted: Counter[tuple[str, str]] = Counter()  # (channel, reason): history drops
 
 
 def _send(
@@ -131,6 +135,28 @@ def _send(
                 transport.write(data)
         except RuntimeError:
             continue
+
+
+def _entry_seq(tagged: tuple[Channel, Entry]) -> int:
+    return tagged[1][SEQ]
+
+
+class Replay:
+    """A resuming stream catching up with history: where it is, not what is left.
+
+    Lives only until the stream goes live; costs no task or timer of its own.
+    """
+
+    __slots__ = ("last_id", "mux", "pos", "reported", "seen", "sub")
+
+    def __init__(self, sub: Subscriber, pos: int, last_id: str, mux: bool) -> None:
+        self.sub = sub
+        self.pos = pos  # hub seq of the last event written (or the client's position)
+        self.last_id = last_id  # that event's id as the client saw it, for gap events
+        self.mux = mux
+        # Per channel, the newest eviction already signalled: each loss is told once.
+        self.reported: dict[Channel, int] = {}
+        self.seen = -1  # pos at the previous heartbeat: unchanged for a whole beat = stuck
 
 
 class Hub:
@@ -156,9 +182,13 @@ class Hub:
         self._by_stream: dict[bytes, list[Channel]] = {}
         self._mux: dict[frozenset[str], MuxGroup] = {}
         self._pending: list[tuple[Channel, Entry]] = []
+        self._catching_up: dict[Subscriber, Replay] = {}
         self._connections = 0
         self._flush_scheduled = False
         self._heartbeat: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._aging: set[History] = set()  # histories with an age bound, for the expiry timer
+        self.budget = Budget(config.limits.history_bytes, self.stats.evicted)
         # Per-run epoch: start time in ms, base 36 (8 characters for centuries).
         self.epoch = _base36(time.time_ns() // 1_000_000)
         self.seq = 0  # last hub sequence number handed out
@@ -168,13 +198,16 @@ class Hub:
         self.observe_delay: Callable[[float], None] | None = None
         for ch in config.channels.values():
             if not ch.family:
-                self.channels[ch.name] = Channel(ch)
+                self.channels[ch.name] = Channel(ch, self.budget)
         self._apply(config)
 
     def _apply(self, config: Config) -> None:
         """Take the settings read on the hot path from ``config``, and index the channels."""
         self.config = config
         self._max_buffer = config.limits.max_buffer_bytes
+        # A replay fills at most half the bound (plus one event), so the stream goes
+        # live with room for the live events behind it before it would count as slow.
+        self._replay_bound = max(config.limits.max_buffer_bytes // 2, 1)
         self._max_message = config.limits.max_message_bytes
         self._juggernaut = (
             config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
@@ -184,6 +217,12 @@ class Hub:
         self._by_stream = {}
         for channel in self.channels.values():
             self._index(channel).setdefault(channel.redis, []).append(channel)
+        self._aging = {c.history for c in self.channels.values() if c.history.ttl > 0}
+        self.budget.limit = config.limits.history_bytes
+        self.budget._settle()
+        if self._expiry is not None:  # the interval may have changed: re-arm at once
+            self._expiry.cancel()
+            self._expire()
 
     def _index(self, channel: Channel) -> dict[bytes, list[Channel]]:
         return self._by_stream if channel.stream else self._by_redis
@@ -204,7 +243,9 @@ class Hub:
         changed = [n for n in config.channels if n in old and old[n] != config.channels[n]]
         for name in removed:
             if not old[name].family:
-                self._end(self.channels.pop(name), "channel_removed")
+                channel = self.channels.pop(name)
+                channel.history.clear()
+                self._end(channel, "channel_removed")
         families = Families(config.channels.values())
         for member in [c for c in self.channels.values() if c.family is not None]:
             found = None if member.name in config.channels else families.find(member.name)
@@ -224,23 +265,25 @@ class Hub:
             member.family = family
             member.config = family.config
             member.redis = family.redis_channel(part)
-            member.history.resize(family.config.history, family.config.history_ttl)
+            cfg = family.config
+            member.history.resize(cfg.history, cfg.history_ttl, cfg.history_bytes)
         for name in changed:
-            channel = self.channels.get(name)
-            if channel is None or channel.family is not None:
+            listed = self.channels.get(name)
+            if listed is None or listed.family is not None:
                 continue
             new = config.channels[name]
-            if new.stream != channel.config.stream:
+            if new.stream != listed.config.stream:
                 # Another source means other ids: its streams start over.
+                listed.history.clear()
                 self._end(self.channels.pop(name), "channel_removed")
                 added.append(name)
                 continue
-            channel.config = new
-            channel.redis = (new.stream or new.redis_channel).encode()
-            channel.history.resize(new.history, new.history_ttl)
+            listed.config = new
+            listed.redis = (new.stream or new.redis_channel).encode()
+            listed.history.resize(new.history, new.history_ttl, new.history_bytes)
         for name in added:
             if not config.channels[name].family:
-                self.channels[name] = Channel(config.channels[name])
+                self.channels[name] = Channel(config.channels[name], self.budget)
         self._apply(config)
         if self.broker is not None:
             self.broker.set_channels(self.redis_channels())
@@ -249,8 +292,12 @@ class Hub:
         return added, removed, changed
 
     def _end(self, channel: Channel, reason: str) -> None:
+        """End every stream of ``channel`` cleanly, the live ones and those catching up."""
         for group in [channel.subs, *channel.mux_groups]:
             for sub in group.subscribers():
+                sub.end(reason)
+        for sub in list(self._catching_up):
+            if channel in sub.channels:
                 sub.end(reason)
 
     def redis_channels(self) -> list[bytes]:
@@ -315,7 +362,9 @@ class Hub:
                 self._idle.setdefault(grace, {})[channel] = now + grace
 
     def _create_member(self, name: str, family: Family, part: str) -> Channel:
-        channel = Channel(family.config, name, family, family.redis_channel(part))
+        channel = Channel(family.config, self.budget, name, family, family.redis_channel(part))
+        if channel.history.ttl > 0:
+            self._aging.add(channel.history)
         # Nothing before this point reached the new member: positions handed out so
         # far (which are <= seq) get a gap; the new member's own positions come later.
         self.seq += 1
@@ -335,6 +384,8 @@ class Hub:
             return
         self._end(channel, reason)
         del self.channels[channel.name]
+        channel.history.clear()  # its bytes leave the hub-wide budget now
+        self._aging.discard(channel.history)
         self.members[channel.label] -= 1
         if not self.members[channel.label]:
             del self.members[channel.label]
@@ -561,55 +612,165 @@ class Hub:
         if group.plain:
             _send(group.plain, raw, limit, slow)
         for sub in slow:
-            self.stats.slow_cut += 1
-            log.warning(
-                "slow subscriber cut",
-                extra=fields(
-                    channels=",".join(c.name for c in sub.channels),
-                    buffered=sub.transport.get_write_buffer_size(),
-                    limit=limit,
-                ),
-            )
-            sub.abort("slow")
-            self.unsubscribe(sub)
+            self._cut(sub, limit)
+
+    def _cut(self, sub: Subscriber, limit: int) -> None:
+        """Drop a subscriber that does not read, and count it."""
+        self.stats.slow_cut += 1
+        log.warning(
+            "slow subscriber cut",
+            extra=fields(
+                channels=",".join(c.name for c in sub.channels),
+                buffered=sub.transport.get_write_buffer_size(),
+                limit=limit,
+            ),
+        )
+        sub.abort("slow")
+        self.unsubscribe(sub)
 
     # --- subscribers --------------------------------------------------------------
 
-    def subscribe(self, sub: Subscriber, last_event_id: str | None, mux: bool) -> None:
-        """Replay what ``sub`` missed, then deliver live events; no gap, no duplicate.
+    def subscribe(self, sub: Subscriber, last_event_id: str | None, mux: bool) -> bool:
+        """Start ``sub``'s stream: what it missed, then live events; no gap, no duplicate.
 
-        Synchronous on purpose: the history snapshot, the registration and the
-        write of the replay happen in one step, with no await in between, so every
-        event is either in the replay or arrives live behind it.
+        True when the stream is live. False when history is left to replay: the
+        handler then awaits the client's reading (``drain``) and calls ``catch_up``,
+        again until that returns True; meanwhile the hub keeps a position, never a
+        copy of what is left. The history snapshot, the last replay write and the
+        registration happen in one synchronous step, so every event is either in the
+        replay or arrives live behind it.
         """
         self._flush()  # events already taken in reach current subscribers first
-        preamble = self._resume(sub.channels, last_event_id, mux)
-        sub.transport.write(sse.chunk(preamble) if sub.chunked else preamble)
-        group: Group
-        if mux:
-            key = frozenset(c.name for c in sub.channels)
-            mux_group = self._mux.get(key)
-            if mux_group is None:
-                mux_group = self._mux[key] = MuxGroup(sub.channels)
-                for channel in sub.channels:
-                    channel.mux_groups.add(mux_group)
-            group = mux_group
-        else:
-            group = sub.channels[0].subs
-        group.add(sub)
-        sub.group = group
+        sub.group = self._group(sub.channels, mux)
         self._connections += 1
         for channel in sub.channels:
             self.stats.opened[channel.label] += 1
+        n = None if last_event_id is None else self._resolve(last_event_id, sub.channels, mux)
+        if last_event_id is None or n is None:
+            # Even a fresh stream gets a position (the marker), so that its reconnect
+            # carries a Last-Event-ID and anything missed meanwhile is replayed or signalled.
+            unknown = b""
+            if last_event_id is not None:
+                for channel in sub.channels:
+                    self.stats.gaps[channel.label] += 1
+                    unknown += self._gap(channel, "unknown_id", last_event_id)
+            self._go_live(sub, unknown)
+            return True
+        replay = Replay(sub, n, last_event_id, mux)
+        gaps: list[bytes] = []
+        for channel in sub.channels:
+            history = channel.history
+            history.expire()
+            reason = None
+            # Events after n fell out of the history, or (a new member) came before
+            # the channel existed here.
+            if history.evicted_seq > n:
+                reason = "expired"
+                replay.reported[channel] = history.evicted_seq
+            if n < channel.last_seq and history.has_after(n):
+                self.stats.replays[channel.label] += 1
+            if reason is None and n < self.outage_seq and not channel.stream:
+                reason = "redis_outage"  # (a stream reader's outage loses nothing)
+            if reason is not None:
+                self.stats.gaps[channel.label] += 1
+                gaps.append(self._gap(channel, reason, last_event_id))
+        self._catching_up[sub] = replay
+        if isinstance(sub.group, MuxGroup):
+            sub.group.joining += 1
+        # The transport pauses (and drain() waits) once the replay has put more than
+        # the bound into its buffer.
+        sub.transport.set_write_buffer_limits(high=self._replay_bound)
+        return self._catch_up(replay, b"".join(gaps))
+
+    def catch_up(self, sub: Subscriber) -> bool:
+        """Write the next part of ``sub``'s replay, as much as the bound allows;
+        True once the stream is live (or was ended meanwhile)."""
+        replay = self._catching_up.get(sub)
+        return True if replay is None else self._catch_up(replay, b"")
+
+    def _catch_up(self, r: Replay, head: bytes) -> bool:
+        sub = r.sub
+        transport = sub.transport
+        if transport.is_closing():
+            return True  # gone: the handler's cancellation unsubscribes it
+        parts = [head] if head else []
+        for channel in sub.channels:
+            # Evicted past the position since the last part: say so at this point.
+            evicted = channel.history.evicted_seq
+            if evicted > r.pos and evicted > r.reported.get(channel, 0):
+                r.reported[channel] = evicted
+                self.stats.gaps[channel.label] += 1
+                parts.append(self._gap(channel, "expired", r.last_id))
+        # Write while the buffer is under the bound: at most the bound plus one event.
+        room = self._replay_bound - transport.get_write_buffer_size()
+        last: Entry | None = None
+        for channel, e in self._after(sub.channels, r.pos):
+            if room < 0:
+                break
+            data = self._mux_bytes(channel, e) if r.mux else e[RAW]
+            parts.append(data)
+            room -= len(data)
+            last = e
+        else:
+            if room >= 0:
+                del self._catching_up[sub]
+                self._go_live(sub, b"".join(parts))
+                if isinstance(sub.group, MuxGroup):  # only now: _go_live may cut others
+                    sub.group.joining -= 1
+                return True
+        if last is not None:
+            r.pos = last[SEQ]
+            r.last_id = f"{self.epoch}-{r.pos}" if r.mux else last[ID]
+        raw = b"".join(parts)
+        if raw:
+            transport.write(sse.chunk(raw) if sub.chunked else raw)
+        return False
+
+    def _after(self, channels: Sequence[Channel], pos: int) -> Iterable[tuple[Channel, Entry]]:
+        """The retained entries of ``channels`` after ``pos``, in hub order."""
+        if len(channels) == 1:
+            return zip(itertools.repeat(channels[0]), channels[0].history.after(pos))
+        return heapq.merge(
+            *(zip(itertools.repeat(c), c.history.after(pos)) for c in channels),
+            key=_entry_seq,
+        )
+
+    def _go_live(self, sub: Subscriber, head: bytes) -> None:
+        """Write the last of the replay and the position marker, and register ``sub``:
+        one synchronous step, after the events taken in so far were flushed."""
+        self._flush()
+        raw = (
+            head
+            + b"id: %s\n\n" % self._position(sub.channels, isinstance(sub.group, MuxGroup)).encode()
+        )
+        sub.transport.write(sse.chunk(raw) if sub.chunked else raw)
+        assert sub.group is not None
+        sub.group.add(sub)
+
+    def _group(self, channels: Sequence[Channel], mux: bool) -> Group:
+        if not mux:
+            return channels[0].subs
+        key = frozenset(c.name for c in channels)
+        group = self._mux.get(key)
+        if group is None:
+            group = self._mux[key] = MuxGroup(channels)
+            for channel in channels:
+                channel.mux_groups.add(group)
+        return group
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """Stop delivering to ``sub`` and count why it ended."""
         group = sub.group
-        if group is None or not group.remove(sub):
+        if group is None:
+            return
+        if self._catching_up.pop(sub, None) is not None:
+            if isinstance(group, MuxGroup):
+                group.joining -= 1
+        elif not group.remove(sub):
             return
         self._connections -= 1
         self.stats.closed[sub.reason or "client_gone"] += 1
-        if isinstance(group, MuxGroup) and not group:
+        if isinstance(group, MuxGroup) and not group and not group.joining:
             del self._mux[group.names]
             for channel in group.channels:
                 channel.mux_groups.discard(group)
@@ -629,39 +790,6 @@ class Hub:
                 if found is not None:
                     return found
         return None
-
-    def _resume(self, channels: Sequence[Channel], last_event_id: str | None, mux: bool) -> bytes:
-        marker = b"id: %s\n\n" % self._position(channels, mux).encode()
-        if last_event_id is None:
-            # Even a fresh stream gets a position, so that its reconnect carries a
-            # Last-Event-ID and anything missed meanwhile is replayed or signalled.
-            return marker
-        n = self._resolve(last_event_id, channels, mux)
-        gaps: list[bytes] = []
-        replay: list[tuple[int, bytes]] = []
-        for channel in channels:
-            channel.history.expire()
-            reason = None
-            if n is None:
-                reason = "unknown_id"
-            else:
-                # Events after n fell out of the history, or (a new member) came
-                # before the channel existed here.
-                if channel.history.evicted_seq > n:
-                    reason = "expired"
-                if n < channel.last_seq:
-                    entries = list(channel.history.after(n))
-                    if entries:
-                        self.stats.replays[channel.label] += 1
-                    for e in entries:
-                        replay.append((e[SEQ], self._mux_bytes(channel, e) if mux else e[RAW]))
-                if reason is None and n < self.outage_seq and not channel.stream:
-                    reason = "redis_outage"  # (a stream reader's outage loses nothing)
-            if reason is not None:
-                self.stats.gaps[channel.label] += 1
-                gaps.append(self._gap(channel, reason, last_event_id))
-        replay.sort(key=lambda r: r[0])
-        return b"".join(gaps) + b"".join(r for _, r in replay) + marker
 
     def _gap(self, channel: Channel, reason: str, last_event_id: str | None) -> bytes:
         data = {"channel": channel.name, "reason": reason, "lastEventId": last_event_id}
@@ -702,20 +830,39 @@ class Hub:
         for group in list(self.groups()):
             for sub in group.subscribers():
                 sub.end(reason)
+        for sub in list(self._catching_up):
+            sub.end(reason)
 
-    # --- heartbeat ----------------------------------------------------------------
+    # --- timers -------------------------------------------------------------------
 
     def start_heartbeat(self) -> None:
-        """One timer for the whole hub, not one per connection (and one for members' grace)."""
+        """Start the hub's timers: one heartbeat, one history expiry and one sweep of
+        family members for the whole hub, not one per connection or channel."""
         loop = asyncio.get_running_loop()
         self._heartbeat = loop.call_later(self.config.heartbeat, self._beat)
         self._member_sweep = loop.call_later(_MEMBER_SWEEP, self._sweep_members)
+        self._expire()
 
     def stop_heartbeat(self) -> None:
-        for timer in (self._heartbeat, self._member_sweep):
+        """Stop the hub's timers."""
+        for timer in (self._heartbeat, self._expiry, self._member_sweep):
             if timer is not None:
                 timer.cancel()
-        self._heartbeat = self._member_sweep = None
+        self._heartbeat = self._expiry = self._member_sweep = None
+
+    def _expire(self) -> None:
+        """Free events past their channel's age even when the channel gets no new ones.
+
+        Costs one look per channel with an age bound plus what it frees. Runs every
+        half of the shortest ``history_ttl`` (0.05-30 s), so an event outlives its
+        age by at most that much.
+        """
+        ttls = [h.ttl for h in self._aging]
+        interval = min(max(min(ttls) / 2, 0.05), 30.0) if ttls else 30.0
+        # Re-armed first, as the heartbeat: nothing below may stop it for good.
+        self._expiry = asyncio.get_running_loop().call_later(interval, self._expire)
+        for history in list(self._aging):
+            history.expire()
 
     def _beat(self) -> None:
         interval = self.config.heartbeat
@@ -729,3 +876,8 @@ class Hub:
                 self._write(channel.subs, _HEARTBEAT, _HEARTBEAT_CHUNK)
         for group in list(self._mux.values()):
             self._write(group, _HEARTBEAT, _HEARTBEAT_CHUNK)
+        # A resumer whose replay did not move for a whole interval does not read.
+        for replay in list(self._catching_up.values()):
+            if replay.pos == replay.seen:
+                self._cut(replay.sub, self._replay_bound)
+            replay.seen = replay.pos

@@ -23,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .broker import Broker, BrokerState
+from .history import REASONS
 from .hub import Hub
 
 __all__ = ["CLOSE_REASONS", "DELAY_BUCKETS", "HubCollector", "Metrics"]
@@ -151,6 +152,20 @@ class HubCollector(Collector):
         yield _per_channel(
             "ssehub_gaps", "Clients told they missed events, per channel.", names, stats.gaps
         )
+
+        evicted = CounterMetricFamily(
+            "ssehub_history_evicted",
+            "Events dropped from history, by channel and bound (count, bytes, age, hub).",
+            labels=["channel", "reason"],
+        )
+        for name in names:
+            for reason in REASONS:
+                evicted.add_metric([name, reason], stats.evicted.get((name, reason), 0))
+        yield evicted
+
+        kept = GaugeMetricFamily("ssehub_history_bytes", "Encoded bytes kept in all histories.")
+        kept.add_metric([], hub.budget.bytes)
+        yield kept
 
         up = GaugeMetricFamily("ssehub_redis_up", "1 while subscribed to every Redis channel.")
         up.add_metric([], 1 if self.broker.ready else 0)
