@@ -27,7 +27,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import sse
 from .channel import Channel, Group, MuxGroup
@@ -40,7 +40,17 @@ from .subscriber import Subscriber
 if TYPE_CHECKING:
     from .broker import Broker
 
-__all__ = ["GAP_EVENT", "Hub", "Refused", "Stats", "Unknown"]
+
+class Tap(Protocol):
+    """Told of every change to the node's numbered state, in order (the workers' feed)."""
+
+    def entry(self, channel: Channel, e: Entry, publisher_id: bool) -> None: ...
+    def member(self, channel: Channel) -> None: ...
+    def removed(self, channel: Channel) -> None: ...
+    def outage(self, seq: int) -> None: ...
+
+
+__all__ = ["GAP_EVENT", "Hub", "Refused", "Stats", "Tap", "Unknown"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +166,8 @@ class Hub:
         # Called once per channel per flush with the seconds from the first pending
         # message's arrival to its write (the metrics histogram); never per subscriber.
         self.observe_delay: Callable[[float], None] | None = None
+        # With workers, the main process's hub numbers messages and tells the feed.
+        self.tap: Tap | None = None
         for ch in config.channels.values():
             if not ch.family:
                 self.channels[ch.name] = Channel(ch)
@@ -284,18 +296,25 @@ class Hub:
             else:
                 self._idle.setdefault(grace, {})[channel] = now + grace
 
-    def _create_member(self, name: str, family: Family, part: str) -> Channel:
+    def _create_member(
+        self, name: str, family: Family, part: str, marker: int | None = None
+    ) -> Channel:
         channel = Channel(family.config, name, family, family.redis_channel(part))
         # Nothing before this point reached the new member: positions handed out so
         # far (which are <= seq) get a gap; the new member's own positions come later.
-        self.seq += 1
-        channel.history.evicted_seq = self.seq
+        # A worker takes the marker the node's hub gave the member instead.
+        if marker is None:
+            self.seq += 1
+            marker = self.seq
+        channel.history.evicted_seq = marker
         self.channels[name] = channel
         self.members[family.name] += 1
         others = self._by_redis.setdefault(channel.redis, [])
         others.append(channel)
         if len(others) == 1 and self.broker is not None:
             self.broker.want((channel.redis,))
+        if self.tap is not None:
+            self.tap.member(channel)
         return channel
 
     def _remove_member(self, channel: Channel, reason: str = "channel_removed") -> None:
@@ -315,6 +334,8 @@ class Hub:
             self._by_redis.pop(channel.redis, None)
             if self.broker is not None:
                 self.broker.drop((channel.redis,))
+        if self.tap is not None:
+            self.tap.removed(channel)
 
     def drop_idle_members(self, now: float | None = None) -> int:
         """Drop members whose grace is over (all idle ones when ``now`` is None)."""
@@ -392,9 +413,18 @@ class Hub:
         except sse.EncodeError as exc:
             raise Rejected("bad_field", str(exc)) from None
         self.seq = seq
-        new = entry(seq, event_id, raw)
-        channel.history.append(new, publisher_id=event.id is not None)
-        channel.last_seq = seq
+        self.deliver(channel, entry(seq, event_id, raw), event.id is not None)
+
+    def deliver(self, channel: Channel, new: Entry, publisher_id: bool) -> None:
+        """Keep a numbered entry in ``channel``'s history; write it to subscribers on flush.
+
+        The one way in for numbered entries: the local ingest, and in a worker the
+        node's feed (which numbered them in the main process).
+        """
+        channel.history.append(new, publisher_id=publisher_id)
+        channel.last_seq = new[SEQ]
+        if self.tap is not None:
+            self.tap.entry(channel, new, publisher_id)
         subs = channel.subs
         if subs.chunked or subs.plain or channel.mux_groups:
             self._pending.append((channel, new))
@@ -564,15 +594,18 @@ class Hub:
         data = {"channel": channel.name, "reason": reason, "lastEventId": last_event_id}
         return sse.encode(json.dumps(data, separators=(",", ":")), event=GAP_EVENT)
 
-    def signal_outage(self) -> None:
+    def signal_outage(self, seq: int | None = None) -> None:
         """After a Redis outage: tell every stream that events may have been lost.
 
         Resumes from positions before this point get the same signal, since what
-        Redis published while the hub was away never reached the history.
+        Redis published while the hub was away never reached the history. A worker
+        passes the position the node's hub gave the outage.
         """
         self._flush()
-        self.seq += 1
+        self.seq = self.seq + 1 if seq is None else seq
         self.outage_seq = self.seq
+        if self.tap is not None:
+            self.tap.outage(self.seq)
         marker = b"id: %s\n\n" % self.position().encode()
         for channel in self.channels.values():
             if channel.subs:

@@ -24,15 +24,17 @@ from .logs import enable_access_log
 from .metrics import Metrics
 from .systemd import Notifier
 
-__all__ = ["HubServer", "run", "serve"]
+__all__ = ["RESTART_ONLY", "HubServer", "reload_hub", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
+def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # workers: one listening socket each on the node's port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.setblocking(False)
     return sock
@@ -57,12 +59,22 @@ _quiet_bad_requests = _QuietBadRequests()
 class HubServer:
     """One hub process: hub + broker + HTTP listener. ``start()``/``stop()`` from code or tests."""
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        notifier: Notifier | None = None,
+        *,
+        hub: Hub | None = None,
+        broker: Broker | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.config = config
-        self.hub = Hub(config)
-        self.broker = Broker(
+        # A worker brings its own hub and "broker" (the node's feed: see feed.py).
+        self.hub = Hub(config) if hub is None else hub
+        self.broker = broker or Broker(
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
+        self._reuse_port = reuse_port
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
         # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
         self.notifier = Notifier() if notifier is None else notifier
@@ -139,7 +151,8 @@ class HubServer:
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
         await self._runner.setup()
-        sock = _listen_socket(self.config.listen.host, self.config.listen.port)
+        listen = self.config.listen
+        sock = _listen_socket(listen.host, listen.port, self._reuse_port)
         self.port = sock.getsockname()[1]
         # A large backlog so a reconnect storm of thousands queues instead of failing.
         site = web.SockSite(self._runner, sock, backlog=4096)
@@ -183,24 +196,10 @@ class HubServer:
                 self.notifier.notify_status(self.status())
 
     def _reload(self) -> bool:
-        try:
-            new = load(self.config.source)
-        except ConfigError as exc:
-            log.error("reload rejected, still running the previous config: %s", exc)
+        new = reload_hub(self.hub, self.config)
+        if new is None:
             return False
-        fixed = ("listen", "redis", "admin", "logging", "shutdown_timeout")
-        if any(getattr(new, k) != getattr(self.config, k) for k in fixed):
-            log.warning("reload: %s changes take effect on restart only", ", ".join(fixed))
-            new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in fixed})
-        added, removed, changed = self.hub.reload(new)
         self.config = new
-        log.info(
-            "reloaded channels=%d added=%s removed=%s changed=%s",
-            len(new.channels),
-            ",".join(added) or "-",
-            ",".join(removed) or "-",
-            ",".join(changed) or "-",
-        )
         return True
 
     async def stop(self) -> None:
@@ -222,6 +221,31 @@ class HubServer:
             self._broker_task = None
         self.notifier.close()
         log.info("stopped")
+
+
+# Settings a reload cannot change: they take effect on restart only.
+RESTART_ONLY = ("listen", "redis", "admin", "logging", "shutdown_timeout", "workers")
+
+
+def reload_hub(hub: Hub, config: Config) -> Config | None:
+    """Re-read ``config``'s file into ``hub``: the new config, or None (logged) if invalid."""
+    try:
+        new = load(config.source)
+    except ConfigError as exc:
+        log.error("reload rejected, still running the previous config: %s", exc)
+        return None
+    if any(getattr(new, k) != getattr(config, k) for k in RESTART_ONLY):
+        log.warning("reload: %s changes take effect on restart only", ", ".join(RESTART_ONLY))
+        new = dataclasses.replace(new, **{k: getattr(config, k) for k in RESTART_ONLY})
+    added, removed, changed = hub.reload(new)
+    log.info(
+        "reloaded channels=%d added=%s removed=%s changed=%s",
+        len(new.channels),
+        ",".join(added) or "-",
+        ",".join(removed) or "-",
+        ",".join(changed) or "-",
+    )
+    return new
 
 
 def _raise_fd_limit() -> None:
