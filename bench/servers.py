@@ -333,6 +333,17 @@ class SsehubMetricsServer(SsehubServer):
         return {**super().config(channels), "admin": {"host": "127.0.0.1", "port": free_port()}}
 
 
+class SsehubWorkersServer(SsehubServer):
+    """The hub with ``workers: 2``: a main process feeding two workers on one port.
+    Pinned like the others (all three processes on the server core), its CPU per
+    delivery shows what supervision and the feed add over one process."""
+
+    name = "ssehub-w2"
+
+    def config(self, channels: list[str]) -> dict[str, object]:
+        return {**super().config(channels), "workers": 2}
+
+
 def _bench_python() -> Path:
     return BENCH_VENV / "bin" / "python"
 
@@ -476,6 +487,7 @@ class Nchan(Server):
 SERVERS: dict[str, type[Server]] = {
     "ssehub": SsehubServer,
     "ssehub+metrics": SsehubMetricsServer,
+    "ssehub-w2": SsehubWorkersServer,
     "nchan": Nchan,
     "flask-sse": FlaskSSE,
     "flask-recipe": FlaskRecipe,

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -283,6 +284,7 @@ class Supervisor:
                 str(child.fileno()),
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
+                env=_worker_env(),
             )
         except BaseException:
             parent.close()
@@ -516,6 +518,12 @@ class Supervisor:
             self._sock.close()
         self.notifier.close()
         log.info("stopped")
+
+
+def _worker_env() -> dict[str, str]:
+    # Only main talks to systemd (NotifyAccess=main): workers never see its socket.
+    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 def _add_samples(acc: dict[SampleKey, float], metric: Metric) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ import redis.asyncio as aioredis
 from .redis_server import RedisServer
 from .sseclient import SSEClient, open_stream, wait_until
 from .test_metrics import one, scrape
+from .test_systemd import FakeSystemd
 
 pytestmark = pytest.mark.slow
 
@@ -307,3 +310,52 @@ def test_check_reports_the_workers(tmp_path: Path, value: str, expected: str) ->
     )
     assert result.returncode == 0
     assert expected in result.stdout
+
+
+@pytest.fixture
+def systemd() -> Iterator[FakeSystemd]:
+    fake = FakeSystemd()
+    yield fake
+    fake.close()
+
+
+def drain(systemd: FakeSystemd, seconds: float) -> list[dict[str, str]]:
+    """Every datagram that arrives within ``seconds``."""
+    out = []
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        with contextlib.suppress(TimeoutError):
+            out.append(systemd.receive(left))
+    return out
+
+
+def test_systemd_sees_the_node(
+    tmp_path: Path, redis_server: RedisServer, systemd: FakeSystemd
+) -> None:
+    config = write_config(tmp_path / "hub.yaml", redis_server.url)
+    # 400 ms watchdog: a ping every 200 ms while every worker answers.
+    node = Node(config, {"NOTIFY_SOCKET": systemd.env_value, "WATCHDOG_USEC": "400000"})
+    try:
+        ready = systemd.receive_until("READY")[-1]
+        assert ready["STATUS"] == f"connections=0 redis=up workers={WORKERS}/{WORKERS}"
+        assert node.count(r"worker ready") == WORKERS  # READY=1 came after every worker
+        with socket.create_connection(("127.0.0.1", node.port)) as stream:
+            stream.sendall(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert stream.recv(100).startswith(b"HTTP/1.1 200")
+            while systemd.receive().get("STATUS", "").split(" ")[0] != "connections=1":
+                pass
+        # A worker whose loop stops answering stops the node's watchdog pings.
+        worker = node.worker_pids()[1]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            drain(systemd, 1.0)  # pings stop within 4 ping intervals (0.8 s)
+            late = drain(systemd, 1.0)
+            assert not any("WATCHDOG" in m for m in late), late
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert systemd.receive_until("WATCHDOG")[-1]["WATCHDOG"] == "1"
+        node.proc.send_signal(signal.SIGTERM)
+        systemd.receive_until("STOPPING")
+        assert node.proc.wait(timeout=15) == 0
+    finally:
+        node.stop()
