@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from .redis_server import RedisServer
-from .sseclient import SSEClient, open_stream, wait_until
+from .sseclient import Event, SSEClient, open_stream, wait_until
 from .test_metrics import one, scrape
 from .test_systemd import FakeSystemd
 
@@ -169,14 +169,21 @@ async def test_every_worker_serves_and_one_scrape_sums_them(
     assert one(m, "ssehub_delivery_delay_seconds_count") >= WORKERS
 
 
+async def published(
+    node: Node, clients: list[SSEClient], redis_client: aioredis.Redis, n: int
+) -> list[Event]:
+    """``n`` messages published on chat, as one stream of the node saw them."""
+    first = await open_stream(node.port, "/channels/chat")
+    clients.append(first)
+    for i in range(n):
+        await redis_client.publish("chat", f"m{i}")
+    return await first.next_events(n)
+
+
 async def test_a_reconnect_to_another_worker_resumes_exactly(
     node: Node, clients: list[SSEClient], redis_client: aioredis.Redis
 ) -> None:
-    first = await open_stream(node.port, "/channels/chat")
-    clients.append(first)
-    for i in range(4):
-        await redis_client.publish("chat", f"m{i}")
-    seen = await first.next_events(4)
+    seen = await published(node, clients, redis_client, 4)
     # Resume from the second event on every worker: the same two events, same ids.
     resumed = await spread(node, clients, "/channels/chat", last_id=seen[1].id or "")
     for c in resumed:
@@ -217,11 +224,7 @@ async def test_family_members_are_node_wide(
 async def test_a_killed_worker_is_replaced_and_resumes_from_the_snapshot(
     node: Node, clients: list[SSEClient], redis_client: aioredis.Redis
 ) -> None:
-    first = await open_stream(node.port, "/channels/chat")
-    clients.append(first)
-    for i in range(3):
-        await redis_client.publish("chat", f"m{i}")
-    seen = await first.next_events(3)
+    seen = await published(node, clients, redis_client, 3)
     before = await scrape(node.admin_port)
     victim = node.worker_pids()[0]
     mark = len(node.lines)
