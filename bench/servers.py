@@ -484,6 +484,17 @@ class SsehubAuthES256Server(SsehubAuthServer):
         return private, {"key_file": str(self.workdir / "auth-key.pub")}
 
 
+class SsehubWorkersServer(SsehubServer):
+    """The hub with ``workers: 2``: a main process feeding two workers on one port.
+    Pinned like the others (all three processes on the server core), its CPU per
+    delivery shows what supervision and the feed add over one process."""
+
+    name = "ssehub-w2"
+
+    def config(self, channels: list[str]) -> dict[str, object]:
+        return {**super().config(channels), "workers": 2}
+
+
 def _bench_python() -> Path:
     return BENCH_VENV / "bin" / "python"
 
@@ -630,6 +641,7 @@ SERVERS: dict[str, type[Server]] = {
     "ssehub+metrics": SsehubMetricsServer,
     "ssehub+auth": SsehubAuthServer,
     "ssehub+auth-es256": SsehubAuthES256Server,
+    "ssehub-w2": SsehubWorkersServer,
     "nchan": Nchan,
     "flask-sse": FlaskSSE,
     "flask-recipe": FlaskRecipe,

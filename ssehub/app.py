@@ -147,6 +147,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if streams and hub.streams is not None:
             while not await hub.streams.wait_live(streams, hub.config.heartbeat):
                 await resp.write(sse.comment())
+        await hub.caught_up(last_event_id)
         transport = stream_transport(request)
         if transport is None:
             return resp

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ssehub: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{args.config}: ok ({len(config.channels)} channels)")
+        print(f"{args.config}: ok ({len(config.channels)} channels, {config.workers} workers)")
         return 0
 
     try:
@@ -61,10 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # an unknown --log-level
         print(f"ssehub: --log-level: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from .server import run
-
     try:
-        run(config)
+        if config.workers > 1:
+            from .workers import run as run_node
+
+            run_node(config, args.log_level)
+        else:
+            from .server import run
+
+            run(config)
     except OSError as exc:
         logging.getLogger("ssehub").error("cannot start", extra=logs.fields(error=str(exc)))
         return EXIT_STARTUP

@@ -137,6 +137,15 @@ def _check(*checks: Check) -> dict[str, Any]:
     return {"checks": checks}
 
 
+def _workers(value: Any) -> int:
+    """``workers:``: a positive integer, or ``auto`` for the CPUs this process may use."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Invalid(f"expected a positive integer or 'auto', got {_describe(value)}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Listen:
     host: str = "127.0.0.1"
@@ -334,6 +343,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # GET / serves a demo page (channels, subscribe buttons, live events); false turns it off.
     demo: bool = True
+    # Worker processes sharing the public port (``auto``: one per CPU). 1 runs the
+    # whole hub in one process; more run a supervisor that feeds them (workers.py).
+    workers: int = field(default=1, metadata={"parse": _workers})
     source: str = field(default="<config>", metadata={"internal": True})
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:
@@ -452,7 +464,14 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(source, key, "required key is missing")
             continue
-        value = _convert(hints[name], data[name], key, source)
+        parse_value = f.metadata.get("parse")
+        try:
+            if parse_value is not None:
+                value = parse_value(data[name])
+            else:
+                value = _convert(hints[name], data[name], key, source)
+        except _Invalid as exc:
+            raise ConfigError(source, key, str(exc)) from None
         for check in f.metadata.get("checks", ()):
             try:
                 check(value)

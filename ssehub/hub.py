@@ -29,7 +29,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import sse
 from .channel import Channel, Group, MuxGroup
@@ -45,7 +45,17 @@ if TYPE_CHECKING:
     from .streams import Entry as StreamEntry
     from .streams import StreamReader
 
-__all__ = ["GAP_EVENT", "Hub", "Refused", "Replay", "Stats", "Unknown"]
+
+class Tap(Protocol):
+    """Told of every change to the node's numbered state, in order (the workers' feed)."""
+
+    def entry(self, channel: Channel, e: Entry, publisher_id: bool) -> None: ...
+    def member(self, channel: Channel) -> None: ...
+    def removed(self, channel: Channel) -> None: ...
+    def outage(self, seq: int) -> None: ...
+
+
+__all__ = ["GAP_EVENT", "Hub", "Refused", "Replay", "Stats", "Tap", "Unknown"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +206,8 @@ class Hub:
         # Called once per channel per flush with the seconds from the first pending
         # message's arrival to its write (the metrics histogram); never per subscriber.
         self.observe_delay: Callable[[float], None] | None = None
+        # With workers, the main process's hub numbers messages and tells the feed.
+        self.tap: Tap | None = None
         for ch in config.channels.values():
             if not ch.family:
                 self.channels[ch.name] = Channel(ch, self.budget)
@@ -361,14 +373,19 @@ class Hub:
             else:
                 self._idle.setdefault(grace, {})[channel] = now + grace
 
-    def _create_member(self, name: str, family: Family, part: str) -> Channel:
+    def _create_member(
+        self, name: str, family: Family, part: str, marker: int | None = None
+    ) -> Channel:
         channel = Channel(family.config, self.budget, name, family, family.redis_channel(part))
         if channel.history.ttl > 0:
             self._aging.add(channel.history)
         # Nothing before this point reached the new member: positions handed out so
         # far (which are <= seq) get a gap; the new member's own positions come later.
-        self.seq += 1
-        channel.history.evicted_seq = self.seq
+        # A worker takes the marker the node's hub gave the member instead.
+        if marker is None:
+            self.seq += 1
+            marker = self.seq
+        channel.history.evicted_seq = marker
         self.channels[name] = channel
         self.members[family.name] += 1
         others = self._index(channel).setdefault(channel.redis, [])
@@ -376,6 +393,8 @@ class Hub:
         upstream = self._upstream(channel)
         if len(others) == 1 and upstream is not None:
             upstream.want((channel.redis,))
+        if self.tap is not None:
+            self.tap.member(channel)
         return channel
 
     def _remove_member(self, channel: Channel, reason: str = "channel_removed") -> None:
@@ -399,6 +418,8 @@ class Hub:
             upstream = self._upstream(channel)
             if upstream is not None:
                 upstream.drop((channel.redis,))
+        if self.tap is not None:
+            self.tap.removed(channel)
 
     def drop_idle_members(self, now: float | None = None) -> int:
         """Drop members whose grace is over (all idle ones when ``now`` is None)."""
@@ -542,9 +563,18 @@ class Hub:
         except UnicodeEncodeError:  # a lone surrogate that got past the parser
             raise Rejected("invalid_utf8", "lone surrogate") from None
         self.seq = seq
-        new = entry(seq, event_id, raw)
-        channel.history.append(new, publisher_id=event.id is not None)
-        channel.last_seq = seq
+        self.deliver(channel, entry(seq, event_id, raw), event.id is not None)
+
+    def deliver(self, channel: Channel, new: Entry, publisher_id: bool) -> None:
+        """Keep a numbered entry in ``channel``'s history; write it to subscribers on flush.
+
+        The one way in for numbered entries: the local ingest, and in a worker the
+        node's feed (which numbered them in the main process).
+        """
+        channel.history.append(new, publisher_id=publisher_id)
+        channel.last_seq = new[SEQ]
+        if self.tap is not None:
+            self.tap.entry(channel, new, publisher_id)
         subs = channel.subs
         if subs.chunked or subs.plain or channel.mux_groups:
             self._pending.append((channel, new))
@@ -682,6 +712,10 @@ class Hub:
         sub.transport.set_write_buffer_limits(high=self._replay_bound)
         return self._catch_up(replay, b"".join(gaps))
 
+    async def caught_up(self, last_event_id: str | None) -> None:
+        """Returns once this hub has taken in everything up to ``last_event_id``
+        (at once here; a worker may still be receiving it from its node's feed)."""
+
     def catch_up(self, sub: Subscriber) -> bool:
         """Write the next part of ``sub``'s replay, as much as the bound allows;
         True once the stream is live (or was ended meanwhile)."""
@@ -795,15 +829,18 @@ class Hub:
         data = {"channel": channel.name, "reason": reason, "lastEventId": last_event_id}
         return sse.encode(json.dumps(data, separators=(",", ":")), event=GAP_EVENT)
 
-    def signal_outage(self) -> None:
+    def signal_outage(self, seq: int | None = None) -> None:
         """After a Redis outage: tell every stream that events may have been lost.
 
         Resumes from positions before this point get the same signal, since what
-        Redis published while the hub was away never reached the history.
+        Redis published while the hub was away never reached the history. A worker
+        passes the position the node's hub gave the outage.
         """
         self._flush()
-        self.seq += 1
+        self.seq = self.seq + 1 if seq is None else seq
         self.outage_seq = self.seq
+        if self.tap is not None:
+            self.tap.outage(self.seq)
         marker = b"id: %s\n\n" % self.position().encode()
         for channel in self.channels.values():
             if channel.subs and not channel.stream:

@@ -25,15 +25,17 @@ from .metrics import Metrics
 from .streams import StreamReader
 from .systemd import Notifier
 
-__all__ = ["HubServer", "run", "serve"]
+__all__ = ["RESTART_ONLY", "HubServer", "reload_hub", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
+def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # workers: one listening socket each on the node's port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.setblocking(False)
     return sock
@@ -46,12 +48,22 @@ _quiet_bad_requests = QuietBadRequests(log)
 class HubServer:
     """One hub process: hub + broker + HTTP listener. ``start()``/``stop()`` from code or tests."""
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        notifier: Notifier | None = None,
+        *,
+        hub: Hub | None = None,
+        broker: Broker | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.config = config
-        self.hub = Hub(config)
-        self.broker = Broker(
+        # A worker brings its own hub and "broker" (the node's feed: see feed.py).
+        self.hub = Hub(config) if hub is None else hub
+        self.broker = broker or Broker(
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
+        self._reuse_port = reuse_port
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
         # Stream channels: one reader for all of them (it connects once one is wanted).
         self.streams = StreamReader(
@@ -152,7 +164,8 @@ class HubServer:
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
         await self._runner.setup()
-        sock = _listen_socket(self.config.listen.host, self.config.listen.port)
+        listen = self.config.listen
+        sock = _listen_socket(listen.host, listen.port, self._reuse_port)
         self.port = sock.getsockname()[1]
         # A large backlog so a reconnect storm of thousands queues instead of failing.
         site = web.SockSite(self._runner, sock, backlog=4096)
@@ -197,34 +210,10 @@ class HubServer:
                 self.notifier.notify_status(self.status())
 
     def _reload(self) -> bool:
-        try:
-            new = load(self.config.source)
-        except ConfigError as exc:
-            log.error(
-                "reload rejected, still running the previous config", extra=fields(error=str(exc))
-            )
+        new = reload_hub(self.hub, self.config)
+        if new is None:
             return False
-        fixed = ("listen", "redis", "admin", "logging", "shutdown_timeout")
-        pending = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
-        if pending:
-            log.warning(
-                "reload: these changes take effect on restart only",
-                extra=fields(keys=",".join(pending)),
-            )
-            new = dataclasses.replace(new, **{k: getattr(self.config, k) for k in fixed})
-        added, removed, changed = self.hub.reload(new)
-        # The hub has switched: the server follows at once, whatever happens next.
         self.config = new
-        self.broker.set_channels(self.hub.redis_channels())
-        log.info(
-            "reloaded",
-            extra=fields(
-                channels=len(new.channels),
-                added=",".join(added) or "-",
-                removed=",".join(removed) or "-",
-                changed=",".join(changed) or "-",
-            ),
-        )
         return True
 
     async def stop(self) -> None:
@@ -247,6 +236,41 @@ class HubServer:
         self._broker_task = self._streams_task = None
         self.notifier.close()
         log.info("stopped")
+
+
+# Settings a reload cannot change: they take effect on restart only.
+RESTART_ONLY = ("listen", "redis", "admin", "logging", "shutdown_timeout", "workers")
+
+
+def reload_hub(hub: Hub, config: Config) -> Config | None:
+    """Re-read ``config``'s file into ``hub``: the new config, or None (logged) if invalid."""
+    try:
+        new = load(config.source)
+    except ConfigError as exc:
+        log.error(
+            "reload rejected, still running the previous config", extra=fields(error=str(exc))
+        )
+        return None
+    pending = [k for k in RESTART_ONLY if getattr(new, k) != getattr(config, k)]
+    if pending:
+        log.warning(
+            "reload: these changes take effect on restart only",
+            extra=fields(keys=",".join(pending)),
+        )
+        new = dataclasses.replace(new, **{k: getattr(config, k) for k in RESTART_ONLY})
+    # The hub switches and updates its Redis subscriptions (which never raises: a
+    # connection that fails meanwhile resubscribes from the hub's wanted set).
+    added, removed, changed = hub.reload(new)
+    log.info(
+        "reloaded",
+        extra=fields(
+            channels=len(new.channels),
+            added=",".join(added) or "-",
+            removed=",".join(removed) or "-",
+            changed=",".join(changed) or "-",
+        ),
+    )
+    return new
 
 
 def _raise_fd_limit() -> None:

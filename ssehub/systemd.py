@@ -56,6 +56,7 @@ class Notifier:
         self._sock: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._status: Callable[[], str] | None = None
+        self._alive: Callable[[], bool] | None = None
         self._last_status = ""
         self._failed = False
 
@@ -112,11 +113,15 @@ class Notifier:
 
     # --- the periodic tick: watchdog pings and status refresh ---------------------
 
-    def start(self, status: Callable[[], str]) -> None:
-        """Tick on the event loop: ``WATCHDOG=1`` when enabled, ``STATUS=`` when changed."""
+    def start(self, status: Callable[[], str], alive: Callable[[], bool] | None = None) -> None:
+        """Tick on the event loop: ``WATCHDOG=1`` when enabled, ``STATUS=`` when changed.
+
+        ``alive`` (the workers' supervisor) holds the pings back while it is false.
+        """
         if not self.enabled or self._timer is not None:
             return
         self._status = status
+        self._alive = alive
         self._schedule()
 
     def stop(self) -> None:
@@ -142,7 +147,7 @@ class Notifier:
 
     def _tick(self) -> None:
         fields = []
-        if self.watchdog_interval is not None:
+        if self.watchdog_interval is not None and (self._alive is None or self._alive()):
             fields.append("WATCHDOG=1")
         if self._status is not None:
             status = self._status()

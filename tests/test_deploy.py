@@ -55,6 +55,7 @@ def test_systemd_unit_uses_notify_watchdog_and_sandbox() -> None:
     expected = {
         "Type": "notify",
         "NotifyAccess": "main",
+        "KillMode": "mixed",
         "WatchdogSec": "30",
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "DynamicUser": "yes",

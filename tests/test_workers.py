@@ -1,0 +1,364 @@
+"""``workers: N``: the node as real processes -- a main process and its workers on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from .redis_server import RedisServer
+from .sseclient import Event, SSEClient, open_stream, wait_until
+from .test_metrics import one, scrape
+from .test_systemd import FakeSystemd
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 2
+# Streams opened to reach every worker: SO_REUSEPORT spreads connections by a hash of
+# their addresses, so 12 all landing on one of two workers has odds of 1 in 2,048.
+SPREAD = 12
+
+
+class Node:
+    """``python -m ssehub`` with ``workers:``; its log lines collected by a reader thread."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ssehub", "--config", str(config)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = int(self.wait_for(r"listening host=\S+ port=(\d+) workers=")[1])
+        admin = [
+            m for line in self.lines if (m := re.search(r"admin listening .*port=(\d+)", line))
+        ]
+        self.admin_port = int(admin[0][1]) if admin else 0
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, start: int = 0, timeout: float = 20.0) -> re.Match[str]:
+        """The first log line from ``start`` on that matches ``pattern`` (polled)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines[start:]:
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            assert self.proc.poll() is None or time.monotonic() < deadline, (
+                f"node exited without {pattern!r}:\n{''.join(self.lines)}"
+            )
+            assert time.monotonic() < deadline, f"no {pattern!r}:\n{''.join(self.lines)}"
+            time.sleep(0.02)
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def worker_pids(self) -> dict[int, int]:
+        """The current pid of each worker, from the start lines."""
+        pids = {}
+        for line in self.lines:
+            match = re.search(r"worker started worker=(\d+) pid=(\d+)", line)
+            if match:
+                pids[int(match[1])] = int(match[2])
+        return pids
+
+    def stop(self) -> None:
+        """Kill what a test left running (main and workers) and close the pipe."""
+        pids = self.worker_pids()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._reader.join(timeout=5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def write_config(path: Path, redis_url: str, channels: str = "{chat: {}}", extra: str = "") -> Path:
+    path.write_text(
+        f"listen: {{host: 127.0.0.1, port: 0}}\nredis: {{url: '{redis_url}'}}\n"
+        f"workers: {WORKERS}\nadmin: {{port: 0}}\nshutdown_timeout: 3\n{extra}"
+        f"channels: {channels}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def node_config(tmp_path: Path, redis_server: RedisServer) -> Path:
+    return write_config(tmp_path / "hub.yaml", redis_server.url)
+
+
+@pytest.fixture
+def node(node_config: Path) -> Iterator[Node]:
+    n = Node(node_config)
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[SSEClient]]:
+    opened: list[SSEClient] = []
+    yield opened
+    for c in opened:
+        await c.close()
+
+
+async def spread(node: Node, clients: list[SSEClient], path: str, **kw: str) -> list[SSEClient]:
+    """``SPREAD`` streams, and proof from the node's metrics that every worker holds some."""
+    new = [await open_stream(node.port, path, **kw) for _ in range(SPREAD)]
+    clients.extend(new)
+
+    async def every_worker_serves() -> bool:
+        m = await scrape(node.admin_port)
+        per = [one(m, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
+        return sum(per) >= len(new) and all(per)
+
+    await wait_until(every_worker_serves, timeout=10)
+    return new
+
+
+async def test_every_worker_serves_and_one_scrape_sums_them(
+    node: Node, clients: list[SSEClient], redis_client: aioredis.Redis
+) -> None:
+    streams = await spread(node, clients, "/channels/chat")
+    for i in range(3):
+        await redis_client.publish("chat", f"m{i}")
+    got = [await c.next_events(3) for c in streams]
+    # One numbering for the node: every worker sent the same ids.
+    assert len({tuple((e.id, e.data) for e in events) for events in got}) == 1
+    m = await scrape(node.admin_port)
+    assert one(m, "ssehub_workers") == WORKERS
+    assert one(m, "ssehub_connections") == SPREAD
+    assert one(m, "ssehub_channel_connections", channel="chat") == SPREAD
+    assert one(m, "ssehub_connections_opened_total", channel="chat") == SPREAD
+    # Parsed once, in main; delivered by the workers.
+    assert one(m, "ssehub_messages_received_total", channel="chat") == 3
+    assert one(m, "ssehub_events_delivered_total") == 3 * SPREAD
+    assert one(m, "ssehub_redis_up") == 1
+    assert one(m, "ssehub_delivery_delay_seconds_count") >= WORKERS
+
+
+async def published(
+    node: Node, clients: list[SSEClient], redis_client: aioredis.Redis, n: int
+) -> list[Event]:
+    """``n`` messages published on chat, as one stream of the node saw them."""
+    first = await open_stream(node.port, "/channels/chat")
+    clients.append(first)
+    for i in range(n):
+        await redis_client.publish("chat", f"m{i}")
+    return await first.next_events(n)
+
+
+async def test_a_reconnect_to_another_worker_resumes_exactly(
+    node: Node, clients: list[SSEClient], redis_client: aioredis.Redis
+) -> None:
+    seen = await published(node, clients, redis_client, 4)
+    # Resume from the second event on every worker: the same two events, same ids.
+    resumed = await spread(node, clients, "/channels/chat", last_id=seen[1].id or "")
+    for c in resumed:
+        assert [(e.id, e.data) for e in await c.next_events(2)] == [
+            (e.id, e.data) for e in seen[2:]
+        ]
+    await redis_client.publish("chat", "live")
+    for c in resumed:
+        assert [e.data for e in await c.next_events(3)][2:] == ["live"]
+
+
+async def test_family_members_are_node_wide(
+    tmp_path: Path, redis_server: RedisServer, clients: list[SSEClient]
+) -> None:
+    config = write_config(
+        tmp_path / "hub.yaml", redis_server.url, "{'user.*': {redis_channel: 'app:user:*'}}"
+    )
+    node = Node(config)
+    redis_client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        first = await open_stream(node.port, "/channels/user.7")
+        clients.append(first)
+        await redis_client.publish("app:user:7", "one")
+        (seen,) = await first.next_events(1)
+        streams = await spread(node, clients, "/channels/user.7", last_id=seen.id or "")
+        await redis_client.publish("app:user:7", "two")
+        for c in streams:
+            assert [e.data for e in await c.next_events(1)] == ["two"]  # "one" was seen
+        m = await scrape(node.admin_port)
+        assert one(m, "ssehub_family_members", family="user.*") == 1
+        # One Redis subscription for the node, whatever the number of workers.
+        assert await redis_client.pubsub_numsub("app:user:7") == [(b"app:user:7", 1)]
+    finally:
+        await redis_client.aclose()
+        node.stop()
+
+
+async def test_a_killed_worker_is_replaced_and_resumes_from_the_snapshot(
+    node: Node, clients: list[SSEClient], redis_client: aioredis.Redis
+) -> None:
+    seen = await published(node, clients, redis_client, 3)
+    before = await scrape(node.admin_port)
+    victim = node.worker_pids()[0]
+    mark = len(node.lines)
+    os.kill(victim, signal.SIGKILL)
+    node.wait_for(r"worker exited worker=0 .*code=-9 restart_in=", mark)
+    node.wait_for(r"worker ready worker=0", mark)
+    assert node.worker_pids()[0] != victim
+    after = await scrape(node.admin_port)
+    assert one(after, "ssehub_workers") == WORKERS
+    assert one(after, "ssehub_worker_restarts_total") == 1
+    # Counters of the dead worker stay in the node's totals; gauges went with it.
+    opened = ("ssehub_connections_opened_total", "chat")
+    assert one(after, opened[0], channel=opened[1]) >= one(before, opened[0], channel=opened[1])
+    # The new worker has the node's history: resumes on it are exact too.
+    resumed = await spread(node, clients, "/channels/chat", last_id=seen[0].id or "")
+    for c in resumed:
+        assert [e.id for e in await c.next_events(2)] == [e.id for e in seen[1:]]
+
+
+async def test_sighup_reloads_every_worker_and_a_bad_config_is_rejected_once(
+    node: Node, node_config: Path, redis_server: RedisServer, clients: list[SSEClient]
+) -> None:
+    write_config(node_config, redis_server.url, "{chat: {}, later: {}}")
+    mark = len(node.lines)
+    node.proc.send_signal(signal.SIGHUP)
+    assert "added=later" in node.wait_for(r"reloaded .*", mark)[0]
+    await spread(node, clients, "/channels/later")
+    await asyncio.to_thread(node_config.write_text, "channels: [not, a, mapping]\n")
+    mark = len(node.lines)
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_for(r"reload rejected", mark)
+    await spread(node, clients, "/channels/later")  # every worker kept the old config
+    assert node.count(r"reload rejected") == 1
+    assert node.count(r"reloaded ") == 1
+
+
+async def test_sigterm_drains_every_worker(node: Node, clients: list[SSEClient]) -> None:
+    streams = await spread(node, clients, "/channels/chat")
+    pids = node.worker_pids()
+    started = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    for c in streams:
+        await c.read_to_eof(timeout=5)
+        assert c.ended_cleanly
+    assert await asyncio.to_thread(node.proc.wait, 10) == 0
+    assert time.monotonic() - started < 3 + 2
+    assert not any(_alive(pid) for pid in pids.values())
+
+
+async def test_limits_are_per_worker(
+    tmp_path: Path, redis_server: RedisServer, clients: list[SSEClient]
+) -> None:
+    config = write_config(
+        tmp_path / "hub.yaml", redis_server.url, extra="limits: {max_connections: 1}\n"
+    )
+    node = Node(config)
+    try:
+        accepted = 0
+        for _ in range(SPREAD):
+            c = await SSEClient.connect(
+                node.port, "/channels/chat", {"Accept": "text/event-stream"}
+            )
+            clients.append(c)
+            # A stream gets its position line; one turned away, the busy event.
+            await c.read_until(lambda c: c.parser.last_id or c.events)
+            accepted += 1 if c.parser.last_id else 0
+        m = await scrape(node.admin_port)
+        per = [one(m, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
+        assert all(n <= 1 for n in per), per
+        assert sum(per) == accepted
+        assert 1 <= accepted <= WORKERS
+        assert one(m, "ssehub_connections_closed_total", reason="limit") == SPREAD - accepted
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("2", "2 workers"), ("auto", " workers")])
+def test_check_reports_the_workers(tmp_path: Path, value: str, expected: str) -> None:
+    config = tmp_path / "hub.yaml"
+    config.write_text(f"workers: {value}\nchannels: {{chat: {{}}}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "ssehub", "--config", str(config), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert expected in result.stdout
+
+
+@pytest.fixture
+def systemd() -> Iterator[FakeSystemd]:
+    fake = FakeSystemd()
+    yield fake
+    fake.close()
+
+
+def drain(systemd: FakeSystemd, seconds: float) -> list[dict[str, str]]:
+    """Every datagram that arrives within ``seconds``."""
+    out = []
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        with contextlib.suppress(TimeoutError):
+            out.append(systemd.receive(left))
+    return out
+
+
+def test_systemd_sees_the_node(
+    tmp_path: Path, redis_server: RedisServer, systemd: FakeSystemd
+) -> None:
+    config = write_config(tmp_path / "hub.yaml", redis_server.url)
+    # 400 ms watchdog: a ping every 200 ms while every worker answers.
+    node = Node(config, {"NOTIFY_SOCKET": systemd.env_value, "WATCHDOG_USEC": "400000"})
+    try:
+        ready = systemd.receive_until("READY")[-1]
+        assert ready["STATUS"] == f"connections=0 redis=up workers={WORKERS}/{WORKERS}"
+        assert node.count(r"worker ready") == WORKERS  # READY=1 came after every worker
+        with socket.create_connection(("127.0.0.1", node.port)) as stream:
+            stream.sendall(b"GET /channels/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert stream.recv(100).startswith(b"HTTP/1.1 200")
+            while systemd.receive().get("STATUS", "").split(" ")[0] != "connections=1":
+                pass
+        # A worker whose loop stops answering stops the node's watchdog pings.
+        worker = node.worker_pids()[1]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            drain(systemd, 1.0)  # pings stop within 4 ping intervals (0.8 s)
+            late = drain(systemd, 1.0)
+            assert not any("WATCHDOG" in m for m in late), late
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert systemd.receive_until("WATCHDOG")[-1]["WATCHDOG"] == "1"
+        node.proc.send_signal(signal.SIGTERM)
+        systemd.receive_until("STOPPING")
+        assert node.proc.wait(timeout=15) == 0
+    finally:
+        node.stop()
