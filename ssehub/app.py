@@ -120,13 +120,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return await _turn_away(hub, await _prepare(request), exc.reason)
     sub: Subscriber | None = None
     try:
-        refusal = _over_limit(hub, channels)
+        refusal = _over_limit(hub, channels, mux)
         if refusal is not None and not wants_stream:
             return _unavailable(hub, refusal)
         resp = await _prepare(request)
         if request.method == "HEAD":
             return resp
-        refusal = _over_limit(hub, channels)  # again: the awaits above let others in
+        refusal = _over_limit(hub, channels, mux)  # again: the awaits above let others in
         if refusal is not None:
             return await _turn_away(hub, resp, refusal)
         # The first bytes go through aiohttp's writer, which sends the buffered
@@ -189,13 +189,15 @@ async def _prepare(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _over_limit(hub: Hub, channels: Sequence[Channel]) -> str | None:
+def _over_limit(hub: Hub, channels: Sequence[Channel], mux: bool) -> str | None:
     """Why a new stream must be turned away, or None."""
     limits = hub.config.limits
     if limits.max_connections and hub.connections >= limits.max_connections:
         return "max_connections"
     if limits.max_per_channel and any(len(c) >= limits.max_per_channel for c in channels):
         return "max_per_channel"
+    if mux and hub.refuses_group(channels):
+        return "max_event_groups"
     return None
 
 

@@ -604,36 +604,63 @@ class Hub:
         if not pending:
             return
         now = time.monotonic()
-        by_channel: dict[Channel, list[bytes]] = {}
+        by_channel: dict[Channel, list[Entry]] = {}
         for channel, e in pending:
-            by_channel.setdefault(channel, []).append(e[RAW])
-        touched: set[MuxGroup] = set()
-        for channel, raws in by_channel.items():
+            by_channel.setdefault(channel, []).append(e)
+        # /events groups by the channels of this flush they follow, in one order.
+        touched: dict[MuxGroup, list[Channel]] = {}
+        for channel, entries in by_channel.items():
             channel.last_write = now
             subs = channel.subs
             if subs.chunked or subs.plain:
-                raw = raws[0] if len(raws) == 1 else b"".join(raws)
+                raw = entries[0][RAW] if len(entries) == 1 else b"".join(e[RAW] for e in entries)
                 self._write(subs, raw, sse.chunk(raw))
                 # Plain len()s: a Python-level __len__ here showed in profiles.
-                self.stats.delivered += len(raws) * (len(subs.chunked) + len(subs.plain))
-            touched.update(channel.mux_groups)
-        mux_cache: dict[int, bytes] = {}
-        for group in touched:
-            # Keep hub order across channels: /events ids must only increase. Each
-            # event is encoded once per flush, whatever the number of groups.
-            parts = []
-            for c, e in pending:
-                if c.name in group.names:
-                    data = mux_cache.get(e[SEQ])
-                    if data is None:
-                        data = mux_cache[e[SEQ]] = self._mux_bytes(c, e)
-                    parts.append(data)
-            raw = b"".join(parts)
-            self._write(group, raw, sse.chunk(raw))
-            self.stats.delivered += len(parts) * (len(group.chunked) + len(group.plain))
+                self.stats.delivered += len(entries) * (len(subs.chunked) + len(subs.plain))
+            for group in channel.mux_groups:
+                followed = touched.get(group)
+                if followed is None:
+                    touched[group] = [channel]
+                else:
+                    followed.append(channel)
+        if touched:
+            self._flush_mux(by_channel, touched)
         if self.observe_delay is not None:
             first = pending[0][1][AT]
             self.observe_delay(time.monotonic() - first)
+
+    def _flush_mux(
+        self, by_channel: dict[Channel, list[Entry]], touched: dict[MuxGroup, list[Channel]]
+    ) -> None:
+        """Write each /events group its channels' events, in hub order.
+
+        Every event is encoded once; groups that follow the same channels of this
+        flush share one bytes object, built once, whatever their number (with one
+        message per flush, every group shares it); a flush costs one step per
+        (group, channel) pair plus the writes, never one per (group, message).
+        """
+        encoded: dict[int, bytes] = {}  # seq -> the event as /events carry it
+        seqs: dict[Channel, list[int]] = {}
+        built: dict[tuple[Channel, ...], tuple[bytes, bytes, int]] = {}
+        for group, channels in touched.items():
+            key = tuple(channels)
+            out = built.get(key)
+            if out is None:
+                for channel in channels:
+                    if channel not in seqs:
+                        own = seqs[channel] = []
+                        for e in by_channel[channel]:
+                            encoded[e[SEQ]] = self._mux_bytes(channel, e)
+                            own.append(e[SEQ])
+                if len(channels) == 1:
+                    order = seqs[channels[0]]
+                else:  # merged by seq: /events ids only increase
+                    order = sorted([seq for c in channels for seq in seqs[c]])
+                raw = b"".join([encoded[seq] for seq in order])
+                out = built[key] = (raw, sse.chunk(raw), len(order))
+            raw, framed, count = out
+            self._write(group, raw, framed)
+            self.stats.delivered += count * (len(group.chunked) + len(group.plain))
 
     def _write(self, group: Group, raw: bytes, framed: bytes) -> None:
         limit = self._max_buffer
@@ -780,6 +807,15 @@ class Hub:
         sub.transport.write(sse.chunk(raw) if sub.chunked else raw)
         assert sub.group is not None
         sub.group.add(sub)
+
+    def refuses_group(self, channels: Sequence[Channel]) -> bool:
+        """Whether ``channels`` would be a new /events group past ``max_event_groups``."""
+        limit = self.config.limits.max_event_groups
+        return (
+            bool(limit)
+            and len(self._mux) >= limit
+            and frozenset(c.name for c in channels) not in self._mux
+        )
 
     def _group(self, channels: Sequence[Channel], mux: bool) -> Group:
         if not mux:

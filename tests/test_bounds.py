@@ -10,13 +10,14 @@ import socket
 import pytest
 import redis.asyncio as aioredis
 
+from ssehub.app import BUSY_EVENT
 from ssehub.config import ChannelConfig, Limits
 from ssehub.history import SEQ, Budget, History
 from ssehub.history import entry as new_entry
 from ssehub.hub import GAP_EVENT
 
 from .conftest import StartHub
-from .sseclient import SSEClient, open_stream, wait_until
+from .sseclient import SSEClient, http_request, open_stream, wait_until
 from .test_metrics import ADMIN, one, scrape
 from .test_slow_clients import rss
 
@@ -299,3 +300,66 @@ async def test_a_resumer_that_stops_reading_is_cut_as_slow(
         assert hub.hub._catching_up == {}
     finally:
         sock.close()
+
+
+# --- /events groups -----------------------------------------------------------------
+
+
+async def test_new_channel_sets_past_max_event_groups_are_turned_away_as_busy(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start_hub({"a": {}, "b": {}, "c": {}}, limits={"max_event_groups": 2})
+    assert Limits().max_event_groups == 1000
+    held = [
+        await open_stream(hub.port, "/events?channel=a&channel=b"),
+        await open_stream(hub.port, "/events?channel=c"),
+    ]
+    turned = await SSEClient.connect(
+        hub.port, "/events?channel=a&channel=c", {"Accept": "text/event-stream"}
+    )
+    try:
+        assert turned.status == 200
+        await turned.read_to_eof()
+        (busy,) = turned.events
+        assert busy.event == BUSY_EVENT
+        assert json.loads(busy.data)["reason"] == "max_event_groups"
+        status, _, body = await http_request(hub.port, "/events?channel=b")
+        assert (status, body) == (503, b"busy: max_event_groups\n")
+        # An existing set still gets in, and so does a direct channel stream.
+        same = await open_stream(hub.port, "/events?channel=b&channel=a")
+        held += [same, await open_stream(hub.port, "/channels/a")]
+        assert len(hub.hub._mux) == 2
+        await redis_client.publish("a", "x")
+        assert [e.data for e in await same.next_events(1)] == ["x"]
+    finally:
+        for c in [*held, turned]:
+            await c.close()
+    await wait_until(lambda: hub.hub._mux == {})
+    again = await open_stream(hub.port, "/events?channel=a&channel=c")
+    await again.close()
+
+
+async def test_groups_following_different_sets_each_get_their_events_in_hub_order(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    names = ["a", "b", "c", "d"]
+    hub = await start_hub({n: {} for n in names})
+    sets = [["a"], ["a", "b"], ["b", "c", "d"], ["a", "c"], ["d", "a", "b", "c"]]
+    clients = [
+        await open_stream(hub.port, "/events?" + "&".join(f"channel={n}" for n in s)) for s in sets
+    ]
+    try:
+        pipe = redis_client.pipeline(transaction=False)  # most of these in one flush
+        published = [(names[i % 4 if i % 3 else 0], f"m{i}") for i in range(40)]
+        for channel, data in published:
+            pipe.publish(channel, data)
+        await pipe.execute()
+        for s, client in zip(sets, clients, strict=True):
+            want = [(c, d) for c, d in published if c in s]
+            events = await client.next_events(len(want))
+            assert [(e.event, e.data) for e in events] == want
+            ids = [int(e.id.rsplit("-", 1)[1]) for e in events]
+            assert ids == sorted(set(ids))
+    finally:
+        for client in clients:
+            await client.close()
