@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import re
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
+from redis.exceptions import RedisError
 
 from . import demo, sse
 from .aiohttp_compat import close_connection_after, expect, stream_transport
@@ -20,10 +22,14 @@ from .channel import Channel
 from .config import ChannelConfig
 from .cors import add_cors
 from .hub import Hub, Refused, Unknown
+from .logs import fields
 from .messages import MAX_ID_LENGTH
+from .resume import MAX_STREAMS_PER_EVENTS, resume_streams
 from .subscriber import Subscriber
 
 __all__ = ["ACCESS", "BROKER", "BUSY_EVENT", "HUB", "create_app", "healthz", "readyz"]
+
+log = logging.getLogger(__name__)
 
 # The named event that tells a client turned away by a limit why, before the stream ends.
 BUSY_EVENT = "ssehub-busy"
@@ -59,6 +65,16 @@ def _shown(name: str) -> str:
     """A client-supplied name made safe to echo: percent-decoded invalid UTF-8
     arrives as lone surrogates, which cannot be encoded as they are."""
     return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _rewind(request: web.Request) -> int | None:
+    """``?rewind=N``: how many past events a first connection starts with."""
+    value = request.query.get("rewind")
+    if value is None:
+        return None
+    if not (value.isdigit() and value.isascii()) or len(value) > 9:
+        raise web.HTTPBadRequest(text="rewind must be a non-negative integer\n")
+    return int(value)
 
 
 def _names(hub: Hub, request: web.Request, mux: bool) -> list[str]:
@@ -105,6 +121,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     except Denied as exc:
         raise exc.response() from None
     last_event_id = _last_event_id(request)
+    asked_rewind = _rewind(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
     if request.version.major != 1:
         # An HTTP/2 request line over plain HTTP/1 framing: nothing sensible to stream.
@@ -120,6 +137,15 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return await _turn_away(hub, await _prepare(request), exc.reason)
     sub: Subscriber | None = None
     try:
+        if mux and sum(c.stream for c in channels) > MAX_STREAMS_PER_EVENTS:
+            raise web.HTTPBadRequest(
+                text=f"at most {MAX_STREAMS_PER_EVENTS} stream channels per /events connection\n"
+            )
+        # A first connection may start with the last events (ignored on a resume).
+        rewind = asked_rewind
+        if rewind is None:
+            rewind = max(c.config.rewind for c in channels)
+        rewind = min(rewind, hub.config.limits.max_rewind) if last_event_id is None else 0
         refusal = _over_limit(hub, channels, mux)
         if refusal is not None and not wants_stream:
             return _unavailable(hub, refusal)
@@ -140,20 +166,37 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if members:
             broker = request.app[BROKER]
             while not await broker.wait_subscribed(members, hub.config.heartbeat):
+                if _gone(hub, channels):
+                    hub.stats.closed["channel_removed"] += 1
+                    return await _end(resp)
                 await resp.write(sse.comment())  # Redis away: keep proxies patient
         # A stream channel's position is its stream's: known once the reader has
         # read where the stream ends.
         streams = [c.redis for c in channels if c.stream]
         if streams and hub.streams is not None:
             while not await hub.streams.wait_live(streams, hub.config.heartbeat):
+                if _gone(hub, channels):
+                    hub.stats.closed["channel_removed"] += 1
+                    return await _end(resp)
                 await resp.write(sse.comment())
         await hub.caught_up(last_event_id)
         transport = stream_transport(request)
         if transport is None:
             return resp
+        # Stream channels whose position is older than the hub's memory catch up
+        # from Redis first, as the client reads (drain() waits at the bound).
+        transport.set_write_buffer_limits(high=hub.replay_bound)
+        try:
+            last_event_id = await resume_streams(hub, channels, last_event_id, mux, resp.write)
+        except RedisError as exc:
+            log.warning("stream resume failed", extra=fields(error=str(exc)))
+            return await _end(resp)  # the browser comes back with its last id
+        transport = stream_transport(request)
+        if transport is None:
+            return resp
         sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
         sub.expires = expires
-        live = hub.subscribe(sub, last_event_id, mux)
+        live = hub.subscribe(sub, last_event_id, mux, rewind)
         request.app[ACCESS].track(sub)
         # A resume longer than the buffer bound goes out as the client reads it:
         # drain() waits on the transport's pause/resume_writing, nothing else.
@@ -169,9 +212,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
         hub.release(channels)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
+    return await _end(resp)
+
+
+async def _end(resp: web.StreamResponse) -> web.StreamResponse:
+    """Finish a stream's body cleanly: the browser's EventSource reconnects."""
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
     return resp
+
+
+def _gone(hub: Hub, channels: Sequence[Channel]) -> bool:
+    """True when a channel the stream holds was removed meanwhile (a reload)."""
+    return any(hub.channels.get(c.name) is not c for c in channels)
 
 
 def _future() -> asyncio.Future[str]:
@@ -213,9 +266,7 @@ async def _turn_away(hub: Hub, resp: web.StreamResponse, reason: str) -> web.Str
     data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"))
     hub.stats.closed["limit"] += 1
     await resp.write(sse.retry(retry_ms) + sse.encode(data, event=BUSY_EVENT))
-    with contextlib.suppress(ConnectionError):
-        await resp.write_eof()
-    return resp
+    return await _end(resp)
 
 
 def _unavailable(hub: Hub, reason: str) -> web.Response:

@@ -41,12 +41,14 @@ class Group:
 class MuxGroup(Group):
     """``/events`` subscribers following the same set of channels."""
 
-    __slots__ = ("channels", "joining", "names")
+    __slots__ = ("channels", "joining", "names", "streams")
 
     def __init__(self, channels: Sequence[Channel]) -> None:
         super().__init__()
         self.channels = tuple(channels)
         self.names = frozenset(c.name for c in channels)
+        # Its stream channels, by name: the order their positions take in its ids.
+        self.streams = tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
         # Members still catching up with history: the group outlives its last live
         # member while any remain, so they join the group they were counted in.
         self.joining = 0
@@ -64,6 +66,7 @@ class Channel:
         "alone",
         "config",
         "family",
+        "flushed_pos",
         "history",
         "holds",
         "label",
@@ -94,8 +97,10 @@ class Channel:
         if redis is None:
             redis = (config.stream or config.redis_channel).encode()
         self.redis = redis
-        # Stream channels: the entry id of the newest event (the stream's position).
+        # Stream channels: the entry id of the newest event (the stream's position),
+        # and of the newest one written to subscribers (what /events ids carry).
         self.stream_pos = "0-0"
+        self.flushed_pos = "0-0"
         # Stream handlers holding this channel (a member lives while any does).
         self.holds = 0
         # The channel list of every direct subscriber: shared, not one per stream.

@@ -192,6 +192,21 @@ class History:
         """The sequence number of a retained event with this publisher-given id."""
         return self._by_id.get(publisher_id)
 
+    def nth_last(self, n: int) -> Entry | None:
+        """The ``n``-th newest retained entry (the oldest of them when fewer are kept)."""
+        if not self._entries or n <= 0:
+            return None
+        return self._entries[-min(n, len(self._entries))]
+
+    def id_at(self, seq: int) -> str | None:
+        """The id of the newest retained entry at or before ``seq``; None when the
+        history does not reach back that far."""
+        entries = self._entries
+        i = bisect.bisect_right(entries, seq, key=_seq)
+        if i == 0:
+            return None
+        return entries[i - 1][ID]
+
     def has_after(self, seq: int) -> bool:
         """Whether an entry newer than ``seq`` is retained."""
         return bool(self._entries) and self._entries[-1][SEQ] > seq

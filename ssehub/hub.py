@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import json
 import logging
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from .families import Families, Family
 from .history import AT, ID, RAW, SEQ, Budget, Entry, History, entry
 from .logs import fields
 from .messages import Event, Rejected, parse, parse_entry, parse_juggernaut
+from .resume import GAP_EVENT, base36, gap_event, just_before, mux_id, split_mux_id
 from .subscriber import Subscriber
 
 if TYPE_CHECKING:
@@ -59,8 +59,6 @@ __all__ = ["GAP_EVENT", "Hub", "Refused", "Replay", "Stats", "Tap", "Unknown"]
 
 log = logging.getLogger(__name__)
 
-# The named event that tells a client it missed events it cannot get back.
-GAP_EVENT = "ssehub-gap"
 
 _HEARTBEAT = sse.comment()
 _HEARTBEAT_CHUNK = sse.chunk(_HEARTBEAT)
@@ -86,16 +84,6 @@ class Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def _base36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
 
 
 class Stats:
@@ -147,6 +135,11 @@ def _send(
             continue
 
 
+def _streams(channels: Sequence[Channel]) -> tuple[Channel, ...]:
+    """The stream channels among ``channels``, in the order /events ids list them."""
+    return tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
+
+
 def _entry_seq(tagged: tuple[Channel, Entry]) -> int:
     return tagged[1][SEQ]
 
@@ -157,12 +150,16 @@ class Replay:
     Lives only until the stream goes live; costs no task or timer of its own.
     """
 
-    __slots__ = ("last_id", "mux", "pos", "reported", "seen", "sub")
+    __slots__ = ("floors", "last_id", "mux", "pos", "positions", "reported", "seen", "sub")
 
-    def __init__(self, sub: Subscriber, pos: int, last_id: str, mux: bool) -> None:
+    def __init__(self, sub: Subscriber, last_id: str, mux: bool) -> None:
         self.sub = sub
-        self.pos = pos  # hub seq of the last event written (or the client's position)
-        self.last_id = last_id  # that event's id as the client saw it, for gap events
+        self.pos = -1  # hub seq of the last event written
+        # Per channel, the hub seq it resumes after: the client's position in it.
+        self.floors: dict[Channel, int] = {}
+        # /events: each stream channel's entry id as the client has it, for the ids.
+        self.positions: dict[Channel, str] = {}
+        self.last_id = last_id  # the last event's id as the client saw it, for gap events
         self.mux = mux
         # Per channel, the newest eviction already signalled: each loss is told once.
         self.reported: dict[Channel, int] = {}
@@ -200,7 +197,7 @@ class Hub:
         self._aging: set[History] = set()  # histories with an age bound, for the expiry timer
         self.budget = Budget(config.limits.history_bytes, self.stats.evicted)
         # Per-run epoch: start time in ms, base 36 (8 characters for centuries).
-        self.epoch = _base36(time.time_ns() // 1_000_000)
+        self.epoch = base36(time.time_ns() // 1_000_000)
         self.seq = 0  # last hub sequence number handed out
         self.outage_seq = 0  # positions up to this one predate the last Redis outage
         # Called once per channel per flush with the seconds from the first pending
@@ -458,10 +455,11 @@ class Hub:
         return f"{self.epoch}-{self.seq}"
 
     def _position(self, channels: Sequence[Channel], mux: bool) -> str:
-        """A new stream's position: a stream channel's is its stream's newest entry id."""
-        if not mux and channels[0].stream:
-            return channels[0].stream_pos
-        return self.position()
+        """A stream's position now (after a flush): a stream channel's is its stream's
+        newest entry id; an /events one carries each stream channel's too."""
+        if not mux:
+            return channels[0].stream_pos if channels[0].stream else self.position()
+        return mux_id(self.epoch, self.seq, [c.flushed_pos for c in _streams(channels)])
 
     # --- input --------------------------------------------------------------------
 
@@ -497,7 +495,7 @@ class Hub:
     def stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
         """The reader knows where ``key`` ends: keep its recent ``entries`` for resume."""
         for channel in self._by_stream.get(key, ()):
-            channel.stream_pos = entries[-1][0].decode() if entries else "0-0"
+            channel.stream_pos = channel.flushed_pos = entries[-1][0].decode() if entries else "0-0"
         self._stream_input(key, entries, received=False)
 
     def stream_entries(self, key: bytes, entries: list[StreamEntry]) -> None:
@@ -581,8 +579,19 @@ class Hub:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+        elif channel.stream:
+            channel.flushed_pos = new[ID]  # nobody to flush to: delivered as far as can be
 
-    def _mux_bytes(self, channel: Channel, e: Entry) -> bytes:
+    @property
+    def replay_bound(self) -> int:
+        """Bytes a replay may put in a transport's buffer before it waits for the client."""
+        return self._replay_bound
+
+    def mux_event(self, channel: Channel, raw: bytes, event_id: bytes) -> bytes:
+        """``raw`` (a channel's event, its id line first) as /events carry it."""
+        return self._mux_bytes(channel, (0, "", raw, 0.0), event_id)
+
+    def _mux_bytes(self, channel: Channel, e: Entry, event_id: bytes | None = None) -> bytes:
         """The event as /events streams carry it: typed by channel, with the hub id.
 
         Derived from the channel's bytes rather than kept: they start with the id
@@ -594,7 +603,9 @@ class Hub:
         if rest.startswith(b"event: "):
             line, rest = rest.split(b"\n", 1)
             kind += b":" + line[7:]
-        return b"id: %s-%d\nevent: %s\n%s" % (self.epoch.encode(), e[SEQ], kind, rest)
+        if event_id is None:
+            event_id = b"%s-%d" % (self.epoch.encode(), e[SEQ])
+        return b"id: %s\nevent: %s\n%s" % (event_id, kind, rest)
 
     # --- the hot path -------------------------------------------------------------
 
@@ -625,6 +636,9 @@ class Hub:
                     followed.append(channel)
         if touched:
             self._flush_mux(by_channel, touched)
+        for channel, entries in by_channel.items():
+            if channel.stream:
+                channel.flushed_pos = entries[-1][ID]
         if self.observe_delay is not None:
             first = pending[0][1][AT]
             self.observe_delay(time.monotonic() - first)
@@ -642,7 +656,18 @@ class Hub:
         encoded: dict[int, bytes] = {}  # seq -> the event as /events carry it
         seqs: dict[Channel, list[int]] = {}
         built: dict[tuple[Channel, ...], tuple[bytes, bytes, int]] = {}
+        with_streams: dict[tuple[tuple[Channel, ...], ...], tuple[bytes, bytes, int]] = {}
         for group, channels in touched.items():
+            if group.streams:
+                # Ids carry every stream channel's position: bytes per channel set.
+                skey = (group.streams, tuple(channels))
+                out = with_streams.get(skey)
+                if out is None:
+                    out = with_streams[skey] = self._mux_with_streams(group, channels, by_channel)
+                raw, framed, count = out
+                self._write(group, raw, framed)
+                self.stats.delivered += count * (len(group.chunked) + len(group.plain))
+                continue
             key = tuple(channels)
             out = built.get(key)
             if out is None:
@@ -661,6 +686,24 @@ class Hub:
             raw, framed, count = out
             self._write(group, raw, framed)
             self.stats.delivered += count * (len(group.chunked) + len(group.plain))
+
+    def _mux_with_streams(
+        self, group: MuxGroup, channels: list[Channel], by_channel: dict[Channel, list[Entry]]
+    ) -> tuple[bytes, bytes, int]:
+        """A flush's bytes for a group following stream channels: each id carries the
+        position of every one of them as it stands after that event."""
+        positions = {c: c.flushed_pos for c in group.streams}
+        events = sorted(
+            ((e, c) for c in channels for e in by_channel[c]), key=lambda ec: ec[0][SEQ]
+        )
+        parts = []
+        for e, c in events:
+            if c.stream:
+                positions[c] = e[ID]
+            event_id = mux_id(self.epoch, e[SEQ], [positions[s] for s in group.streams])
+            parts.append(self._mux_bytes(c, e, event_id.encode()))
+        raw = b"".join(parts)
+        return raw, sse.chunk(raw), len(parts)
 
     def _write(self, group: Group, raw: bytes, framed: bytes) -> None:
         limit = self._max_buffer
@@ -687,8 +730,13 @@ class Hub:
 
     # --- subscribers --------------------------------------------------------------
 
-    def subscribe(self, sub: Subscriber, last_event_id: str | None, mux: bool) -> bool:
+    def subscribe(
+        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
+    ) -> bool:
         """Start ``sub``'s stream: what it missed, then live events; no gap, no duplicate.
+
+        A first connection (no ``last_event_id``) with ``rewind`` starts with each
+        channel's last ``rewind`` kept events instead, then live.
 
         True when the stream is live. False when history is left to replay: the
         handler then awaits the client's reading (``drain``) and calls ``catch_up``,
@@ -702,20 +750,33 @@ class Hub:
         self._connections += 1
         for channel in sub.channels:
             self.stats.opened[channel.label] += 1
-        n = None if last_event_id is None else self._resolve(last_event_id, sub.channels, mux)
-        if last_event_id is None or n is None:
+        if last_event_id is None and rewind > 0:
+            return self._rewind(sub, mux, rewind)
+        found = None if last_event_id is None else self._resolve(last_event_id, sub.channels, mux)
+        if last_event_id is None or found is None or not any(found.values()):
             # Even a fresh stream gets a position (the marker), so that its reconnect
             # carries a Last-Event-ID and anything missed meanwhile is replayed or signalled.
             unknown = b""
             if last_event_id is not None:
                 for channel in sub.channels:
                     self.stats.gaps[channel.label] += 1
-                    unknown += self._gap(channel, "unknown_id", last_event_id)
+                    unknown += gap_event(channel.name, "unknown_id", last_event_id)
             self._go_live(sub, unknown)
             return True
-        replay = Replay(sub, n, last_event_id, mux)
+        replay = Replay(sub, last_event_id, mux)
         gaps: list[bytes] = []
         for channel in sub.channels:
+            resolved = found[channel]
+            if resolved is None:
+                # This channel's position is not ours (another node's, say): live only.
+                replay.floors[channel] = self.seq
+                replay.positions[channel] = channel.stream_pos
+                self.stats.gaps[channel.label] += 1
+                gaps.append(gap_event(channel.name, "unknown_id", last_event_id))
+                continue
+            n, position = resolved
+            replay.floors[channel] = n
+            replay.positions[channel] = position
             history = channel.history
             history.expire()
             reason = None
@@ -730,14 +791,35 @@ class Hub:
                 reason = "redis_outage"  # (a stream reader's outage loses nothing)
             if reason is not None:
                 self.stats.gaps[channel.label] += 1
-                gaps.append(self._gap(channel, reason, last_event_id))
+                gaps.append(gap_event(channel.name, reason, last_event_id))
+        return self._start_replay(replay, b"".join(gaps))
+
+    def _start_replay(self, replay: Replay, head: bytes) -> bool:
+        sub = replay.sub
         self._catching_up[sub] = replay
         if isinstance(sub.group, MuxGroup):
             sub.group.joining += 1
         # The transport pauses (and drain() waits) once the replay has put more than
         # the bound into its buffer.
         sub.transport.set_write_buffer_limits(high=self._replay_bound)
-        return self._catch_up(replay, b"".join(gaps))
+        return self._catch_up(replay, head)
+
+    def _rewind(self, sub: Subscriber, mux: bool, rewind: int) -> bool:
+        """A first connection that starts with each channel's last ``rewind`` events."""
+        replay = Replay(sub, "", mux)
+        for channel in sub.channels:
+            start = channel.history.nth_last(rewind)
+            if start is None:  # nothing kept: live only
+                replay.floors[channel] = self.seq
+                replay.positions[channel] = channel.flushed_pos
+                continue
+            replay.floors[channel] = start[SEQ] - 1
+            # Where the stream stood before it: that entry's id when kept, else an id
+            # just before the first one rewound (a resume from it reads on from there).
+            before = channel.history.id_at(start[SEQ] - 1)
+            replay.positions[channel] = before or just_before(start[ID])
+        replay.last_id = self._position(sub.channels, mux)
+        return self._start_replay(replay, b"")
 
     async def caught_up(self, last_event_id: str | None) -> None:
         """Returns once this hub has taken in everything up to ``last_event_id``
@@ -758,17 +840,25 @@ class Hub:
         for channel in sub.channels:
             # Evicted past the position since the last part: say so at this point.
             evicted = channel.history.evicted_seq
-            if evicted > r.pos and evicted > r.reported.get(channel, 0):
+            at = max(r.floors[channel], r.pos)
+            if evicted > at and evicted > r.reported.get(channel, 0):
                 r.reported[channel] = evicted
                 self.stats.gaps[channel.label] += 1
-                parts.append(self._gap(channel, "expired", r.last_id))
+                parts.append(gap_event(channel.name, "expired", r.last_id))
         # Write while the buffer is under the bound: at most the bound plus one event.
         room = self._replay_bound - transport.get_write_buffer_size()
         last: Entry | None = None
-        for channel, e in self._after(sub.channels, r.pos):
+        streams = _streams(sub.channels) if r.mux else ()
+        for channel, e in self._after(sub.channels, r):
             if room < 0:
                 break
-            data = self._mux_bytes(channel, e) if r.mux else e[RAW]
+            if r.mux:
+                if channel.stream:
+                    r.positions[channel] = e[ID]
+                event_id = mux_id(self.epoch, e[SEQ], [r.positions[c] for c in streams])
+                data = self._mux_bytes(channel, e, event_id.encode())
+            else:
+                data = e[RAW]
             parts.append(data)
             room -= len(data)
             last = e
@@ -781,18 +871,22 @@ class Hub:
                 return True
         if last is not None:
             r.pos = last[SEQ]
-            r.last_id = f"{self.epoch}-{r.pos}" if r.mux else last[ID]
+            r.last_id = (
+                mux_id(self.epoch, r.pos, [r.positions[c] for c in streams]) if r.mux else last[ID]
+            )
         raw = b"".join(parts)
         if raw:
             transport.write(sse.chunk(raw) if sub.chunked else raw)
         return False
 
-    def _after(self, channels: Sequence[Channel], pos: int) -> Iterable[tuple[Channel, Entry]]:
-        """The retained entries of ``channels`` after ``pos``, in hub order."""
+    def _after(self, channels: Sequence[Channel], r: Replay) -> Iterable[tuple[Channel, Entry]]:
+        """The retained entries of ``channels`` still to replay to ``r``, in hub order:
+        each channel's after its own position, and all after what was written."""
         if len(channels) == 1:
-            return zip(itertools.repeat(channels[0]), channels[0].history.after(pos))
+            c = channels[0]
+            return zip(itertools.repeat(c), c.history.after(max(r.floors[c], r.pos)))
         return heapq.merge(
-            *(zip(itertools.repeat(c), c.history.after(pos)) for c in channels),
+            *(zip(itertools.repeat(c), c.history.after(max(r.floors[c], r.pos))) for c in channels),
             key=_entry_seq,
         )
 
@@ -845,25 +939,54 @@ class Hub:
             for channel in group.channels:
                 channel.mux_groups.discard(group)
 
-    def _resolve(self, last_event_id: str, channels: Sequence[Channel], mux: bool) -> int | None:
-        """A client's Last-Event-ID as a hub sequence number, or None when unknown."""
-        epoch, _, seq = last_event_id.rpartition("-")
+    def _resolve(
+        self, last_event_id: str, channels: Sequence[Channel], mux: bool
+    ) -> dict[Channel, tuple[int, str] | None]:
+        """A client's Last-Event-ID as, per channel, the hub seq to resume after and
+        (stream channels) the entry id it stands for; None where it is not known here."""
+        if not mux:
+            (channel,) = channels
+            if channel.stream:
+                return {channel: self._stream_floor(channel, last_event_id)}
+            n = self._own(last_event_id)
+            if n is None:
+                n = channel.history.seq_of(last_event_id)  # a publisher-given id
+            return {channel: None if n is None else (n, "")}
+        streams = _streams(channels)
+        hub_part, positions = split_mux_id(last_event_id, len(streams))
+        n = self._own(hub_part)
+        out: dict[Channel, tuple[int, str] | None] = {}
+        for channel in channels:
+            if not channel.stream:
+                out[channel] = None if n is None else (n, "")
+        for i, channel in enumerate(streams):
+            if positions is not None:
+                out[channel] = self._stream_floor(channel, positions[i])
+            elif n is not None:
+                # Positions of ours, but not per stream: the hub order says where.
+                at = channel.history.id_at(n)
+                if at is None and channel.last_seq <= n:
+                    at = channel.stream_pos
+                out[channel] = None if at is None else (n, at)
+            else:
+                out[channel] = None
+        return out
+
+    def _own(self, hub_id: str) -> int | None:
+        """The seq of an ``<epoch>-<seq>`` id of this process, or None."""
+        epoch, _, seq = hub_id.rpartition("-")
         if epoch == self.epoch and seq.isdigit() and seq.isascii():
             n = int(seq)
             if n <= self.seq:
                 return n
-        if not mux:
-            for channel in channels:
-                if channel.stream and last_event_id == channel.stream_pos:
-                    return self.seq  # at the newest entry (its id may be a start marker)
-                found = channel.history.seq_of(last_event_id)
-                if found is not None:
-                    return found
         return None
 
-    def _gap(self, channel: Channel, reason: str, last_event_id: str | None) -> bytes:
-        data = {"channel": channel.name, "reason": reason, "lastEventId": last_event_id}
-        return sse.encode(json.dumps(data, separators=(",", ":")), event=GAP_EVENT)
+    def _stream_floor(self, channel: Channel, entry_id: str) -> tuple[int, str] | None:
+        """Where a stream channel's client at ``entry_id`` resumes from memory, or None."""
+        if entry_id == channel.stream_pos:
+            return self.seq, entry_id  # at the newest entry (its id may be a start marker)
+        n = channel.history.seq_of(entry_id)
+        return None if n is None else (n, entry_id)
 
     def signal_outage(self, seq: int | None = None) -> None:
         """After a Redis outage: tell every stream that events may have been lost.
@@ -880,14 +1003,15 @@ class Hub:
         marker = b"id: %s\n\n" % self.position().encode()
         for channel in self.channels.values():
             if channel.subs and not channel.stream:
-                raw = self._gap(channel, "redis_outage", None) + marker
+                raw = gap_event(channel.name, "redis_outage", None) + marker
                 self.stats.gaps[channel.label] += len(channel.subs)
                 self._write(channel.subs, raw, sse.chunk(raw))
         for group in list(self._mux.values()):
             pubsub = [c for c in group.channels if not c.stream]
             if not pubsub:
                 continue
-            raw = b"".join(self._gap(c, "redis_outage", None) for c in pubsub) + marker
+            mark = b"id: %s\n\n" % self._position(group.channels, True).encode()
+            raw = b"".join(gap_event(c.name, "redis_outage", None) for c in pubsub) + mark
             for channel in pubsub:
                 self.stats.gaps[channel.label] += len(group)
             self._write(group, raw, sse.chunk(raw))

@@ -116,14 +116,16 @@ class WorkerHub(Hub):
 
     # --- resume across workers ------------------------------------------------------
 
-    def subscribe(self, sub: Subscriber, last_event_id: str | None, mux: bool) -> bool:
+    def subscribe(
+        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
+    ) -> bool:
         """As ``Hub.subscribe``; a stream whose member went while it waited just ends."""
         if any(self.channels.get(c.name) is not c for c in sub.channels):
             # The member went while the stream waited for it: the browser comes back.
             self.stats.closed["channel_removed"] += 1
             sub.end("channel_removed")
             return True
-        return super().subscribe(sub, last_event_id, mux)
+        return super().subscribe(sub, last_event_id, mux, rewind)
 
     async def caught_up(self, last_event_id: str | None) -> None:
         """Wait (at most ``_CATCH_UP`` s) until this worker's feed has reached the node
@@ -143,7 +145,8 @@ class WorkerHub(Hub):
         """The position of ``last_event_id`` when it is the node's and past this worker's."""
         if last_event_id is None:
             return 0
-        epoch, _, seq = last_event_id.rpartition("-")
+        # (an /events id may carry stream positions after a '~': the node's part first)
+        epoch, _, seq = last_event_id.split("~")[0].rpartition("-")
         if epoch == self.epoch and seq.isdigit() and seq.isascii() and int(seq) > self.seq:
             return int(seq)
         return 0
