@@ -98,6 +98,7 @@ class Stats:
         "members_refused",
         "opened",
         "received",
+        "redis_replays",
         "rejected",
         "replays",
         "slow_cut",
@@ -112,6 +113,8 @@ class Stats:
         self.closed: Counter[str] = Counter()  # per reason
         self.slow_cut = 0
         self.replays: Counter[str] = Counter()  # per channel: resumes served from history
+        # per stream channel: resumes older than the cache, read from Redis
+        self.redis_replays: Counter[str] = Counter()
         self.gaps: Counter[str] = Counter()  # per channel: clients told they missed events
         self.members_refused: Counter[str] = Counter()  # per family: over limits.max_members
         self.members_dropped: Counter[str] = Counter()  # per family: grace period over

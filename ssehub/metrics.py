@@ -150,6 +150,12 @@ class HubCollector(Collector):
             "ssehub_replays", "Resumes served from history per channel.", names, stats.replays
         )
         yield _per_channel(
+            "ssehub_stream_replays",
+            "Stream channel resumes older than the hub's cache, read from Redis.",
+            names,
+            stats.redis_replays,
+        )
+        yield _per_channel(
             "ssehub_gaps", "Clients told they missed events, per channel.", names, stats.gaps
         )
 

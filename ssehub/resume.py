@@ -159,7 +159,7 @@ async def catch_up_from_redis(
     if reason is not None:
         hub.stats.gaps[channel.label] += 1
         await write(gap_event(channel.name, reason, last_event_id), None)
-    hub.stats.replays[channel.label] += 1
+    hub.stats.redis_replays[channel.label] += 1
     count = 10  # a first page; then sized so that a page holds about page_bytes
     while not cached(channel, position):
         until = channel.stream_pos

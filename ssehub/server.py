@@ -230,9 +230,7 @@ class HubServer:
             await self._admin_runner.cleanup()
         for task in (self._broker_task, self._streams_task):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _cancel(task)
         self._broker_task = self._streams_task = None
         self.notifier.close()
         log.info("stopped")
@@ -271,6 +269,17 @@ def reload_hub(hub: Hub, config: Config) -> Config | None:
         ),
     )
     return new
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling again should it go on: a
+    cancel can be lost in a race with what the task awaited (asyncio.wait_for on
+    3.11), and a stop must never hang on it."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    with contextlib.suppress(asyncio.CancelledError):
+        task.result()
 
 
 def _raise_fd_limit() -> None:

@@ -17,7 +17,6 @@ and ``CLIENT UNBLOCK`` to wake the reader when the set of streams changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import typing
@@ -63,6 +62,17 @@ def parse_stream_id(value: str) -> tuple[int, int] | None:
 
 class _SessionEnded(Exception):
     pass
+
+
+async def _close(*clients: aioredis.Redis) -> None:
+    """Close ``clients`` for sure: a cancel (the hub stopping) waits for the closing
+    to finish, so no socket outlives the session."""
+    closing = asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+    try:
+        await asyncio.shield(closing)
+    except asyncio.CancelledError:
+        await closing
+        raise
 
 
 class StreamReader:
@@ -269,9 +279,10 @@ class StreamReader:
             self._control = None
             self._reader_id = None
             self._blocked = False
-            for client in (reader, control):
-                with contextlib.suppress(RedisError, OSError):
-                    await client.aclose()
+            for task in (self._unblocker, self._trimmer):
+                if task is not None:
+                    task.cancel()
+            await _close(reader, control)
 
     async def _start(self, control: aioredis.Redis) -> None:
         """Find where each pending stream ends (one pipelined round trip for them all)."""
@@ -297,18 +308,21 @@ class StreamReader:
             await self._start(control)
         if not self.positions:
             # Nothing to read: wait for a stream, and check the connection meanwhile.
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+            # that lands as the awaited call completes, and the hub's stop would hang.)
             try:
-                await asyncio.wait_for(self._changed.wait(), self.config.health_check_interval)
+                async with asyncio.timeout(self.config.health_check_interval):
+                    await self._changed.wait()
             except TimeoutError:
-                await asyncio.wait_for(reader.ping(), self.config.health_check_timeout)
+                async with asyncio.timeout(self.config.health_check_timeout):
+                    await reader.ping()
             return
         streams: Any = dict(self.positions)
         deadline = BLOCK_MS / 1000 + self.config.health_check_timeout
         self._blocked = True
         try:
-            reply: Any = await asyncio.wait_for(
-                reader.xread(streams, count=READ_COUNT, block=BLOCK_MS), deadline
-            )
+            async with asyncio.timeout(deadline):
+                reply: Any = await reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
         except TimeoutError:
             raise _SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
         finally:

@@ -20,7 +20,9 @@ def free_port() -> int:
 class RedisServer:
     """Starts ``redis-server`` bound to 127.0.0.1 on a free port (never 6379)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
+        # Extra redis-server arguments (e.g. "--appendonly", "yes" to survive a restart).
+        self.args = list(args)
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (the README's set-up installs it)")
@@ -47,6 +49,7 @@ class RedisServer:
                     "--dir", self.dir,
                     "--daemonize", "no",
                     "--loglevel", "warning",
+                    *self.args,
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -11,7 +13,8 @@ from ssehub.config import ConfigError, parse
 from ssehub.server import HubServer
 
 from .conftest import StartHub, hub_config
-from .sseclient import open_stream, wait_until
+from .redis_server import RedisServer
+from .sseclient import SSEClient, http_request, open_stream, wait_until
 from .test_faults import kill_pubsub_clients
 
 
@@ -244,3 +247,264 @@ async def test_stream_maxlen_trims_the_stream(
         await wait_until(trimmed, timeout=5)
     finally:
         await c.close()
+
+
+# --- resuming from further back than the cache --------------------------------------
+
+
+async def test_resume_older_than_the_cache_reads_redis_and_meets_live_exactly(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """history: 5 keeps only the newest five in memory; a client 300 entries back is
+    caught up from Redis in pages while entries keep arriving, then goes live."""
+    stream = key("deep")
+    hub = await start(start_hub, {"orders": {"stream": stream, "history": 5}})
+    first = await xadd(redis_client, stream, data="seen")
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(300):
+        pipe.xadd(stream, {"data": f"missed {i}"})
+    missed = [m.decode() for m in await pipe.execute()]
+    await wait_until(lambda: hub.hub.channels["orders"].stream_pos == missed[-1])
+    back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": first})
+    try:
+        live = [await xadd(redis_client, stream, data=f"live {i}") for i in range(20)]
+        events = await back.next_events(320, timeout=10)
+        assert [e.id for e in events] == missed + live
+        assert not [e for e in events if e.event == "ssehub-gap"]
+        assert hub.hub.stats.redis_replays["orders"] == 1
+    finally:
+        await back.close()
+
+
+async def test_a_trimmed_id_gets_expired_then_what_the_stream_still_has(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    stream = key("trimmed")
+    hub = await start(start_hub, {"orders": {"stream": stream, "history": 2}})
+    old = await xadd(redis_client, stream, data="old")
+    kept = [await xadd(redis_client, stream, data=f"kept {i}") for i in range(5)]
+    await redis_client.xtrim(stream, maxlen=5, approximate=False)  # "old" is gone
+    await wait_until(lambda: hub.hub.channels["orders"].stream_pos == kept[-1])
+    back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": old})
+    try:
+        events = await back.next_events(6)
+        assert events[0].event == "ssehub-gap"
+        assert json.loads(events[0].data) == {
+            "channel": "orders",
+            "reason": "expired",
+            "lastEventId": old,
+        }
+        assert [e.id for e in events[1:]] == kept
+    finally:
+        await back.close()
+
+
+async def test_an_id_that_is_no_entry_gets_unknown_id_then_what_follows(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    stream = key("foreign")
+    hub = await start(start_hub, {"orders": {"stream": stream, "history": 1}})
+    await xadd(redis_client, stream, data="a")
+    foreign = await xadd(redis_client, stream, data="deleted")
+    await redis_client.xdel(stream, foreign)  # in the stream's range, but no entry of it
+    after = [await xadd(redis_client, stream, data=f"b {i}") for i in range(3)]
+    await wait_until(lambda: hub.hub.channels["orders"].stream_pos == after[-1])
+    back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": foreign})
+    try:
+        events = await back.next_events(1 + len(after))
+        assert events[0].event == "ssehub-gap"
+        assert json.loads(events[0].data)["reason"] == "unknown_id"
+        assert [e.id for e in events[1:]] == after
+    finally:
+        await back.close()
+
+
+@pytest.mark.parametrize("last_id", ["garbage", "mx339x0v-3", "99999999999999-0"])
+async def test_no_entry_id_or_one_from_the_future_gets_unknown_id_then_live(
+    start_hub: StartHub, redis_client: aioredis.Redis, last_id: str
+) -> None:
+    stream = key("odd")
+    await xadd(redis_client, stream, data="before")
+    hub = await start(start_hub, {"orders": {"stream": stream}})
+    back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": last_id})
+    try:
+        await back.read_until(lambda c: c.parser.last_id != last_id and c.events)
+        assert [e.event for e in back.events] == ["ssehub-gap"]
+        assert json.loads(back.events[0].data)["reason"] == "unknown_id"
+        entry = await xadd(redis_client, stream, data="live")
+        assert [e.id for e in await back.next_events(2)][1:] == [entry]
+    finally:
+        await back.close()
+
+
+async def test_many_clients_resuming_from_redis_at_once_each_get_exactly_theirs(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    stream = key("storm")
+    hub = await start(start_hub, {"orders": {"stream": stream, "history": 3}})
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(200):
+        pipe.xadd(stream, {"data": str(i)})
+    ids = [m.decode() for m in await pipe.execute()]
+    await wait_until(lambda: hub.hub.channels["orders"].stream_pos == ids[-1])
+    starts = [i * 2 for i in range(100)]  # client k resumes after entry 2k
+    clients = await asyncio.gather(
+        *(
+            SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": ids[s]})
+            for s in starts
+        )
+    )
+    try:
+        for s, c in zip(starts, clients, strict=True):
+            events = await c.next_events(len(ids) - s - 1, timeout=15)
+            assert [e.id for e in events] == ids[s + 1 :]
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_redis_restart_with_entries_added_meanwhile_loses_and_doubles_nothing(
+    start_hub: StartHub,
+) -> None:
+    """A Redis that keeps its data (AOF) is killed and restarted; entries are added
+    before the hub's reader is back: every one arrives once, with no gap signal."""
+    redis = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    redis.start()
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        stream = key("restart-redis")
+        hub = await start(start_hub, {"orders": {"stream": stream}}, redis_url=redis.url)
+        c = await open_stream(hub.port, "/channels/orders")
+        try:
+            ids = [await xadd(client, stream, data="before")]
+            await c.next_events(1)
+            redis.kill()
+            redis.start()  # same port, same data
+            await client.aclose()
+            client = aioredis.Redis.from_url(redis.url)
+            ids += [await xadd(client, stream, data=f"after {i}") for i in range(3)]
+            events = await c.next_events(4, timeout=10)
+            assert [e.id for e in events] == ids
+            assert not [e for e in events if e.event == "ssehub-gap"]
+        finally:
+            await c.close()
+    finally:
+        await client.aclose()
+        redis.stop()
+
+
+# --- /events with stream channels -----------------------------------------------------
+
+
+async def test_events_ids_carry_every_stream_position_and_resume_exactly_on_another_node(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    channels = {
+        "a": {"stream": key("mux-a"), "history": 2},
+        "b": {"stream": key("mux-b"), "history": 2},
+        "chat": {},
+    }
+    one = await start(start_hub, channels)
+    two = await start(start_hub, channels)
+    path = "/events?channel=chat&channel=b&channel=a"
+    c = await open_stream(one.port, path)
+    a1 = await xadd(redis_client, key("mux-a"), data="a1")
+    await redis_client.publish("chat", "hello")
+    b1 = await xadd(redis_client, key("mux-b"), data="b1")
+    events = await c.next_events(3)
+    await c.close()
+    assert [(e.event, e.data) for e in events] == [("a", "a1"), ("chat", "hello"), ("b", "b1")]
+    last = events[-1].id
+    assert "~" in last and len(last) < 64
+    # Meanwhile, on both streams (more than either node keeps in memory):
+    for i in range(2, 6):
+        await xadd(redis_client, key("mux-a"), data=f"a{i}")
+    missed_b = [await xadd(redis_client, key("mux-b"), data=f"b{i}") for i in range(2, 6)]
+    await wait_until(lambda: two.hub.channels["b"].stream_pos == missed_b[-1])
+    back = await SSEClient.connect(two.port, path, {"Last-Event-ID": last})
+    try:
+        events = await back.next_events(9)
+        # The chat position is the other node's: said once; the streams resume exactly.
+        gaps = [json.loads(e.data) for e in events if e.event == "ssehub-gap"]
+        assert [(g["channel"], g["reason"]) for g in gaps] == [("chat", "unknown_id")]
+        replayed = [e for e in events if e.event != "ssehub-gap"]
+        assert [(e.event, e.data) for e in replayed] == [("a", f"a{i}") for i in range(2, 6)] + [
+            ("b", f"b{i}") for i in range(2, 6)
+        ]
+        # Every id names both positions: resuming from any of them again loses nothing.
+        mid = replayed[5].id
+        await back.close()
+        again = await SSEClient.connect(two.port, path, {"Last-Event-ID": mid})
+        rest = await again.next_events(3)  # the chat gap again, and what is left
+        assert [(e.event, e.data) for e in rest if e.event != "ssehub-gap"] == [
+            ("b", "b4"),
+            ("b", "b5"),
+        ]
+        await again.close()
+        assert a1 and b1
+    finally:
+        await back.close()
+
+
+# --- rewind ---------------------------------------------------------------------------
+
+
+async def test_rewind_starts_a_first_connection_with_the_last_events(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    stream = key("rewind")
+    recent = [await xadd(redis_client, stream, data=f"s{i}") for i in range(5)]
+    hub = await start(
+        start_hub,
+        {"orders": {"stream": stream}, "chat": {}, "prices": {"rewind": 2}},
+        limits={"max_rewind": 3},
+    )
+    for i in range(5):
+        await redis_client.publish("chat", f"c{i}")
+        await redis_client.publish("prices", f"p{i}")
+    await wait_until(lambda: len(hub.hub.channels["prices"].history) == 5)
+    stream_client = await open_stream(hub.port, "/channels/orders?rewind=2")
+    chat = await open_stream(hub.port, "/channels/chat?rewind=50")  # capped at 3
+    prices = await open_stream(hub.port, "/channels/prices")  # the channel's default: 2
+    plain = await open_stream(hub.port, "/channels/chat")
+    resumed = await open_stream(
+        hub.port, "/channels/orders?rewind=5", last_id=recent[-1]
+    )  # a resume: no rewind
+    try:
+        assert [e.id for e in stream_client.events] == recent[-2:]
+        assert stream_client.parser.last_id == recent[-1]
+        assert [e.data for e in chat.events] == ["c2", "c3", "c4"]
+        assert [e.data for e in prices.events] == ["p3", "p4"]
+        assert plain.events == [] and resumed.events == []
+        entry = await xadd(redis_client, stream, data="live")
+        assert [e.id for e in await stream_client.next_events(3)][2:] == [entry]
+        status, _, _ = await http_request(hub.port, "/channels/chat?rewind=-1")
+        assert status == 400
+    finally:
+        for c in (stream_client, chat, prices, plain, resumed):
+            await c.close()
+
+
+async def test_rewind_on_events_and_family_members(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    hub = await start(
+        start_hub,
+        {"news": {}, "room.*": {"stream": "test:room:*", "grace": 5}},
+    )
+    member = await open_stream(hub.port, "/channels/room.1")  # the member lives now
+    for i in range(3):
+        await xadd(redis_client, "test:room:1", data=f"r{i}")
+        await redis_client.publish("news", f"n{i}")
+    await member.next_events(3)
+    c = await open_stream(hub.port, "/events?channel=news&channel=room.1&rewind=2")
+    try:
+        # Each channel's last two, in the order the hub took them in (ids only grow).
+        by_channel: dict[str, list[str]] = {}
+        for e in c.events:
+            by_channel.setdefault(e.event, []).append(e.data)
+        assert by_channel == {"news": ["n1", "n2"], "room.1": ["r1", "r2"]}
+        seqs = [int(e.id.split("~")[0].rpartition("-")[2]) for e in c.events]
+        assert seqs == sorted(seqs)
+    finally:
+        await c.close()
+        await member.close()
