@@ -17,7 +17,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from .admin import create_admin_app
 from .app import create_app
-from .broker import Broker, BrokerState
+from .broker import BrokerState
+from .brokers import create_broker
 from .config import Config, ConfigError, load
 from .hub import Hub
 from .logs import enable_access_log
@@ -60,8 +61,12 @@ class HubServer:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.hub = Hub(config)
-        self.broker = Broker(
-            config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
+        self.broker = create_broker(
+            config.redis,
+            self.hub.redis_channels(),
+            self.hub.publish,
+            self._on_redis_state,
+            sharded=self.hub.sharded,
         )
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
         # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
