@@ -1,10 +1,11 @@
-"""Which broker a config asks for: one Redis, or Redis Sentinel."""
+"""Which broker a config asks for: one Redis, Redis Sentinel, or Redis Cluster."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 from .broker import Broker, BrokerState
+from .cluster import ClusterBroker
 from .config import RedisConfig
 from .sentinel import SentinelBroker
 
@@ -19,7 +20,8 @@ def create_broker(
     sharded: Callable[[bytes], bool] | None = None,
 ) -> Broker:
     """The broker for ``config``; ``sharded`` tells a cluster which channels use SSUBSCRIBE."""
-    del sharded  # Redis Cluster comes next
+    if config.cluster:
+        return ClusterBroker(config, channels, on_message, on_state, sharded)
     if config.sentinel is not None:
         return SentinelBroker(config, channels, on_message, on_state)
     return Broker(config, channels, on_message, on_state)

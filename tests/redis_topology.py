@@ -45,13 +45,24 @@ def _command(port: int, *args: Any) -> Any:
         return c.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
+# Replicas sync at once (Redis 7 waits 5 s for more replicas to share a diskless sync):
+# a replica that has not synced yet cannot be promoted.
+QUICK_SYNC = ("--repl-diskless-sync-delay", "0")
+
+
+def _synced(port: int) -> bool:
+    """True for a master, or a replica whose link to its master is up."""
+    info = _command(port, "INFO", "replication")
+    return info["role"] == "master" or info.get("master_link_status") == "up"
+
+
 class RedisCluster:
     """Three masters with a replica each (``redis-cli --cluster create``), node timeout 1 s."""
 
     def __init__(self, masters: int = 3) -> None:
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
         timeout = ("--cluster-node-timeout", "1000")  # failover within a few seconds
-        self.nodes = [RedisServer(*args, *timeout) for _ in range(masters * 2)]
+        self.nodes = [RedisServer(*args, *timeout, *QUICK_SYNC) for _ in range(masters * 2)]
 
     def start(self) -> None:
         try:
@@ -137,8 +148,10 @@ class RedisCluster:
                     return False
                 maps.add(tuple(self.slots(port)))
             (slots,) = maps
-            return sum(last + 1 - first for first, last, _ in slots) == 16384 and all(
-                port in self.live for _, _, port in slots
+            return (
+                sum(last + 1 - first for first, last, _ in slots) == 16384
+                and all(port in self.live for _, _, port in slots)
+                and all(_synced(port) for port in self.live)
             )
 
         poll(stable, timeout, "a stable cluster")
@@ -170,8 +183,8 @@ class SentinelSetup:
     name = "hubmaster"
 
     def __init__(self) -> None:
-        self.master = RedisServer()
-        self.replica = RedisServer()
+        self.master = RedisServer(*QUICK_SYNC)
+        self.replica = RedisServer(*QUICK_SYNC)
         self.sentinels = [RedisServer("--sentinel", conf="sentinel.conf") for _ in range(3)]
 
     @property
@@ -181,8 +194,9 @@ class SentinelSetup:
     def start(self) -> None:
         try:
             self.master.start()
-            self.replica.args = ("--replicaof", "127.0.0.1", str(self.master.port))
+            self.replica.args += ("--replicaof", "127.0.0.1", str(self.master.port))
             self.replica.start()
+            poll(lambda: _synced(self.replica.port), 10, "the replica's first sync")
             conf = SENTINEL_CONF.format(name=self.name, port=self.master.port)
             for s in self.sentinels:
                 Path(s.dir, "sentinel.conf").write_text(conf)
