@@ -19,7 +19,7 @@ from .cclient import CLoadClient
 from .loadclient import ClientStats, LoadClient, Target
 from .publisher import Publisher, PubResult
 from .report import Result
-from .servers import FD_CAP, RedisServer, Server, busy_pct, core_ticks
+from .servers import FD_CAP, RedisServer, Server, SsehubClusterServer, busy_pct, core_ticks
 
 __all__ = ["SCENARIOS", "Ctx", "smoke"]
 
@@ -85,6 +85,8 @@ def rig(ctx: Ctx, cls: type[Server], channels: list[str], subs: int) -> Iterator
         else:
             client = LoadClient(workers, ctx.sources(workers))
         port = server.port if server.publish_kind == "nchan" else ctx.redis.port
+        if isinstance(server, SsehubClusterServer):
+            port = server.publish_port(channels)
         pub = Publisher(server.publish_kind, "127.0.0.1", port, server.publish_fmt)
         yield Rig(server, client, pub, channels)
     finally:

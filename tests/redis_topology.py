@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, free_port
 
 __all__ = ["RedisCluster", "SentinelSetup", "poll"]
 
@@ -50,6 +50,12 @@ def _command(port: int, *args: Any) -> Any:
 QUICK_SYNC = ("--repl-diskless-sync-delay", "0")
 
 
+def bus_port() -> tuple[str, str]:
+    """A free port of its own for a node's cluster bus: the default, port + 10000, may
+    be taken or, for ports above 55535, not exist."""
+    return ("--cluster-port", str(free_port()))
+
+
 def _synced(port: int) -> bool:
     """True for a master, or a replica whose link to its master is up."""
     info = _command(port, "INFO", "replication")
@@ -62,7 +68,9 @@ class RedisCluster:
     def __init__(self, masters: int = 3) -> None:
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
         timeout = ("--cluster-node-timeout", "1000")  # failover within a few seconds
-        self.nodes = [RedisServer(*args, *timeout, *QUICK_SYNC) for _ in range(masters * 2)]
+        self.nodes = [
+            RedisServer(*args, *bus_port(), *timeout, *QUICK_SYNC) for _ in range(masters * 2)
+        ]
 
     def start(self) -> None:
         try:
@@ -159,8 +167,8 @@ class RedisCluster:
     def failover(self, master: int) -> None:
         """``CLUSTER FAILOVER`` on ``master``'s replica; returns once the cluster agrees."""
         _command(self.replica_of(master), "CLUSTER", "FAILOVER")
-        poll(lambda: master not in self.masters(), 10, f"{master} to be demoted")
-        self.wait_stable(10)
+        poll(lambda: master not in self.masters(), 20, f"{master} to be demoted")
+        self.wait_stable(20)
 
     def replica_of(self, master: int) -> int:
         for port in self.live:

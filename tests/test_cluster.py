@@ -183,7 +183,7 @@ async def test_a_manual_failover_moves_channels_redis_unsubscribed(
     client = await open_stream(hub.port, f"/channels/{moved}")
     try:
         await asyncio.to_thread(cluster.failover, old)
-        await wait_until(lambda: hub.broker.reconnects == 1 and hub.broker.ready, timeout=10)
+        await wait_until(lambda: hub.broker.reconnects == 1 and hub.broker.ready, timeout=15)
         assert await asyncio.to_thread(cluster.owner, moved) != old
         await client.read_until(lambda c: gaps(c))
         assert [g["reason"] for g in gaps(client)] == ["redis_outage"]
@@ -205,7 +205,7 @@ async def test_killing_a_master_resubscribes_on_the_promoted_replica(
         victim = await asyncio.to_thread(cluster.owner, names[0])
         await asyncio.to_thread(cluster.kill, victim)
         await asyncio.to_thread(cluster.wait_stable, 20)
-        await wait_until(lambda: hub.broker.reconnects == 1 and hub.broker.ready, timeout=10)
+        await wait_until(lambda: hub.broker.reconnects == 1 and hub.broker.ready, timeout=15)
         for name, client in zip(names, clients, strict=True):
             await client.read_until(lambda c: gaps(c))
             assert await asyncio.to_thread(cluster.spublish, name, f"after {name}") == 1
