@@ -32,8 +32,11 @@ def payload(seq: int, now_ns: int) -> bytes:
     return head + b"x" * max(0, PAYLOAD_BYTES - len(head))
 
 
-def _redis_cmd(channel: bytes, body: bytes) -> bytes:
-    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+def _redis_cmd(channel: bytes, body: bytes, command: bytes = b"PUBLISH") -> bytes:
+    """``PUBLISH``, or ``SPUBLISH`` (Redis Cluster's sharded publish, to the owning master)."""
+    return b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(command),
+        command,
         len(channel),
         channel,
         len(body),
@@ -112,7 +115,11 @@ class _PubWorker:
         return p
 
     def frame(self, channel: bytes, body: bytes) -> bytes:
-        return _nchan_req(channel, body) if self.kind == "nchan" else _redis_cmd(channel, body)
+        if self.kind == "nchan":
+            return _nchan_req(channel, body)
+        if self.kind == "redis-cluster":
+            return _redis_cmd(channel, body, b"SPUBLISH")
+        return _redis_cmd(channel, body)
 
     async def run(self, channels: list[str], rate: float, duration: float) -> PubResult:
         chans = [c.encode() for c in channels]

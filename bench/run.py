@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--servers",
-        default=",".join(SERVERS),
-        help=f"comma-separated, from: {', '.join(SERVERS)} (default: all)",
+        default=",".join(n for n, cls in SERVERS.items() if cls.by_default),
+        help=f"comma-separated, from: {', '.join(SERVERS)} (default: all but ssehub+cluster)",
     )
     p.add_argument("--quick", action="store_true", help="3 s windows instead of 10 s")
     p.add_argument(

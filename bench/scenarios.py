@@ -24,6 +24,7 @@ from .servers import (
     FD_CAP,
     RedisServer,
     Server,
+    SsehubClusterServer,
     busy_pct,
     core_ticks,
     listen_overflows,
@@ -100,6 +101,8 @@ def rig(
         else:
             client = LoadClient(workers, ctx.sources(workers))
         port = server.port if server.publish_kind == "nchan" else ctx.redis.port
+        if isinstance(server, SsehubClusterServer):
+            port = server.publish_port(channels)
         pub = Publisher(server.publish_kind, "127.0.0.1", port, server.publish_fmt)
         yield Rig(server, client, pub, channels, [server.publish_name(c) for c in channels])
     finally:

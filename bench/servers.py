@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -219,9 +220,10 @@ def busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, pinned beside the load tools."""
 
-    def __init__(self, workdir: Path, core: int | None) -> None:
+    def __init__(self, workdir: Path, core: int | None, *extra: str) -> None:
         self.workdir = workdir
         self.core = core
+        self.extra = extra  # more redis-server options (cluster nodes)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -247,6 +249,7 @@ class RedisServer:
             "--maxclients", str(FD_CAP - 100),
             # Pub/sub clients of slow baselines must not be cut by the default limits.
             "--client-output-buffer-limit", "pubsub 0 0 0",
+            *self.extra,
         ]  # fmt: skip
         self.proc = spawn(pinned(argv, self.core), self.workdir / "redis.log")
         deadline = time.monotonic() + 10
@@ -311,6 +314,7 @@ class Server:
     # The first "id:" line of a stream means its channel is live (ssehub); without
     # one, a stream is live once its headers arrived (nchan creates channels in-process).
     live_on_id = False
+    by_default = True  # in a run without --servers
 
     def __init__(self, workdir: Path, redis_url: str, core: int | None) -> None:
         self.workdir = workdir
@@ -495,6 +499,84 @@ class SsehubWorkersServer(SsehubServer):
         return {**super().config(channels), "workers": 2}
 
 
+class SsehubClusterServer(SsehubServer):
+    """The hub against a Redis Cluster of three masters (no replicas) started for it,
+    on the load core like the single Redis: sharded pub/sub, and the publisher sends
+    ``SPUBLISH`` to the master owning the channel. Compared with ``ssehub`` in the same
+    run, it shows what the path through a cluster costs. Scenarios whose channels live
+    on several masters are not supported (the publisher has one connection)."""
+
+    name = "ssehub+cluster"
+    publish_kind = "redis-cluster"
+    by_default = False  # fan-out and other one-channel scenarios only
+
+    def start(self, channels: list[str]) -> None:
+        # A fresh directory per node and start: its nodes.conf must not be reused.
+        # Core None: the nodes inherit the bench's own core, the load core.
+        # The bus gets a free port of its own: the default, port + 10000, may not exist.
+        cluster = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        self.nodes = [
+            RedisServer(
+                Path(tempfile.mkdtemp(dir=self.workdir)),
+                None,
+                *cluster,
+                *("--cluster-port", str(free_port())),
+            )
+            for _ in range(3)
+        ]
+        try:
+            for node in self.nodes:
+                node.start()
+            cli = shutil.which("redis-cli")
+            if cli is None:
+                raise RuntimeError("redis-cli is not installed (./dev installs redis-tools)")
+            addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            subprocess.run(
+                [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            deadline = time.monotonic() + 20
+            while not all(self._cluster_ok(n.port) for n in self.nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not come up")
+                time.sleep(0.05)
+            self.redis_url = "redis+cluster://" + ",".join(addrs)
+            super().start(channels)
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _cluster_ok(port: int) -> bool:
+        import redis
+
+        with redis.Redis(port=port) as r:
+            info = r.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        return b"cluster_state:ok" in info
+
+    def publish_port(self, channels: list[str]) -> int:
+        """The port of the master that owns every one of ``channels``."""
+        import redis
+
+        with redis.Redis(port=self.nodes[0].port) as r:
+            command = r.execute_command  # untyped in redis-py
+            slots = command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            owners = set()
+            for channel in channels:
+                slot = int(command("CLUSTER", "KEYSLOT", channel))  # type: ignore[no-untyped-call]
+                owners.add(next(int(s[2][1]) for s in slots if s[0] <= slot <= s[1]))
+        if len(owners) != 1:
+            raise RuntimeError(f"{self.name}: channels on {len(owners)} masters")
+        return owners.pop()
+
+    def stop(self) -> None:
+        super().stop()
+        for node in getattr(self, "nodes", []):
+            node.stop()
+
+
 def _bench_python() -> Path:
     return BENCH_VENV / "bin" / "python"
 
@@ -642,6 +724,7 @@ SERVERS: dict[str, type[Server]] = {
     "ssehub+auth": SsehubAuthServer,
     "ssehub+auth-es256": SsehubAuthES256Server,
     "ssehub-w2": SsehubWorkersServer,
+    "ssehub+cluster": SsehubClusterServer,
     "nchan": Nchan,
     "flask-sse": FlaskSSE,
     "flask-recipe": FlaskRecipe,

@@ -52,6 +52,13 @@ class BrokerState(enum.Enum):
 _BATCH = 1000
 # Seconds subscription changes wait for others to join them in one command.
 _BATCH_WINDOW = 0.01
+# Subscription confirmations, classic and sharded (Redis Cluster's SSUBSCRIBE), by kind.
+_ACKS = {
+    b"subscribe": b"subscribe",
+    b"unsubscribe": b"unsubscribe",
+    b"ssubscribe": b"subscribe",
+    b"sunsubscribe": b"unsubscribe",
+}
 
 
 class _SessionEnded(Exception):
@@ -112,7 +119,7 @@ class _PubSubProtocol(asyncio.Protocol):
                 return
             if type(reply) is list and len(reply) == 3:
                 kind = reply[0]
-                if kind == b"message":
+                if kind == b"message" or kind == b"smessage":
                     try:
                         on_message(reply[1], reply[2])
                     except Exception:  # a bug in delivery must not kill the input
@@ -121,8 +128,9 @@ class _PubSubProtocol(asyncio.Protocol):
                             extra=fields(channel=reply[1].decode(errors="replace")),
                         )
                     continue
-                if kind == b"subscribe" or kind == b"unsubscribe":
-                    self._on_ack(kind, reply[1])
+                ack = _ACKS.get(kind) if type(kind) is bytes else None
+                if ack is not None:
+                    self._on_ack(ack, reply[1])
                     continue
             if isinstance(reply, hiredis.ReplyError) and not self.error.done():
                 self.error.set_result(None)
@@ -170,6 +178,10 @@ class _PubSubProtocol(asyncio.Protocol):
 
 class Broker:
     """Keeps the Redis subscriptions the hub wants, for as long as it runs."""
+
+    # Redis Cluster's sharded pub/sub (ssehub/cluster.py) uses SSUBSCRIBE/SUNSUBSCRIBE.
+    subscribe_command = "SUBSCRIBE"
+    unsubscribe_command = "UNSUBSCRIBE"
 
     def __init__(
         self,
@@ -285,9 +297,9 @@ class Broker:
             return  # the next session subscribes to everything wanted
         try:
             if add:
-                self._send(proto, "SUBSCRIBE", add)
+                self._send(proto, self.subscribe_command, add)
             if remove:
-                self._send(proto, "UNSUBSCRIBE", remove)
+                self._send(proto, self.unsubscribe_command, remove)
         except _SessionEnded:
             pass  # the connection is going; the next session starts from `wanted`
 
@@ -421,7 +433,7 @@ class Broker:
             return
         self._awaiting = set(channels)
         self._all_confirmed = asyncio.get_running_loop().create_future()
-        self._send(proto, "SUBSCRIBE", channels)
+        self._send(proto, self.subscribe_command, channels)
         done, _ = await asyncio.wait(
             {self._all_confirmed, proto.lost, proto.error},
             timeout=_confirm_timeout(self.config, len(channels)),

@@ -33,8 +33,10 @@ __all__ = [
     "Listen",
     "LoggingConfig",
     "RedisConfig",
+    "Sentinel",
     "load",
     "parse",
+    "parse_address",
 ]
 
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -77,12 +79,16 @@ def _port(value: Any) -> None:
 
 
 def _redis_url(value: Any) -> None:
+    # A cluster URL lists seed nodes: they are checked with the rest of redis:
+    # (see _validate_redis).
+    if value.startswith("redis+cluster://"):
+        return
     # Everything the broker will take from the URL is checked here, so that a URL
     # that passes --check cannot fail at run time: redis-py's parse_url (port, db,
     # options), and the host as getaddrinfo will encode it (IDNA: "a..b" fails).
     # Reasons never echo the URL, which may hold a password.
     if not re.match(r"^(redis|rediss|unix)://", value):
-        raise _Invalid("expected a redis://, rediss:// or unix:// URL")
+        raise _Invalid("expected a redis://, rediss://, unix:// or redis+cluster:// URL")
     try:
         params: dict[str, Any] = parse_url(value)  # type: ignore[no-untyped-call]
     except ValueError as exc:
@@ -99,6 +105,16 @@ def _redis_url(value: Any) -> None:
             raise _Invalid(f"invalid host {where!r}: {exc}") from None
     if "\0" in where:
         raise _Invalid("NUL in the host or path")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to (host, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host, int(port)
 
 
 def _one_of(*allowed: str) -> Check:
@@ -153,8 +169,25 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
+class Sentinel:
+    """Find the master through Redis Sentinel (ssehub/sentinel.py)."""
+
+    master: str = field(metadata=_check(_not_empty))  # the name the sentinels monitor
+    nodes: tuple[str, ...] = field(metadata=_check(_not_empty))  # host:port of each sentinel
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The sentinels' (host, port), in the configured order."""
+        return [parse_address(n) for n in self.nodes]
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
+    # With cluster or sentinel, host and port of this URL are ignored (cluster: a seed;
+    # redis+cluster://h1:p1,h2:p2 lists several); user, password and TLS still apply.
     url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(_redis_url))
+    # Redis Cluster (ssehub/cluster.py): sharded pub/sub, one connection per master.
+    cluster: bool = False
+    sentinel: Sentinel | None = None
     # Seconds without any traffic on the subscription before a PING is sent,
     # and seconds to wait for its answer before the connection is declared dead
     # (catches half-open connections that never send an RST).
@@ -164,6 +197,12 @@ class RedisConfig:
     # Capped exponential backoff, with full jitter, between reconnect attempts.
     reconnect_min: float = field(default=0.05, metadata=_check(_positive))
     reconnect_max: float = field(default=1.0, metadata=_check(_positive))
+
+    def seeds(self) -> list[tuple[str, int]]:
+        """The nodes named by ``url`` (several with ``redis+cluster://h1:p1,h2:p2``)."""
+        rest = self.url.partition("://")[2]
+        hosts = rest.partition("/")[0].rpartition("@")[2]
+        return [parse_address(h if ":" in h else f"{h}:6379") for h in hosts.split(",")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +351,9 @@ class ChannelConfig:
     stream_maxlen: int = field(default=0, metadata=_check(_non_negative_int))
     # Events a first connection (no Last-Event-ID) starts with (?rewind= overrides).
     rewind: int = field(default=0, metadata=_check(_non_negative_int))
+    # With redis.cluster: publishers SPUBLISH (sharded pub/sub, read from the shard that
+    # owns the channel); false for classic PUBLISH, read over one connection to any node.
+    sharded: bool = True
 
     @property
     def family(self) -> bool:
@@ -546,6 +588,21 @@ def _validate(obj: Any, path: str, source: str) -> None:
     elif isinstance(obj, Config):
         _check_auth(obj, source)
         for ch in obj.channels.values():
+            # Not built yet (said in the README): the stream reader is single-node and
+            # lives in a single process.
+            if ch.stream and (obj.redis.cluster or obj.redis.sentinel is not None):
+                raise ConfigError(
+                    source,
+                    f"channels.{ch.name}.stream",
+                    "stream channels need a single Redis (redis.url) for now, "
+                    "not redis.cluster or redis.sentinel",
+                )
+            if ch.stream and obj.workers > 1:
+                raise ConfigError(
+                    source,
+                    f"channels.{ch.name}.stream",
+                    "stream channels run in one process for now: workers must be 1",
+                )
             if ch.rewind > obj.limits.max_rewind:
                 raise ConfigError(
                     source,
@@ -561,8 +618,32 @@ def _validate(obj: Any, path: str, source: str) -> None:
                         f"channels.{ch.name}.redis_channel",
                         f"{jug.redis_channel!r} is the Juggernaut channel",
                     )
-    elif isinstance(obj, RedisConfig) and obj.reconnect_max < obj.reconnect_min:
+    elif isinstance(obj, RedisConfig):
+        _validate_redis(obj, path, source)
+    elif isinstance(obj, Sentinel):
+        for i, node in enumerate(obj.nodes):
+            try:
+                parse_address(node)
+            except ValueError as exc:
+                raise ConfigError(source, f"{path}.nodes[{i}]", str(exc)) from None
+
+
+def _validate_redis(obj: RedisConfig, path: str, source: str) -> None:
+    if obj.reconnect_max < obj.reconnect_min:
         raise ConfigError(source, f"{path}.reconnect_max", "must not be smaller than reconnect_min")
+    if obj.url.startswith("redis+cluster://"):
+        object.__setattr__(obj, "cluster", True)
+    if obj.cluster and obj.sentinel is not None:
+        raise ConfigError(source, f"{path}.sentinel", "cannot be combined with redis.cluster")
+    if (obj.cluster or obj.sentinel is not None) and obj.url.startswith("unix://"):
+        raise ConfigError(
+            source, f"{path}.url", "cluster and sentinel need a TCP URL (redis:// or rediss://)"
+        )
+    if obj.cluster:
+        try:
+            obj.seeds()
+        except ValueError as exc:
+            raise ConfigError(source, f"{path}.url", f"seed nodes: {exc}") from None
 
 
 def _auth_key(auth: AuthConfig, path: str, source: str) -> bytes:

@@ -319,6 +319,12 @@ class Hub:
             names.add(self._juggernaut)
         return sorted(names)
 
+    def sharded(self, redis_channel: bytes) -> bool:
+        """With Redis Cluster: True when ``redis_channel`` is published with SPUBLISH."""
+        channels = self._by_redis.get(redis_channel)
+        # Juggernaut publishers use classic PUBLISH, as they always did.
+        return channels is not None and all(c.config.sharded for c in channels)
+
     # --- family members -------------------------------------------------------------
 
     def acquire(self, names: Sequence[str]) -> tuple[Channel, ...]:

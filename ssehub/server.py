@@ -18,6 +18,7 @@ from .admin import create_admin_app
 from .aiohttp_compat import QuietBadRequests, connections, request_in_progress
 from .app import create_app
 from .broker import Broker, BrokerState
+from .brokers import create_broker
 from .config import Config, ConfigError, load
 from .hub import Hub
 from .logs import enable_access_log, fields
@@ -60,8 +61,12 @@ class HubServer:
         self.config = config
         # A worker brings its own hub and "broker" (the node's feed: see feed.py).
         self.hub = Hub(config) if hub is None else hub
-        self.broker = broker or Broker(
-            config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
+        self.broker = broker or create_broker(
+            config.redis,
+            self.hub.redis_channels(),
+            self.hub.publish,
+            self._on_redis_state,
+            sharded=self.hub.sharded,
         )
         self._reuse_port = reuse_port
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it

@@ -20,9 +20,8 @@ def free_port() -> int:
 class RedisServer:
     """Starts ``redis-server`` bound to 127.0.0.1 on a free port (never 6379)."""
 
-    def __init__(self, *args: str) -> None:
-        # Extra redis-server arguments (e.g. "--appendonly", "yes" to survive a restart).
-        self.args = list(args)
+    def __init__(self, *args: str, conf: str = "") -> None:
+        """``args`` go after the defaults; ``conf`` (a file name in ``dir``) before them."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (the README's set-up installs it)")
@@ -30,6 +29,8 @@ class RedisServer:
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="ssehub-redis-")
+        self.args = args
+        self.conf = conf
 
     @property
     def url(self) -> str:
@@ -42,6 +43,7 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [
                     self.exe,
+                    *([f"{self.dir}/{self.conf}"] if self.conf else []),
                     "--port", str(port),
                     "--bind", "127.0.0.1",
                     "--save", "",

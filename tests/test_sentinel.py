@@ -1,0 +1,196 @@
+"""Redis Sentinel: the master found through the sentinels, and found again after a failover.
+
+Each test runs its own master, replica and three sentinels on free loopback ports,
+and stops them all in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from ssehub.broker import BrokerState
+from ssehub.config import ConfigError, parse
+from ssehub.sentinel import SentinelBroker
+
+from .conftest import StartHub, hub_config
+from .logcheck import rendered
+from .redis_server import RedisServer, free_port
+from .redis_topology import SentinelSetup
+from .sseclient import open_stream, wait_until
+from .test_faults import data, gaps
+
+
+def sentinel_redis(setup: SentinelSetup, **more: Any) -> dict[str, Any]:
+    return {
+        "sentinel": {"master": setup.name, "nodes": setup.nodes},
+        "reconnect_min": 0.02,
+        "reconnect_max": 0.2,
+        **more,
+    }
+
+
+@pytest.fixture
+async def sentinels() -> AsyncIterator[SentinelSetup]:
+    setup = SentinelSetup()
+    await asyncio.to_thread(setup.start)
+    try:
+        yield setup
+    finally:
+        await asyncio.to_thread(setup.stop)
+
+
+@pytest.mark.parametrize(
+    ("sentinel", "key", "reason"),
+    [
+        ({"master": "m", "nodes": ["127.0.0.1"]}, "redis.sentinel.nodes[0]", "host:port"),
+        ({"master": "m", "nodes": ["h:1", "h:x"]}, "redis.sentinel.nodes[1]", "'h:x'"),
+        ({"master": "m", "nodes": []}, "redis.sentinel.nodes", "must not be empty"),
+        ({"master": "", "nodes": ["h:1"]}, "redis.sentinel.master", "must not be empty"),
+        ({"nodes": ["h:1"]}, "redis.sentinel.master", "required"),
+        ({"master": "m", "nodes": ["h:1"], "port": 1}, "redis.sentinel.port", "unknown key"),
+    ],
+)
+def test_bad_sentinel_config_names_the_key(sentinel: dict[str, Any], key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse({"channels": {"chat": {}}, "redis": {"sentinel": sentinel}}, source="x.yaml")
+    assert err.value.key == key
+    assert reason in err.value.reason
+    assert str(err.value).startswith(f"x.yaml: {key}: ")
+
+
+def test_sentinel_config_keeps_the_nodes_in_order() -> None:
+    config = parse(
+        {
+            "channels": {"chat": {}},
+            "redis": {"sentinel": {"master": "m", "nodes": ["a:26379", "[::1]:26380"]}},
+        }
+    )
+    assert config.redis.sentinel is not None
+    assert config.redis.sentinel.addresses() == [("a", 26379), ("::1", 26380)]
+
+
+@pytest.mark.slow
+async def test_follows_a_failover_and_signals_the_gap(
+    sentinels: SentinelSetup, start_hub: StartHub
+) -> None:
+    hub = await start_hub(redis=sentinel_redis(sentinels))
+    assert isinstance(hub.broker, SentinelBroker)
+    client = await open_stream(hub.port, "/channels/chat")
+    try:
+        await asyncio.to_thread(sentinels.publish, "chat", "before")
+        await client.next_events(1)
+        old = sentinels.master.port
+        await asyncio.to_thread(sentinels.master.kill)
+        new = await asyncio.to_thread(sentinels.wait_promoted, old, 20)
+        await wait_until(lambda: hub.broker.reconnects == 1 and hub.broker.ready, timeout=10)
+        assert hub.broker.master == ("127.0.0.1", new)
+        await client.read_until(lambda c: gaps(c))
+        assert [g["reason"] for g in gaps(client)] == ["redis_outage"]
+        assert await asyncio.to_thread(sentinels.publish, "chat", "after") == 1
+        await client.read_until(lambda c: "after" in data(c))
+        assert data(client) == ["before", "after"]
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_a_manual_failover_moves_the_subscription(
+    sentinels: SentinelSetup, start_hub: StartHub
+) -> None:
+    """``SENTINEL FAILOVER``: the old master stays up, demoted to a replica."""
+    hub = await start_hub(redis=sentinel_redis(sentinels))
+    client = await open_stream(hub.port, "/channels/chat")
+    try:
+        old = sentinels.master.port
+        await asyncio.to_thread(sentinels.failover)
+        new = await asyncio.to_thread(sentinels.wait_promoted, old, 20)
+        await wait_until(lambda: hub.broker.reconnects == 1 and hub.broker.ready, timeout=10)
+        assert hub.broker.master == ("127.0.0.1", new)
+        await client.read_until(lambda c: gaps(c))
+        await asyncio.to_thread(sentinels.publish, "chat", "on the new master")
+        await client.read_until(lambda c: "on the new master" in data(c))
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted_sentinel(
+    answers: list[tuple[str, int]], watched: int
+) -> AsyncIterator[SentinelBroker]:
+    """A running SentinelBroker whose sentinels answer ``answers[0]``; the watch on ``watched``."""
+    sentinel = {"master": "m", "nodes": [f"127.0.0.1:{watched}"]}
+    config = hub_config("", redis={"sentinel": sentinel, "reconnect_max": 0.2}).redis
+    broker = SentinelBroker(config, [b"chat"], lambda c, p: None)
+
+    async def resolve() -> tuple[str, int]:
+        return answers[0]
+
+    broker.resolve = resolve  # type: ignore[method-assign]
+    task = asyncio.create_task(broker.run())
+    try:
+        yield broker
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.slow
+async def test_switch_master_on_a_sentinel_moves_the_subscription(
+    redis_server: RedisServer,
+) -> None:
+    """Only +switch-master says it here: the old master neither dies nor kills clients."""
+    old, new = RedisServer(), RedisServer()
+    old.start()
+    new.start()
+    # The session Redis plays the sentinel the broker watches: its pub/sub is all it needs.
+    publisher = aioredis.Redis.from_url(redis_server.url)
+    try:
+        answers = [("127.0.0.1", old.port)]
+        async with scripted_sentinel(answers, redis_server.port) as broker:
+            await wait_until(lambda: broker.ready, timeout=5)
+
+            async def watched() -> bool:
+                numsub = await publisher.pubsub_numsub("+switch-master")
+                return bool(numsub[0][1])
+
+            await wait_until(watched, timeout=5)
+            answers[0] = ("127.0.0.1", new.port)
+            await publisher.publish(
+                "+switch-master", f"m 127.0.0.1 {old.port} 127.0.0.1 {new.port}"
+            )
+            await wait_until(lambda: broker.reconnects == 1 and broker.ready, timeout=5)
+            assert broker.master == ("127.0.0.1", new.port)
+    finally:
+        await publisher.aclose()
+        new.stop()
+        old.stop()
+
+
+@pytest.mark.slow
+async def test_a_replica_named_as_master_is_never_subscribed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sentinel may lag behind a failover: ROLE decides, not the sentinel's answer."""
+    caplog.set_level(logging.WARNING, logger="ssehub.broker")
+    master, replica = RedisServer(), RedisServer()
+    master.start()
+    try:
+        replica.args = ("--replicaof", "127.0.0.1", str(master.port))
+        replica.start()
+        answers = [("127.0.0.1", replica.port)]
+        async with scripted_sentinel(answers, free_port()) as broker:
+            await wait_until(lambda: "not a master" in rendered(caplog), timeout=5)
+            assert broker.state is BrokerState.CONNECTING
+            answers[0] = ("127.0.0.1", master.port)
+            await wait_until(lambda: broker.ready, timeout=5)
+    finally:
+        replica.stop()
+        master.stop()
