@@ -15,7 +15,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from .config import Config
+from .config import ChannelConfig, Config
 from .hub import Hub
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -35,6 +35,15 @@ _SAMPLE = {
     "text": "'hello'",
     "json": shlex.quote('{"data": "hello", "event": "greeting"}'),
 }
+# A stream entry's data in each format (json: a JSON value).
+_ENTRY = {"text": "'hello'", "json": shlex.quote('"hello"')}
+
+
+def _publish(ch: ChannelConfig) -> str:
+    """The shell command that sends ``ch`` an event."""
+    if ch.stream:
+        return f"redis-cli XADD {shlex.quote(ch.stream)} '*' data {_ENTRY[ch.format]}"
+    return f"redis-cli PUBLISH {shlex.quote(ch.redis_channel)} {_SAMPLE[ch.format]}"
 
 
 def channels_json(config: Config) -> str:
@@ -47,10 +56,10 @@ def channels_json(config: Config) -> str:
         {
             "name": ch.name,
             "url": f"/channels/{ch.name}",
-            "redis_channel": ch.redis_channel,
+            "redis_channel": ch.stream or ch.redis_channel,
             # "token": private; the page sends the pasted token as ?token=.
             "auth": ch.auth,
-            "publish": f"redis-cli PUBLISH {shlex.quote(ch.redis_channel)} {_SAMPLE[ch.format]}",
+            "publish": _publish(ch),
             **({"family": True} if ch.family else {}),
         }
         for ch in config.channels.values()

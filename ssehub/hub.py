@@ -25,6 +25,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -138,6 +139,13 @@ def _send(
             continue
 
 
+def new_epoch() -> str:
+    """A process's epoch, unique without coordination: its start time in ms (base 36),
+    then 40 random bits, so that two hubs started in the same millisecond on two nodes
+    never take each other's ids for their own (8 + 8 characters)."""
+    return base36(time.time_ns() // 1_000_000) + base36(secrets.randbits(40)).rjust(8, "0")
+
+
 def _streams(channels: Sequence[Channel]) -> tuple[Channel, ...]:
     """The stream channels among ``channels``, in the order /events ids list them."""
     return tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
@@ -200,7 +208,7 @@ class Hub:
         self._aging: set[History] = set()  # histories with an age bound, for the expiry timer
         self.budget = Budget(config.limits.history_bytes, self.stats.evicted)
         # Per-run epoch: start time in ms, base 36 (8 characters for centuries).
-        self.epoch = base36(time.time_ns() // 1_000_000)
+        self.epoch = new_epoch()
         self.seq = 0  # last hub sequence number handed out
         self.outage_seq = 0  # positions up to this one predate the last Redis outage
         # Called once per channel per flush with the seconds from the first pending

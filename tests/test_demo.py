@@ -84,3 +84,17 @@ def test_a_family_is_listed_with_its_star_for_the_page_to_fill_in() -> None:
         "auth": "public",
         "family": True,
     }
+
+
+def test_a_stream_channel_is_published_to_with_xadd() -> None:
+    import shlex
+
+    from ssehub.messages import parse_entry
+
+    config = hub_config(
+        "redis://127.0.0.1:1/0", {"orders": {"stream": "app:orders", "format": "json"}}
+    )
+    (channel,) = json.loads(channels_json(config))["channels"]
+    argv = shlex.split(channel["publish"])
+    assert argv[:5] == ["redis-cli", "XADD", "app:orders", "*", "data"]
+    assert parse_entry("json", "1-0", {b"data": argv[5].encode()}, 1000).data == "hello"

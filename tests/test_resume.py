@@ -245,3 +245,21 @@ async def test_oversized_or_malformed_last_event_id_is_400(start_hub: StartHub) 
         assert client.status == 400
     finally:
         await client.close()
+
+
+async def test_epochs_are_unique_per_process_even_within_one_millisecond(
+    start_hub: StartHub, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two hubs started in the same millisecond (on two nodes, say): neither takes the
+    other's pub/sub ids for its own."""
+    monkeypatch.setattr("ssehub.hub.time.time_ns", lambda: 1_796_000_000_000_000_000)
+    one = await start_hub()
+    two = await start_hub()
+    assert one.hub.epoch != two.hub.epoch
+    assert one.hub.epoch[:8] == two.hub.epoch[:8]  # the same millisecond
+    ids = await publish_and_collect(one.port, redis_client, "chat", 1)
+    client = await open_stream(two.port, "/channels/chat", ids[0])
+    try:
+        assert [json.loads(e.data)["reason"] for e in client.events] == ["unknown_id"]
+    finally:
+        await client.close()
