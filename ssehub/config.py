@@ -588,14 +588,14 @@ def _validate(obj: Any, path: str, source: str) -> None:
     elif isinstance(obj, Config):
         _check_auth(obj, source)
         for ch in obj.channels.values():
-            # Not built yet (said in the README): the stream reader is single-node and
-            # lives in a single process.
-            if ch.stream and (obj.redis.cluster or obj.redis.sentinel is not None):
+            # Not built yet (said in the README): the stream reader follows one master
+            # (found directly or through Sentinel) and lives in a single process.
+            if ch.stream and obj.redis.cluster:
                 raise ConfigError(
                     source,
                     f"channels.{ch.name}.stream",
-                    "stream channels need a single Redis (redis.url) for now, "
-                    "not redis.cluster or redis.sentinel",
+                    "stream channels need one Redis (redis.url or redis.sentinel) for now, "
+                    "not redis.cluster",
                 )
             if ch.stream and obj.workers > 1:
                 raise ConfigError(

@@ -25,7 +25,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.exceptions import RedisError
 
 from .broker import BrokerState
@@ -108,6 +110,8 @@ class StreamReader:
         self._reader_id: int | None = None
         self._blocked = False
         self._unblocker: asyncio.Task[None] | None = None
+        # With Sentinel: this session's connections to the sentinels.
+        self._sentinels: list[aioredis.Redis] = []
         self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
 
     # --- what the hub asks for ------------------------------------------------------
@@ -214,13 +218,29 @@ class StreamReader:
             self._unblocker = None
 
     def _client(self, socket_timeout: float | None) -> aioredis.Redis:
-        client: aioredis.Redis = aioredis.Redis.from_url(
-            self.config.url,
-            single_connection_client=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=self.config.connect_timeout,
-            retry=Retry(NoBackoff(), 0),  # reconnects are this loop's job, with backoff
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": self.config.connect_timeout,
+            "retry": Retry(NoBackoff(), 0),  # reconnects are this loop's job, with backoff
+        }
+        sentinel = self.config.sentinel
+        if sentinel is None:
+            client: aioredis.Redis = aioredis.Redis.from_url(
+                self.config.url, single_connection_client=True, **options
+            )
+            return client
+        # The master as the sentinels name it now: after a failover the session ends
+        # (the old master is gone or read-only) and the next one asks them again. The
+        # credentials and db of redis.url, if any, are the master's.
+        params = parse_url(self.config.url)  # type: ignore[no-untyped-call]
+        options.update({k: params[k] for k in ("username", "password", "db") if k in params})
+        finder = Sentinel(  # type: ignore[no-untyped-call]
+            sentinel.addresses(), socket_timeout=self.config.connect_timeout
         )
+        self._sentinels.extend(finder.sentinels)  # closed with the session
+        pool = SentinelConnectionPool(sentinel.master, finder, **options)  # type: ignore[no-untyped-call]
+        client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+        client.auto_close_connection_pool = True  # aclose() closes the pool it owns
         return client
 
     async def run(self) -> None:
@@ -282,7 +302,8 @@ class StreamReader:
             for task in (self._unblocker, self._trimmer):
                 if task is not None:
                     task.cancel()
-            await _close(reader, control)
+            await _close(reader, control, *self._sentinels)
+            self._sentinels.clear()
 
     async def _start(self, control: aioredis.Redis) -> None:
         """Find where each pending stream ends (one pipelined round trip for them all)."""

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from ssehub.broker import BrokerState
@@ -194,3 +195,37 @@ async def test_a_replica_named_as_master_is_never_subscribed(
     finally:
         replica.stop()
         master.stop()
+
+
+@pytest.mark.slow
+async def test_a_stream_channel_through_sentinel_loses_nothing_in_a_failover(
+    sentinels: SentinelSetup, start_hub: StartHub
+) -> None:
+    """The stream reader finds the master through the sentinels too, and goes on from
+    its position on the promoted replica: entries before and after, none lost, no gap."""
+    hub = await start_hub(
+        {"orders": {"stream": "sentinel:orders"}},
+        redis=sentinel_redis(sentinels),
+        wait_ready=False,
+    )
+    await wait_until(lambda: hub.ready, timeout=10)
+    client = await open_stream(hub.port, "/channels/orders")
+
+    def xadd(data: str) -> str:
+        with redis.Redis(port=sentinels.master_port()) as r:
+            entry_id = r.xadd("sentinel:orders", {"data": data}).decode()
+            r.wait(1, 2000)  # on the replica too, before the master goes
+            return entry_id
+
+    try:
+        sent = [await asyncio.to_thread(xadd, "before")]
+        await client.next_events(1)
+        old = sentinels.master.port
+        await asyncio.to_thread(sentinels.master.kill)
+        await asyncio.to_thread(sentinels.wait_promoted, old, 20)
+        sent.append(await asyncio.to_thread(xadd, "after"))
+        events = await client.next_events(2, timeout=15)
+        assert [e.id for e in events] == sent
+        assert not gaps(client)
+    finally:
+        await client.close()
