@@ -97,6 +97,7 @@ class Reporter:
         self._announced = False  # the node key was set once (a missing one means lost)
         self._client: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.published = 0  # events sent
         self.dropped = 0  # events dropped while Redis was away
         self.batches = 0  # pipelines sent
@@ -160,12 +161,15 @@ class Reporter:
         ttl = self.config.presence.ttl
         next_refresh = 0.0
         backoff = redis.reconnect_min
-        while True:
+        while not (self._closing and not self._pending()):
             live = bool(self._mine) or self._announced
-            if not self._pending():
+            if not self._pending() and not self._closing:
                 timeout = max(next_refresh - loop.time(), 0.0) if live else None
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the
+                # cancellation that close() sends.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
             self._wake.clear()
             refresh = (bool(self._mine) or self._announced) and loop.time() >= next_refresh
             try:
@@ -264,19 +268,28 @@ class Reporter:
         self._wake.set()
 
     async def close(self, timeout: float) -> None:
-        """Write what is queued (the shutdown's unsubscribes), drop the liveness key."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Write what is queued (the shutdown's unsubscribes), drop the liveness key.
+
+        The writer finishes on its own rather than being cancelled: a batch cut off
+        after Redis ran it would be sent again.
+        """
+        self._closing = True
+        self._wake.set()
         try:
             async with asyncio.timeout(timeout):
-                await self._write(False)
+                if self._task is not None:
+                    await self._task
+                else:
+                    await self._write(False)
                 if self._announced:
                     await self._redis().delete(node_key(self.node))
         except (TimeoutError, RedisError, OSError) as exc:
             lost = len(self._events)
             log.warning("events not written at shutdown", extra=fields(events=lost, error=str(exc)))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
