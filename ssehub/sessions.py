@@ -28,6 +28,7 @@ from aiohttp import web
 
 from . import sse
 from .config import MetaConfig
+from .hub import _base36  # the hub's epochs are spelt the same way
 
 if TYPE_CHECKING:
     from .auth import Grant
@@ -56,13 +57,7 @@ class SessionIds:
         self._count = itertools.count(1)
 
     def new(self) -> str:
-        n = next(self._count)
-        digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-        out = ""
-        while n:
-            n, r = divmod(n, 36)
-            out = digits[r] + out
-        return f"{self.prefix}.{out}"
+        return f"{self.prefix}.{_base36(next(self._count))}"
 
 
 def session_event(session: str) -> bytes:
