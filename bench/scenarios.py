@@ -412,6 +412,49 @@ def connect_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
         return [res]
 
 
+STORM_BASE = 1000  # existing subscribers whose delivery is measured
+STORM_RATE = 100.0  # msg/s to them
+
+
+def storm_delivery(ctx: Ctx, cls: type[Server]) -> list[Result]:
+    """1,000 subscribers of c0 get 100 msg/s while 10,000 new clients connect to c1:
+    delivery to the 1,000 in a quiet window, then in a window the storm falls into."""
+    storm = 1000 if ctx.smoke else 10_000
+    skip = skip_if_too_many(cls, "storm-delivery", "", STORM_BASE + storm)
+    if skip:
+        return [skip]
+    with rig(ctx, cls, ["c0"], STORM_BASE, serve=["c0", "c1"]) as r:
+        st = connect(r, STORM_BASE)
+        if st.opened < STORM_BASE:
+            return [Result(cls.name, "storm-delivery", "", st.opened, ok=False, error="connect")]
+        time.sleep(1.0)
+        quiet = to_result(
+            ctx, r, "storm-delivery", "quiet", measure(ctx, r, STORM_RATE, 3.0), STORM_RATE
+        )
+        workers = max(1, math.ceil(storm / PER_WORKER))
+        sources = ctx.sources(workers)
+        stormer: LoadClient | CLoadClient = (
+            CLoadClient(ctx.client_exe, workers, sources, ctx.workdir)
+            if ctx.client_exe is not None
+            else LoadClient(workers, sources)
+        )
+        try:
+            stormer.start_connect(
+                Target("127.0.0.1", r.server.port, r.server.paths(["c1"])), storm, storm
+            )
+            # The window starts with the storm and outlasts it.
+            during = to_result(
+                ctx, r, "storm-delivery", "during storm",
+                measure(ctx, r, STORM_RATE, 5.0), STORM_RATE,
+            )  # fmt: skip
+            opened = stormer.wait_open(storm, 30).opened
+        finally:
+            stormer.close()
+        during.extra["storm_opened"] = opened
+        during.ok = opened == storm and during.lost == 0
+        return [quiet, during]
+
+
 # --- family members (issue 12) ------------------------------------------------------------
 
 FAMILY_SUBS = 10_000
@@ -521,6 +564,7 @@ SCENARIOS: dict[str, Scenario] = {
     "idle-memory": idle_memory,
     "burst": burst,
     "storm": connect_storm,
+    "storm-delivery": storm_delivery,
     "channels": many_channels,
     "family-fanout": family_fanout,
     "family-storm": family_storm,

@@ -423,6 +423,22 @@ class SsehubMetricsServer(SsehubServer):
         return {**super().config(channels), "admin": {"host": "127.0.0.1", "port": free_port()}}
 
 
+class SsehubPresenceServer(SsehubServer):
+    """The hub with Juggernaut parity on: subscribe/unsubscribe events published to Redis
+    and ``presence: true`` on every channel, so each connect and disconnect is an event
+    and a presence entry (batched pipelines). Compared with ``ssehub`` in the same run
+    (``storm-delivery``), it shows what they cost the delivery to existing subscribers."""
+
+    name = "ssehub+presence"
+    no_families = "the presence variant lists plain channels only"
+
+    def config(self, channels: list[str]) -> dict[str, object]:
+        config = super().config(channels)
+        config["channels"] = {c: {"presence": True} for c in channels}
+        config["events"] = {"enabled": True}
+        return config
+
+
 class SsehubAuthServer(SsehubServer):
     """The hub with every channel ``auth: token`` (HS256): each subscriber brings its own
     token in the query, so a connect storm verifies a signature per connection (no two
@@ -721,6 +737,7 @@ class Nchan(Server):
 SERVERS: dict[str, type[Server]] = {
     "ssehub": SsehubServer,
     "ssehub+metrics": SsehubMetricsServer,
+    "ssehub+presence": SsehubPresenceServer,
     "ssehub+auth": SsehubAuthServer,
     "ssehub+auth-es256": SsehubAuthES256Server,
     "ssehub-w2": SsehubWorkersServer,

@@ -111,6 +111,8 @@ class StreamProtocol(asyncio.Protocol):
                 if self._data:
                     if self._event == b"ssehub-gap":
                         s.gaps.append(json.loads(b"\n".join(self._data))["reason"])
+                    elif self._event == b"ssehub-session":
+                        pass  # the stream's session id, first in every stream
                     else:
                         n = int(self._data[0].split(b" ", 1)[0])
                         if n in s.received:

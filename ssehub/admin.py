@@ -1,4 +1,5 @@
-"""The operators' listener: ``/metrics``, and ``/healthz``/``/readyz`` as on the public one.
+"""The operators' listener: ``/metrics``, ``/channels/<name>/presence``, and
+``/healthz``/``/readyz`` as on the public one.
 
 It is a separate aiohttp application on its own socket (``admin.host``/``admin.port``),
 so metrics never appear on the port browsers reach and a firewall can tell them apart.
@@ -12,6 +13,7 @@ from .app import BROKER, HUB, healthz, readyz
 from .broker import Broker
 from .hub import Hub
 from .metrics import Metrics
+from .presence import add_presence_route
 
 __all__ = ["METRICS", "create_admin_app"]
 
@@ -33,4 +35,5 @@ def create_admin_app(hub: Hub, broker: Broker, metrics_: Metrics) -> web.Applica
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_presence_route(app, hub)  # GET /channels/<name>/presence, answered from Redis
     return app

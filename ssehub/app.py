@@ -24,10 +24,21 @@ from .cors import add_cors
 from .hub import Hub, Refused, Unknown
 from .logs import fields
 from .messages import MAX_ID_LENGTH
+from .presence import add_presence_route
 from .resume import MAX_STREAMS_PER_EVENTS, resume_streams
+from .sessions import SessionIds, meta_of, session_event
 from .subscriber import Subscriber
 
-__all__ = ["ACCESS", "BROKER", "BUSY_EVENT", "HUB", "create_app", "healthz", "readyz"]
+__all__ = [
+    "ACCESS",
+    "BROKER",
+    "BUSY_EVENT",
+    "HUB",
+    "SESSION_IDS",
+    "create_app",
+    "healthz",
+    "readyz",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,7 @@ BUSY_EVENT = "ssehub-busy"
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 ACCESS = web.AppKey("access", Access)
+SESSION_IDS = web.AppKey("session_ids", SessionIds)
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -117,9 +129,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     try:
         # Before acquire: a request without the right token must not create a family
         # member (a Redis SUBSCRIBE) on its way to being refused.
-        expires = request.app[ACCESS].authorize(request, _configs(hub, names))
+        grant = request.app[ACCESS].grant(request, _configs(hub, names))
     except Denied as exc:
         raise exc.response() from None
+    meta = meta_of(request, hub.config.meta, grant)
     last_event_id = _last_event_id(request)
     asked_rewind = _rewind(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
@@ -159,7 +172,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # headers with them. Once the subscriber is registered the hub writes
         # straight to the transport, and aiohttp's writer is not touched again
         # until the final chunk (before that, only the keepalives below use it).
-        await resp.write(sse.retry(hub.config.retry_ms))
+        # The session id first, before any position or replay (see sessions.py).
+        session = request.app[SESSION_IDS].new()
+        await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
         members = [c.redis for c in channels if c.family is not None and not c.stream]
@@ -195,7 +210,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if transport is None:
             return resp
         sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
-        sub.expires = expires
+        sub.expires = 0.0 if grant is None else grant.exp
+        sub.session = session
+        sub.meta = meta
         live = hub.subscribe(sub, last_event_id, mux, rewind)
         request.app[ACCESS].track(sub)
         # A resume longer than the buffer bound goes out as the client reads it:
@@ -308,6 +325,7 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app[HUB] = hub
     app[BROKER] = broker
     app[ACCESS] = access = Access(lambda: hub.config)
+    app[SESSION_IDS] = SessionIds()
     app.router.add_get("/channels/{name}", stream, expect_handler=expect)
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)
@@ -315,6 +333,15 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"], expect)
     if hub.config.demo:
         app.router.add_get("/", demo.index(hub), expect_handler=expect)
+    if hub.config.presence.public:
+
+        def authorize(request: web.Request, name: str) -> None:
+            try:
+                access.authorize(request, _configs(hub, [name]))
+            except Denied as exc:
+                raise exc.response() from None
+
+        add_presence_route(app, hub, authorize)
     # Last: every other path and method, so that no request reaches aiohttp's own
     # expect handler (see aiohttp_compat.expect); it answers 405/404 as the router would.
     app.router.add_route("*", "/{tail:.*}", not_routed, expect_handler=expect)

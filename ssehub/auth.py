@@ -54,6 +54,8 @@ QUERY_PARAM = "token"
 TICK = 1.0
 
 _REDACTED = "REDACTED"
+# Query parameters no log line shows: the token, and the client's meta (personal data).
+_HIDDEN_PARAMS = frozenset({QUERY_PARAM, "meta"})
 
 
 class Denied(Exception):
@@ -90,10 +92,11 @@ def matches(claims: Iterable[re.Pattern[str] | str], name: str) -> bool:
 class Grant:
     """What one verified token allows: the channels it names, until when."""
 
-    __slots__ = ("claims", "exp", "sub", "token")
+    __slots__ = ("claims", "exp", "payload", "sub", "token")
 
     def __init__(self, token: str, payload: dict[str, Any]) -> None:
         self.token = token
+        self.payload = payload  # for the claim a client's meta may carry (sessions.py)
         exp = payload.get("exp")
         self.exp = float(exp) if isinstance(exp, int | float) else 0.0  # 0: never
         self.sub = payload.get("sub")
@@ -192,14 +195,15 @@ _PARAM = re.compile(r"([?&])([^?&=\s'\"]*)=([^&\s'\"#]*)")
 
 
 def _hide(m: re.Match[str]) -> str:
-    if urllib.parse.unquote_plus(m.group(2)) != QUERY_PARAM:
+    if urllib.parse.unquote_plus(m.group(2)) not in _HIDDEN_PARAMS:
         return m.group(0)
     return f"{m.group(1)}{m.group(2)}={_REDACTED}"
 
 
 def redact(text: str) -> str:
-    """``text`` (a request target, or a message quoting one) with every ``token`` query
-    value replaced, however its name is spelt (``%74oken`` decodes to ``token`` too)."""
+    """``text`` (a request target, or a message quoting one) with every ``token`` and
+    ``meta`` query value replaced, however its name is spelt (``%74oken`` decodes to
+    ``token`` too)."""
     if "=" not in text:
         return text
     return _PARAM.sub(_hide, text)
@@ -238,9 +242,16 @@ class Access:
         """Check a stream request for ``channels`` (each: the concrete name asked for and
         its channel's or family's config). Returns the token's expiry (0: no token
         needed, or none set); raises Denied."""
+        grant = self.grant(request, channels)
+        return 0.0 if grant is None else grant.exp
+
+    def grant(
+        self, request: web.Request, channels: Sequence[tuple[str, ChannelConfig]]
+    ) -> Grant | None:
+        """As ``authorize``, returning the token's grant (None: no token needed)."""
         private = [name for name, cfg in channels if cfg.auth == "token"]
         if not private:
-            return 0.0
+            return None
         verifier = self.verifier()
         if verifier is None:  # pragma: no cover - config validation prevents it
             raise Denied(401, "no auth configured")
@@ -251,7 +262,7 @@ class Access:
         denied = [name for name in private if not grant.allows(name)]
         if denied:
             raise Denied(403, f"token does not grant channel: {', '.join(denied)}")
-        return grant.exp
+        return grant
 
     # --- expiry of live streams ----------------------------------------------------
 

@@ -28,10 +28,13 @@ __all__ = [
     "Config",
     "ConfigError",
     "Cors",
+    "Events",
     "Juggernaut",
     "Limits",
     "Listen",
     "LoggingConfig",
+    "MetaConfig",
+    "PresenceConfig",
     "RedisConfig",
     "Sentinel",
     "load",
@@ -256,6 +259,40 @@ class Juggernaut:
 
 
 @dataclass(frozen=True, slots=True)
+class Events:
+    """Subscribe/unsubscribe events published to Redis (see README, Juggernaut parity)."""
+
+    enabled: bool = False
+    # Where ssehub's own format goes; with juggernaut.enabled the events go to
+    # Juggernaut's `<juggernaut.redis_channel>:subscribe` / `:unsubscribe` instead.
+    redis_channel: str = field(default="ssehub:events", metadata=_check(_not_empty))
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceConfig:
+    """Who is subscribed to channels with ``presence: true``, kept in Redis per node."""
+
+    # Seconds a node's entries outlive its last liveness refresh (a killed node's
+    # entries vanish within this); the node refreshes every third of it.
+    ttl: float = field(default=15.0, metadata=_check(_positive))
+    # Also serve GET /channels/<name>/presence on the public listener (authorized as
+    # a stream of the channel would be); always on the admin listener.
+    public: bool = False
+    # Members per page of the presence endpoint, at most.
+    max_page: int = field(default=1000, metadata=_check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
+class MetaConfig:
+    """What rides along with a client's events and presence entry."""
+
+    # Private channels: the JWT's `sub`, plus this claim when set.
+    claim: str = ""
+    # Public channels: the `meta` query parameter, at most this many bytes (UTF-8).
+    max_bytes: int = field(default=512, metadata=_check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
 class Admin:
     """The operators' listener (/metrics, /healthz, /readyz); keep it off the public network."""
 
@@ -354,6 +391,9 @@ class ChannelConfig:
     # With redis.cluster: publishers SPUBLISH (sharded pub/sub, read from the shard that
     # owns the channel); false for classic PUBLISH, read over one connection to any node.
     sharded: bool = True
+    # Keep who is subscribed (per member for a family) in Redis, readable from any
+    # node at GET /channels/<name>/presence.
+    presence: bool = False
 
     @property
     def family(self) -> bool:
@@ -378,6 +418,9 @@ class Config:
     shutdown_timeout: float = field(default=10.0, metadata=_check(_positive))
     cors: Cors = field(default_factory=Cors)
     juggernaut: Juggernaut = field(default_factory=Juggernaut)
+    events: Events = field(default_factory=Events)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
     # Off when absent: metrics are for operators and must not reach browsers.
     admin: Admin | None = None
     # JWT verification for channels with `auth: token`; off when absent.
@@ -610,6 +653,19 @@ def _validate(obj: Any, path: str, source: str) -> None:
                     f"{ch.rewind} is more than limits.max_rewind ({obj.limits.max_rewind})",
                 )
         jug = obj.juggernaut
+        if obj.events.enabled:
+            ours = (
+                (f"{jug.redis_channel}:subscribe", f"{jug.redis_channel}:unsubscribe")
+                if jug.enabled
+                else (obj.events.redis_channel,)
+            )
+            for ch in obj.channels.values():
+                if ch.redis_channel in ours:
+                    raise ConfigError(
+                        source,
+                        f"channels.{ch.name}.redis_channel",
+                        f"{ch.redis_channel!r} carries the hub's subscribe/unsubscribe events",
+                    )
         if jug.enabled:
             for ch in obj.channels.values():
                 if ch.redis_channel == jug.redis_channel:

@@ -28,6 +28,8 @@ __all__ = [
     "CONFIG",
     "ENTRY",
     "HOLD",
+    "JOIN",
+    "LEAVE",
     "LIVE",
     "MEMBER",
     "OUTAGE",
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 Op = tuple[Any, ...]
 
 # main -> worker, in the node's order
-ENTRY = "e"  # (ENTRY, channel name, Entry, publisher_id)
+ENTRY = "e"  # (ENTRY, channel name, Entry, publisher_id, except: session ids)
 MEMBER = "m"  # (MEMBER, name, marker seq): a family member now lives on the node
 REMOVED = "d"  # (REMOVED, name): a member is gone
 LIVE = "l"  # (LIVE, redis channel): Redis confirmed a member's subscription
@@ -67,6 +69,8 @@ READY = "y"  # (READY, port): listening
 PONG = "q"  # (PONG, n, connections)
 HOLD = "h"  # (HOLD, name, token): a stream on this worker holds the member
 RELEASE = "x"  # (RELEASE, name, token): no stream on this worker holds it any more
+JOIN = "j"  # (JOIN, channel, session, meta, presence): a stream registered
+LEAVE = "v"  # (LEAVE, channel, session, meta, reason, presence): a stream ended
 
 _LEN = struct.Struct("!I")
 

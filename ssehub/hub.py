@@ -43,6 +43,7 @@ from .subscriber import Subscriber
 
 if TYPE_CHECKING:
     from .broker import Broker
+    from .sessions import Roster
     from .streams import Entry as StreamEntry
     from .streams import StreamReader
 
@@ -50,7 +51,9 @@ if TYPE_CHECKING:
 class Tap(Protocol):
     """Told of every change to the node's numbered state, in order (the workers' feed)."""
 
-    def entry(self, channel: Channel, e: Entry, publisher_id: bool) -> None: ...
+    def entry(
+        self, channel: Channel, e: Entry, publisher_id: bool, exclude: tuple[str, ...]
+    ) -> None: ...
     def member(self, channel: Channel) -> None: ...
     def removed(self, channel: Channel) -> None: ...
     def outage(self, seq: int) -> None: ...
@@ -161,7 +164,17 @@ class Replay:
     Lives only until the stream goes live; costs no task or timer of its own.
     """
 
-    __slots__ = ("floors", "last_id", "mux", "pos", "positions", "reported", "seen", "sub")
+    __slots__ = (
+        "floors",
+        "last_id",
+        "mux",
+        "pos",
+        "positions",
+        "reported",
+        "seen",
+        "skip",
+        "sub",
+    )
 
     def __init__(self, sub: Subscriber, last_id: str, mux: bool) -> None:
         self.sub = sub
@@ -175,6 +188,8 @@ class Replay:
         # Per channel, the newest eviction already signalled: each loss is told once.
         self.reported: dict[Channel, int] = {}
         self.seen = -1  # pos at the previous heartbeat: unchanged for a whole beat = stuck
+        # Seqs of events published with ``except`` naming this stream's session.
+        self.skip: set[int] | None = None
 
 
 class Hub:
@@ -216,6 +231,10 @@ class Hub:
         self.observe_delay: Callable[[float], None] | None = None
         # With workers, the main process's hub numbers messages and tells the feed.
         self.tap: Tap | None = None
+        # Streams by session id (for ``except``), and who reports their comings and
+        # goings (events, presence: sessions.py); None when neither is configured.
+        self.sessions: dict[str, Subscriber] = {}
+        self.roster: Roster | None = None
         for ch in config.channels.values():
             if not ch.family:
                 self.channels[ch.name] = Channel(ch, self.budget)
@@ -578,18 +597,26 @@ class Hub:
         except UnicodeEncodeError:  # a lone surrogate that got past the parser
             raise Rejected("invalid_utf8", "lone surrogate") from None
         self.seq = seq
-        self.deliver(channel, entry(seq, event_id, raw), event.id is not None)
+        self.deliver(channel, entry(seq, event_id, raw), event.id is not None, event.exclude)
 
-    def deliver(self, channel: Channel, new: Entry, publisher_id: bool) -> None:
+    def deliver(
+        self, channel: Channel, new: Entry, publisher_id: bool, exclude: tuple[str, ...] = ()
+    ) -> None:
         """Keep a numbered entry in ``channel``'s history; write it to subscribers on flush.
 
         The one way in for numbered entries: the local ingest, and in a worker the
-        node's feed (which numbered them in the main process).
+        node's feed (which numbered them in the main process). ``exclude``: session
+        ids that must not get it (the history keeps it like any other event).
         """
         channel.history.append(new, publisher_id=publisher_id)
         channel.last_seq = new[SEQ]
         if self.tap is not None:
-            self.tap.entry(channel, new, publisher_id)
+            self.tap.entry(channel, new, publisher_id, exclude)
+        if exclude:
+            excluded = [s for s in map(self.sessions.get, exclude) if s is not None]
+            if excluded:
+                self._deliver_except(channel, new, excluded)
+                return
         subs = channel.subs
         if subs.chunked or subs.plain or channel.mux_groups:
             self._pending.append((channel, new))
@@ -598,6 +625,36 @@ class Hub:
                 asyncio.get_running_loop().call_soon(self._flush)
         elif channel.stream:
             channel.flushed_pos = new[ID]  # nobody to flush to: delivered as far as can be
+
+    def _deliver_except(self, channel: Channel, e: Entry, excluded: list[Subscriber]) -> None:
+        """Write ``e`` at once to every stream of ``channel`` but the ``excluded`` ones.
+
+        Off the common path: what was pending goes out first (order is kept), then the
+        excluded streams step out of their groups for one flush of this event alone. A
+        stream still catching up skips it in its replay instead.
+        """
+        self._flush()
+        out = []
+        for sub in excluded:
+            replay = self._catching_up.get(sub)
+            if replay is not None:
+                if replay.skip is None:
+                    replay.skip = set()
+                replay.skip.add(e[SEQ])
+            elif sub.group is not None and sub.group.remove(sub):
+                out.append(sub)
+                if isinstance(sub.group, MuxGroup):
+                    sub.group.joining += 1  # kept alive should a slow member be cut
+        self._pending.append((channel, e))
+        try:
+            self._flush()
+        finally:
+            for sub in out:
+                group = sub.group
+                assert group is not None
+                group.add(sub)
+                if isinstance(group, MuxGroup):
+                    group.joining -= 1
 
     @property
     def replay_bound(self) -> int:
@@ -778,6 +835,7 @@ class Hub:
                 for channel in sub.channels:
                     self.stats.gaps[channel.label] += 1
                     unknown += gap_event(channel.name, "unknown_id", last_event_id)
+            self._joined(sub)
             self._go_live(sub, unknown)
             return True
         replay = Replay(sub, last_event_id, mux)
@@ -814,6 +872,7 @@ class Hub:
     def _start_replay(self, replay: Replay, head: bytes) -> bool:
         sub = replay.sub
         self._catching_up[sub] = replay
+        self._joined(sub)
         if isinstance(sub.group, MuxGroup):
             sub.group.joining += 1
         # The transport pauses (and drain() waits) once the replay has put more than
@@ -869,9 +928,11 @@ class Hub:
         for channel, e in self._after(sub.channels, r):
             if room < 0:
                 break
+            if r.mux and channel.stream:
+                r.positions[channel] = e[ID]
+            if r.skip is not None and e[SEQ] in r.skip:
+                continue  # excepted for this stream (its session was excluded)
             if r.mux:
-                if channel.stream:
-                    r.positions[channel] = e[ID]
                 event_id = mux_id(self.epoch, e[SEQ], [r.positions[c] for c in streams])
                 data = self._mux_bytes(channel, e, event_id.encode())
             else:
@@ -950,11 +1011,23 @@ class Hub:
         elif not group.remove(sub):
             return
         self._connections -= 1
-        self.stats.closed[sub.reason or "client_gone"] += 1
+        reason = sub.reason or "client_gone"
+        self.stats.closed[reason] += 1
+        if sub.session:
+            self.sessions.pop(sub.session, None)
+        if self.roster is not None:
+            self.roster.left(sub, reason)
         if isinstance(group, MuxGroup) and not group and not group.joining:
             del self._mux[group.names]
             for channel in group.channels:
                 channel.mux_groups.discard(group)
+
+    def _joined(self, sub: Subscriber) -> None:
+        """A stream registered (live or catching up): index its session, report it."""
+        if sub.session:
+            self.sessions[sub.session] = sub
+        if self.roster is not None:
+            self.roster.joined(sub)
 
     def _resolve(
         self, last_event_id: str, channels: Sequence[Channel], mux: bool

@@ -3,8 +3,9 @@
 Formats, per channel (``format:``):
 
 - ``text``: the whole payload, as UTF-8, is the event's data.
-- ``json``: ``{"data": ..., "event": "...", "id": "...", "retry": 5000}``; only
-  ``data`` is required; a non-string ``data`` is sent as compact JSON.
+- ``json``: ``{"data": ..., "event": "...", "id": "...", "retry": 5000, "except": ...}``;
+  only ``data`` is required; a non-string ``data`` is sent as compact JSON; ``except``
+  (a session id or a list) names the sessions the event is not delivered to.
 
 A stream channel's entries (``XADD key * data … [event …] [retry …]``) go through
 ``parse_entry``: ``data`` is required and read in the channel's format (``text``: as
@@ -13,7 +14,7 @@ is; ``json``: a JSON value, a string sent as is and anything else as compact JSO
 event's id.
 
 And on the ``juggernaut`` Redis channel: ``{"channels": [...], "data": ...}`` (or
-``"channel": "c"``), Juggernaut's publish format.
+``"channel": "c"``, and ``except``), Juggernaut's publish format.
 
 A message that breaks a rule is rejected whole, never altered: an ``id`` or
 ``event`` with a line break would otherwise inject lines into every stream. JSON
@@ -32,16 +33,25 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Event", "Rejected", "parse", "parse_entry", "parse_juggernaut", "MAX_ID_LENGTH"]
+__all__ = [
+    "MAX_ID_LENGTH",
+    "MAX_SESSION_ID",
+    "Event",
+    "Rejected",
+    "parse",
+    "parse_entry",
+    "parse_juggernaut",
+]
 
 # Ids come back to the hub as Last-Event-ID headers; keep them header-sized.
 MAX_ID_LENGTH = 256
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
 # A \uD800-\uDFFF escape: the only way a JSON text decoded from UTF-8 yields a surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_JSON_FIELDS = frozenset({"data", "event", "id", "retry"})
-# `except` is Juggernaut's "all but this session" option; sessions do not exist
-# yet, so it is accepted and has no effect (documented in the README).
+_JSON_FIELDS = frozenset({"data", "event", "id", "retry", "except"})
+# `except`: session ids (one, or a list) the event is not delivered to.
+MAX_SESSION_ID = 64
+MAX_EXCEPT = 1000
 _JUGGERNAUT_FIELDS = frozenset({"channels", "channel", "data", "except"})
 
 
@@ -53,6 +63,8 @@ class Event:
     event: str | None = None
     id: str | None = None
     retry: int | None = None
+    # Session ids that must not get it (the publisher's ``except``).
+    exclude: tuple[str, ...] = ()
 
 
 class Rejected(Exception):
@@ -112,6 +124,21 @@ def _field(obj: dict[str, Any], name: str) -> str | None:
     return value
 
 
+def _except(obj: dict[str, Any]) -> tuple[str, ...]:
+    """``except``: absent or null, one session id, or a list of them."""
+    value = obj.get("except")
+    if value is None:
+        return ()
+    ids = [value] if isinstance(value, str) else value
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise Rejected("bad_field", "except must be a session id or a list of them")
+    if len(ids) > MAX_EXCEPT:
+        raise Rejected("bad_field", f"except lists more than {MAX_EXCEPT} sessions")
+    if any(len(i) > MAX_SESSION_ID for i in ids):
+        raise Rejected("bad_field", f"except: a session id is at most {MAX_SESSION_ID} chars")
+    return tuple(dict.fromkeys(ids))
+
+
 def parse_text(payload: bytes, max_bytes: int) -> Event:
     """The ``text`` format: the whole payload, as UTF-8, is the event's data."""
     return Event(data=_decode(payload, max_bytes))
@@ -126,7 +153,13 @@ def parse_json(payload: bytes, max_bytes: int) -> Event:
     retry = obj.get("retry")
     if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
         raise Rejected("bad_field", "retry must be a non-negative integer")
-    return Event(data=_data_text(obj["data"]), event=_field(obj, "event"), id=event_id, retry=retry)
+    return Event(
+        data=_data_text(obj["data"]),
+        event=_field(obj, "event"),
+        id=event_id,
+        retry=retry,
+        exclude=_except(obj),
+    )
 
 
 _PARSERS = {"text": parse_text, "json": parse_json}
@@ -189,4 +222,5 @@ def parse_juggernaut(payload: bytes, max_bytes: int) -> tuple[list[str], Event]:
         raise Rejected("bad_field", "channels must be a list of strings")
     if not channels:
         raise Rejected("bad_field", "no channel given")
-    return list(dict.fromkeys(channels)), Event(data=_data_text(obj["data"]))
+    event = Event(data=_data_text(obj["data"]), exclude=_except(obj))
+    return list(dict.fromkeys(channels)), event

@@ -23,6 +23,8 @@ from .config import Config, ConfigError, load
 from .hub import Hub
 from .logs import enable_access_log, fields
 from .metrics import Metrics
+from .presence import Reporter
+from .sessions import Roster
 from .streams import StreamReader
 from .systemd import Notifier
 
@@ -70,6 +72,12 @@ class HubServer:
         )
         self._reuse_port = reuse_port
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
+        # Events and presence: written by this process, unless it is a worker (whose
+        # roster reports to the node's main process instead: see worker.py).
+        self.reporter: Reporter | None = None
+        if hub is None:
+            self.reporter = Reporter(config)
+            self.hub.roster = Roster(self.reporter, config.events.enabled)
         # Stream channels: one reader for all of them (it connects once one is wanted).
         self.streams = StreamReader(
             config.redis,
@@ -179,6 +187,8 @@ class HubServer:
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self._streams_task = asyncio.create_task(self.streams.run(), name="ssehub-streams")
         self.hub.start_heartbeat()
+        if self.reporter is not None:
+            self.reporter.start()
         self._schedule_sweep()
         self.notifier.start(self.status)
         log.info("listening", extra=fields(host=self.config.listen.host, port=self.port))
@@ -230,6 +240,8 @@ class HubServer:
         # Stops the listener first, then ends streams (app.on_shutdown), then waits
         # up to shutdown_timeout for handlers before cancelling what is left.
         await self._runner.cleanup()
+        if self.reporter is not None:  # every stream's unsubscribe is queued by now
+            await self.reporter.close(self.config.shutdown_timeout)
         # After the public side: metrics and readiness stay readable while streams drain.
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -242,7 +254,16 @@ class HubServer:
 
 
 # Settings a reload cannot change: they take effect on restart only.
-RESTART_ONLY = ("listen", "redis", "admin", "logging", "shutdown_timeout", "workers")
+RESTART_ONLY = (
+    "listen",
+    "redis",
+    "admin",
+    "logging",
+    "shutdown_timeout",
+    "workers",
+    "events",
+    "presence",
+)
 
 
 def reload_hub(hub: Hub, config: Config) -> Config | None:

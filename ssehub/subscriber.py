@@ -20,7 +20,17 @@ class Subscriber:
     A client that goes away cancels the handler instead (``handler_cancellation``).
     """
 
-    __slots__ = ("channels", "chunked", "expires", "group", "reason", "transport", "waiter")
+    __slots__ = (
+        "channels",
+        "chunked",
+        "expires",
+        "group",
+        "meta",
+        "reason",
+        "session",
+        "transport",
+        "waiter",
+    )
 
     def __init__(
         self,
@@ -40,6 +50,10 @@ class Subscriber:
         self.reason = ""
         # When its token expires (Unix time; 0: public, never): see auth.Access.
         self.expires = 0.0
+        # Its session id (told to the page in-band) and what the application attached
+        # to it (``sessions.meta_of``): see sessions.py.
+        self.session = ""
+        self.meta: object = None
 
     def end(self, reason: str) -> None:
         """End the stream cleanly: the handler writes the last chunk and returns."""

@@ -32,10 +32,11 @@ from .feed import FrameProtocol, FrameReader, Op
 from .hub import Hub
 from .metrics import Metrics
 from .server import HubServer
+from .sessions import Roster
 from .subscriber import Subscriber
 from .systemd import Notifier
 
-__all__ = ["FeedBroker", "WorkerHub", "main"]
+__all__ = ["FeedBroker", "FeedSink", "WorkerHub", "main"]
 
 log = logging.getLogger("ssehub.worker")  # also when run as __main__
 
@@ -234,7 +235,7 @@ class FeedBroker(Broker):
                 hub.seq = e[0]
                 channel = channels.get(op[1])
                 if channel is not None:
-                    deliver(channel, e, op[3])
+                    deliver(channel, e, op[3], op[4])
             else:
                 self._control(op)
         hub.advanced()
@@ -278,6 +279,49 @@ class FeedBroker(Broker):
     def _reply(self, op: Op) -> None:
         if self.proto is not None:
             self.proto.send([op])
+
+
+class FeedSink:
+    """A worker's roster sink: its streams' joins and leaves go to the main process,
+    which writes them to Redis for the node (one frame per event-loop iteration)."""
+
+    def __init__(self, broker: FeedBroker) -> None:
+        self._broker = broker
+        self._ops: list[Op] = []
+        self._scheduled = False
+
+    def join(self, channel: str, session: str, meta: Any, presence: bool) -> None:
+        self._push((feed.JOIN, channel, session, meta, presence))
+
+    def leave(self, channel: str, session: str, meta: Any, reason: str, presence: bool) -> None:
+        self._push((feed.LEAVE, channel, session, meta, reason, presence))
+
+    def _push(self, op: Op) -> None:
+        self._ops.append(op)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._ops and self._broker.proto is not None:
+            self._broker.proto.send(self._ops)
+        self._ops = []
+
+    async def drain(self, timeout: float) -> None:
+        """Send what is queued and wait (a while) until the socket took it: at exit."""
+        self.flush()
+        proto = self._broker.proto
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A plain transport has no "all written" event to wait for; this runs once, at exit.
+        while (  # noqa: ASYNC110
+            proto is not None
+            and proto.transport is not None
+            and proto.transport.get_write_buffer_size()
+            and loop.time() < deadline
+        ):
+            await asyncio.sleep(0.01)
 
 
 def _no_message(channel: bytes, payload: bytes) -> None:  # pragma: no cover - never called
@@ -336,6 +380,8 @@ async def serve(
     broker.live = set(snapshot["live"])
     server = HubServer(config, Notifier({}), hub=hub, broker=broker, reuse_port=True)
     broker.server = server
+    sink = FeedSink(broker)
+    hub.roster = Roster(sink, config.events.enabled)
     for ops in later:
         broker._apply(ops)
     await broker.connect(reader)
@@ -348,6 +394,7 @@ async def serve(
         log.info("shutting down connections=%d", hub.connections)
     finally:
         await server.stop()
+        await sink.drain(1.0)  # the streams' unsubscribes, before the process ends
 
 
 def main(argv: Sequence[str] | None = None) -> int:

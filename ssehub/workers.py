@@ -46,6 +46,7 @@ from .feed import FrameProtocol, Op
 from .history import Entry
 from .hub import Hub, Refused, Unknown
 from .metrics import HubCollector, Metrics
+from .presence import Reporter
 from .server import _listen_socket, _raise_fd_limit, reload_hub
 from .systemd import Notifier
 
@@ -104,6 +105,9 @@ class _Slot:
         self.channels: dict[str, Channel] = {}
         self.stats: list[Metric] = []
         self.stats_waiter: asyncio.Future[None] | None = None
+        # Its streams' registrations not yet ended: (channel, session) -> (meta,
+        # presence); left with reason worker_exit should the worker die.
+        self.sessions: dict[tuple[str, str], tuple[Any, bool]] = {}
 
 
 class Supervisor:
@@ -120,6 +124,8 @@ class Supervisor:
             config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
         )
         self.hub.broker = self.broker
+        # The node's events and presence: workers report their streams, main writes.
+        self.reporter = Reporter(config)
         self.notifier = Notifier() if notifier is None else notifier
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.port = 0
@@ -150,8 +156,10 @@ class Supervisor:
 
     # --- the feed: the hub's tap ------------------------------------------------------
 
-    def entry(self, channel: Channel, e: Entry, publisher_id: bool) -> None:
-        self._push((feed.ENTRY, channel.name, e, publisher_id))
+    def entry(
+        self, channel: Channel, e: Entry, publisher_id: bool, exclude: tuple[str, ...]
+    ) -> None:
+        self._push((feed.ENTRY, channel.name, e, publisher_id, exclude))
 
     def member(self, channel: Channel) -> None:
         self._push((feed.MEMBER, channel.name, channel.history.evicted_seq))
@@ -231,6 +239,14 @@ class Supervisor:
                 if op[1] == self._ping_n:
                     slot.last_pong = asyncio.get_running_loop().time()
                 slot.connections = op[2]
+            elif kind == feed.JOIN:
+                _, channel, session, meta, presence = op
+                slot.sessions[(channel, session)] = (meta, presence)
+                self.reporter.join(channel, session, meta, presence)
+            elif kind == feed.LEAVE:
+                _, channel, session, meta, reason, presence = op
+                if slot.sessions.pop((channel, session), None) is not None:
+                    self.reporter.leave(channel, session, meta, reason, presence)
             elif kind == feed.HOLD:
                 self._hold(slot, op[1], op[2])
             elif kind == feed.RELEASE:
@@ -307,6 +323,9 @@ class Supervisor:
         self, slot: _Slot, proc: asyncio.subprocess.Process, link: FrameProtocol
     ) -> None:
         code = await proc.wait()
+        # What it said before it exited (its streams' unsubscribes) is read first.
+        await asyncio.wait({link.lost}, timeout=1.0)
+        self._sessions_gone(slot)
         if link.transport is not None:
             link.transport.close()
         slot.link = None
@@ -343,6 +362,12 @@ class Supervisor:
                 await self._spawn(slot)
             except OSError as exc:
                 log.error("worker restart failed worker=%d error=%s", slot.index, exc)
+
+    def _sessions_gone(self, slot: _Slot) -> None:
+        """A worker exited: every stream it had not reported ended did end with it."""
+        for (channel, session), (meta, presence) in slot.sessions.items():
+            self.reporter.leave(channel, session, meta, "worker_exit", presence)
+        slot.sessions.clear()
 
     def _check_ready(self) -> None:
         if all(s.ready for s in self.slots):
@@ -458,6 +483,7 @@ class Supervisor:
             await web.SockSite(self._admin_runner, sock).start()
             log.info("admin listening host=%s port=%d", self.config.admin.host, self.admin_port)
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
+        self.reporter.start()
         self.hub.start_heartbeat()  # in main: the members' grace sweeps
         self._boot = loop.create_future()
         for slot in self.slots:
@@ -505,6 +531,12 @@ class Supervisor:
                         proc.kill()
             if late:
                 await asyncio.wait(late, timeout=5)
+        links = {s.link.lost for s in self.slots if s.link is not None}
+        if links:
+            await asyncio.wait(links, timeout=1.0)
+        for slot in self.slots:
+            self._sessions_gone(slot)
+        await self.reporter.close(self.config.shutdown_timeout)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ssehub.sessions import SESSION_EVENT
+
 __all__ = ["Event", "SSEClient", "http_request", "open_stream", "wait_until"]
 
 
@@ -94,6 +96,7 @@ class SSEClient:
         self.headers: dict[str, str] = {}
         self.body = b""  # de-chunked body bytes received so far
         self.events: list[Event] = []
+        self.sessions: list[str] = []  # ssehub-session events' data, in order
         self.parser = _Parser()
         self.eof = False
         self._chunked = False
@@ -165,8 +168,19 @@ class SSEClient:
         self._raw += data
         payload = self._decode()
         self.body += payload
-        self.events += self.parser.feed(payload.decode("utf-8"))
+        for ev in self.parser.feed(payload.decode("utf-8")):
+            # The stream's session id (first thing in every stream) is kept apart,
+            # so that ``events`` holds what the channels carried.
+            if ev.event == SESSION_EVENT:
+                self.sessions.append(ev.data)
+            else:
+                self.events.append(ev)
         return True
+
+    @property
+    def session(self) -> str:
+        """The session id the hub gave this stream ("" before it arrived)."""
+        return self.sessions[0] if self.sessions else ""
 
     async def read_until(self, predicate: object, timeout: float = 5.0) -> None:
         """Read until ``predicate(self)`` holds; AssertionError on deadline or EOF."""

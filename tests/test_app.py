@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import redis.asyncio as aioredis
 
@@ -20,7 +21,12 @@ async def test_stream_headers_and_first_bytes(start_hub: StartHub) -> None:
         assert client.headers["x-accel-buffering"] == "no"
         assert client.headers["transfer-encoding"] == "chunked"
         await client.read_until(lambda c: c.parser.last_id)
-        assert client.body == b"retry: 2500\n\nid: %s-0\n\n" % hub.hub.epoch.encode()
+        # The session id comes first, with no id of its own (Last-Event-ID is untouched).
+        assert re.fullmatch(r"[A-Za-z0-9_-]{8}\.[0-9a-z]+", client.session)
+        assert client.body == b"retry: 2500\n\nevent: ssehub-session\ndata: %s\n\nid: %s-0\n\n" % (
+            client.session.encode(),
+            hub.hub.epoch.encode(),
+        )
     finally:
         await client.close()
 
@@ -97,7 +103,7 @@ async def test_multiline_payloads_arrive_byte_for_byte(
         assert (
             client.body
             == (
-                f"retry: 3000\n\nid: {e}-0\n\n"
+                f"retry: 3000\n\nevent: ssehub-session\ndata: {client.session}\n\nid: {e}-0\n\n"
                 f"id: {e}-1\ndata: one\ndata: two\n\n"
                 f"id: {e}-2\ndata: crlf\ndata: line\n\n"
                 f"id: {e}-3\ndata: lone\ndata: cr\n\n"
@@ -244,7 +250,8 @@ async def test_http10_client_gets_an_unchunked_stream(
         await redis_client.publish("chat", "plain")
         await client.next_events(1)
         e = hub.hub.epoch.encode()
-        assert client.body == b"retry: 3000\n\nid: %s-0\n\nid: %s-1\ndata: plain\n\n" % (e, e)
+        head = b"retry: 3000\n\nevent: ssehub-session\ndata: %s\n\n" % client.session.encode()
+        assert client.body == head + b"id: %s-0\n\nid: %s-1\ndata: plain\n\n" % (e, e)
     finally:
         await client.close()
 

@@ -213,9 +213,13 @@ async def test_events_stream_through_nginx_unbuffered(
         await wait_until(lambda: len(hub.hub.channels["chat"]) == 1)
         # One small event, then silence: it arrives only if nginx does not buffer.
         await redis_client.publish("chat", "through the proxy")
-        lines = [await asyncio.to_thread(resp.readline) for _ in range(6)]
+        lines = [await asyncio.to_thread(resp.readline) for _ in range(9)]
         epoch = hub.hub.epoch.encode()
+        assert lines[2].startswith(b"data: ")
         assert lines == [
+            b"\n",
+            b"event: ssehub-session\n",  # the stream's session id
+            lines[2],
             b"\n",
             b"id: %s-0\n" % epoch,  # the stream's position marker
             b"\n",

@@ -51,6 +51,7 @@ class CountingReader(asyncio.Protocol):
         self.trailer = 0  # CRLF bytes left after the current chunk's payload
         self.partial = b""  # an SSE line not yet complete
         self.count = 0
+        self.in_session = False
         self.in_order = True
         self.framing_ok = True
         self.lost = False
@@ -103,7 +104,11 @@ class CountingReader(asyncio.Protocol):
         lines = (self.partial + text).split(b"\n")
         self.partial = lines.pop()
         for line in lines:
-            if line.startswith(b"data: "):
+            if line == b"event: ssehub-session":
+                self.in_session = True  # its data line is the stream's session id
+            elif line.startswith(b"data: ") and self.in_session:
+                self.in_session = False
+            elif line.startswith(b"data: "):
                 if int(line[6:14]) != self.count:
                     self.in_order = False
                 self.count += 1
