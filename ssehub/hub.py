@@ -475,6 +475,11 @@ class Hub:
         self.drop_idle_members(time.monotonic())
 
     @property
+    def catching_up(self) -> int:
+        """Streams still replaying what they missed (not yet live)."""
+        return len(self._catching_up)
+
+    @property
     def upstream_ready(self) -> bool:
         """Subscribed to every pub/sub channel, and reading every stream channel."""
         if self.broker is not None and not self.broker.ready:

@@ -13,7 +13,7 @@ from ssehub.messages import Rejected, parse, parse_juggernaut
 from ssehub.sessions import SessionIds
 
 from .conftest import StartHub
-from .sseclient import SSEClient, open_stream
+from .sseclient import SSEClient, open_stream, wait_until
 
 CHANNELS = {"chat": {"format": "json"}, "news": {"format": "json"}}
 
@@ -193,3 +193,29 @@ async def test_history_keeps_excepted_events_for_resumes(
         assert [e.data for e in await again.next_events(2)] == ["mine", "end"]
     finally:
         await again.close()
+
+
+async def test_a_stream_still_catching_up_skips_an_event_that_excepts_it(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """The excluded stream is in the middle of a long replay (it does not read): the
+    event is kept out of what it reads next, not only out of its live group."""
+    hub = await start_hub({"chat": {"format": "json", "history": 200}})
+    big = "x" * 60_000
+    for i in range(200):  # 12 MB of history: more than the kernel's socket buffers
+        await redis_client.publish("chat", publish(f"{i} {big}"))
+    await wait_until(lambda: len(hub.hub.channels["chat"].history) == 200, timeout=10)
+    headers = {"Last-Event-ID": f"{hub.hub.epoch}-0"}
+    slow = await SSEClient.connect(hub.port, "/channels/chat", headers)
+    other = await open_stream(hub.port, "/channels/chat")
+    try:
+        await slow.read_until(lambda c: c.session)  # its id, then it stops reading
+        await wait_until(lambda: hub.hub.catching_up == 1)
+        await redis_client.publish("chat", publish("not for slow", slow.session))
+        await redis_client.publish("chat", publish("for all"))
+        assert [e.data for e in await other.next_events(2)] == ["not for slow", "for all"]
+        events = await slow.next_events(201, timeout=20)
+        data = [e.data.split(" ")[0] if e.data.endswith(big) else e.data for e in events]
+        assert data == [str(i) for i in range(200)] + ["for all"]
+    finally:
+        await close(slow, other)
