@@ -35,6 +35,7 @@ from redis.connection import parse_url
 
 from .config import RedisConfig
 from .logs import fields
+from .waiters import Waiters
 
 __all__ = ["Broker", "BrokerState"]
 
@@ -215,7 +216,7 @@ class Broker:
         self._awaiting: set[bytes] = set()
         self._all_confirmed: asyncio.Future[None] | None = None
         # One future per channel someone awaits (shared, never one per stream).
-        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._waiters = Waiters()
 
     @property
     def channels(self) -> list[str]:
@@ -245,9 +246,7 @@ class Broker:
             else:
                 self._remove.add(c)
             self.subscribed.discard(c)
-            waiter = self._waiters.pop(c, None)
-            if waiter is not None:
-                waiter.cancel()
+            self._waiters.forget(c)
         self._schedule_flush()
 
     def set_channels(self, channels: Iterable[str | bytes]) -> None:
@@ -258,20 +257,7 @@ class Broker:
 
     async def wait_subscribed(self, channels: Iterable[bytes], timeout: float) -> bool:
         """True once Redis confirmed every one of ``channels``; False after ``timeout``."""
-        missing = [c for c in channels if c not in self.subscribed]
-        if not missing:
-            return True
-        loop = asyncio.get_running_loop()
-        futures = set()
-        for c in missing:
-            waiter = self._waiters.get(c)
-            if waiter is None:
-                waiter = self._waiters[c] = loop.create_future()
-            futures.add(waiter)
-        # asyncio.wait, not await: cancelling one waiting stream must not cancel
-        # the future other streams share.
-        await asyncio.wait(futures, timeout=timeout)
-        return all(c in self.subscribed for c in missing)
+        return await self._waiters.wait(channels, self.subscribed.__contains__, timeout)
 
     def _schedule_flush(self) -> None:
         if self._flush_scheduled or not (self._add or self._remove):
@@ -322,9 +308,7 @@ class Broker:
             self.subscribed.discard(channel)
             return
         self.subscribed.add(channel)
-        waiter = self._waiters.pop(channel, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._waiters.wake(channel)
 
     @property
     def ready(self) -> bool:

@@ -197,9 +197,7 @@ class ClusterBroker(Broker):
             return
         self.subscribed.add(channel)
         self._pending.discard(channel)
-        waiter = self._waiters.pop(channel, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._waiters.wake(channel)
         self._maybe_up()
 
     def _lost(self, node: _Node, channel: bytes) -> None:

@@ -79,30 +79,30 @@ class HubCollector(Collector):
         yield per_channel
 
         families = sorted(n for n, c in hub.config.channels.items() if c.family)
-        members = GaugeMetricFamily(
-            "ssehub_family_members",
-            "Live members per family (subscribed in Redis, with browsers or in grace).",
-            labels=["family"],
-        )
-        for name in families:
-            members.add_metric([name], hub.members[name])
-        yield members
-        refused = CounterMetricFamily(
-            "ssehub_family_members_refused",
-            "New members turned away over limits.max_members, per family.",
-            labels=["family"],
-        )
-        for name in families:
-            refused.add_metric([name], stats.members_refused[name])
-        yield refused
-        dropped = CounterMetricFamily(
-            "ssehub_family_members_dropped",
-            "Members unsubscribed after their grace period, per family.",
-            labels=["family"],
-        )
-        for name in families:
-            dropped.add_metric([name], stats.members_dropped[name])
-        yield dropped
+        for kind, name, doc, counts in (
+            (
+                GaugeMetricFamily,
+                "ssehub_family_members",
+                "Live members per family (subscribed in Redis, with browsers or in grace).",
+                hub.members,
+            ),
+            (
+                CounterMetricFamily,
+                "ssehub_family_members_refused",
+                "New members turned away over limits.max_members, per family.",
+                stats.members_refused,
+            ),
+            (
+                CounterMetricFamily,
+                "ssehub_family_members_dropped",
+                "Members unsubscribed after their grace period, per family.",
+                stats.members_dropped,
+            ),
+        ):
+            family = kind(name, doc, labels=["family"])
+            for member_family in families:
+                family.add_metric([member_family], counts[member_family])
+            yield family
 
         yield _per_channel(
             "ssehub_connections_opened",

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from .broker import BrokerState
 from .config import RedisConfig
 from .logs import fields
+from .waiters import Waiters
 
 __all__ = ["Entry", "StreamReader", "parse_stream_id"]
 
@@ -105,7 +106,7 @@ class StreamReader:
         # Wanted streams whose start has not been read yet.
         self._pending: set[bytes] = set()
         self._changed = asyncio.Event()
-        self._waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._waiters = Waiters()
         self._control: aioredis.Redis | None = None
         self._reader_id: int | None = None
         self._blocked = False
@@ -136,9 +137,7 @@ class StreamReader:
             if k in self._pending:
                 self._pending.discard(k)
                 changed = True
-            waiter = self._waiters.pop(k, None)
-            if waiter is not None:
-                waiter.cancel()
+            self._waiters.forget(k)
         if changed:
             self._wake()
 
@@ -154,18 +153,7 @@ class StreamReader:
 
     async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool:
         """True once every one of ``keys`` is live; False after ``timeout``."""
-        missing = [k for k in keys if k not in self.positions]
-        if not missing:
-            return True
-        loop = asyncio.get_running_loop()
-        futures = set()
-        for k in missing:
-            waiter = self._waiters.get(k)
-            if waiter is None:
-                waiter = self._waiters[k] = loop.create_future()
-            futures.add(waiter)
-        await asyncio.wait(futures, timeout=timeout)  # never cancels the shared futures
-        return all(k in self.positions for k in missing)
+        return await self._waiters.wait(keys, self.positions.__contains__, timeout)
 
     @property
     def ready(self) -> bool:
@@ -319,9 +307,7 @@ class StreamReader:
             entries = list(reversed(newest_first or []))
             self.positions[key] = entries[-1][0] if entries else b"0-0"
             self._on_start(key, entries)
-            waiter = self._waiters.pop(key, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._waiters.wake(key)
 
     async def _read_once(self, reader: aioredis.Redis, control: aioredis.Redis) -> None:
         self._changed.clear()
