@@ -23,7 +23,7 @@ from .config import Config, ConfigError, load
 from .hub import Hub
 from .logs import enable_access_log, fields
 from .metrics import Metrics
-from .streams import StreamReader
+from .streams import StreamReader, StreamSource
 from .systemd import Notifier
 
 __all__ = ["RESTART_ONLY", "HubServer", "reload_hub", "run", "serve"]
@@ -56,6 +56,7 @@ class HubServer:
         *,
         hub: Hub | None = None,
         broker: Broker | None = None,
+        streams: StreamSource | None = None,
         reuse_port: bool = False,
     ) -> None:
         self.config = config
@@ -70,8 +71,9 @@ class HubServer:
         )
         self._reuse_port = reuse_port
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
-        # Stream channels: one reader for all of them (it connects once one is wanted).
-        self.streams = StreamReader(
+        # Stream channels: one reader for all of them (it connects once one is wanted);
+        # a worker brings its own stream side (main reads: see worker.py).
+        self.streams: StreamSource = streams or StreamReader(
             config.redis,
             self.hub.stream_entries,
             self.hub.stream_started,
