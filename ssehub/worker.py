@@ -1,11 +1,14 @@
 """One worker process: the HTTP app and the fan-out, fed by the node's main process.
 
-A worker holds no Redis connection. Its hub takes numbered entries from the feed
-(``feed.py``) instead of numbering messages itself, so ids and history are the
-node's: a browser that reconnects to another worker of the node resumes exactly.
-``FeedBroker`` stands where the Broker stands in a single-process hub: it reads the
-feed, reports the node's Redis state, and tells streams when a new family member is
-live (main subscribes it, for the whole node).
+A worker subscribes to nothing and reads no stream. Its hub takes numbered entries
+from the feed (``feed.py``) instead of numbering messages itself, so ids and history
+are the node's: a browser that reconnects to another worker of the node resumes
+exactly. ``FeedBroker`` stands where the Broker stands in a single-process hub: it
+reads the feed, reports the node's Redis state, and tells streams when a new family
+member is live (main subscribes it, for the whole node). ``FeedStreams`` stands
+where the StreamReader stands: main reads the streams and says from where; the one
+Redis connection a worker may open is for clients of stream channels that resume
+from further back than the cache (``XRANGE``).
 
 Started by the supervisor as ``python -m ssehub.worker FD``: ``FD`` is its end of a
 socketpair; the first frame on it is the snapshot (config, ids, history) it serves

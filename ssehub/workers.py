@@ -1,7 +1,8 @@
 """``workers: N``: the node's main process, supervising N workers that share the port.
 
 The main process owns no HTTP stream. It is the node's core: it holds the Redis
-subscription (the Broker) and runs the hub's ingest -- each message parsed, encoded
+subscription (the Broker) and the stream reader (stream channels' entries, with each
+stream's position), and runs the hub's ingest -- each message parsed, encoded
 and numbered once, the node's history kept -- and feeds every numbered entry to every
 worker over its socketpair (``feed.py``), one frame per event-loop iteration. Workers
 (``worker.py``) run the HTTP app and the fan-out from that feed, so ids and history are
