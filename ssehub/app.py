@@ -194,7 +194,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     hub.stats.closed["channel_removed"] += 1
                     return await _end(resp)
                 await resp.write(sse.comment())
-        await hub.caught_up(last_event_id)
+        await hub.caught_up(last_event_id, channels, mux)
         transport = stream_transport(request)
         if transport is None:
             return resp

@@ -640,12 +640,6 @@ def _validate(obj: Any, path: str, source: str) -> None:
                     "stream channels need one Redis (redis.url or redis.sentinel) for now, "
                     "not redis.cluster",
                 )
-            if ch.stream and obj.workers > 1:
-                raise ConfigError(
-                    source,
-                    f"channels.{ch.name}.stream",
-                    "stream channels run in one process for now: workers must be 1",
-                )
             if ch.rewind > obj.limits.max_rewind:
                 raise ConfigError(
                     source,

@@ -42,6 +42,8 @@ __all__ = [
     "SNAPSHOT",
     "STATE",
     "STATS",
+    "STREAM",
+    "STREAMS",
     "FrameProtocol",
     "FrameReader",
     "Op",
@@ -60,6 +62,10 @@ LIVE = "l"  # (LIVE, redis channel): Redis confirmed a member's subscription
 OUTAGE = "o"  # (OUTAGE, seq): Redis was away; positions before seq get a gap
 STATE = "s"  # (STATE, BrokerState value, reconnects)
 CONFIG = "c"  # (CONFIG, Config): a reload
+# (STREAM, key, entry id, started): main reads stream ``key`` on from this entry id (its
+# entries up to it came before); started: it just began reading it (the key is live)
+STREAM = "v"
+STREAMS = "w"  # (STREAMS, BrokerState value): the state of main's stream reader
 SNAPSHOT = "n"  # (SNAPSHOT, dict): the node's state, first frame to a new worker
 REFUSED = "r"  # (REFUSED, token): a HOLD the node turned away
 PING = "p"  # (PING, n)

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .broker import Broker
     from .sessions import Roster
     from .streams import Entry as StreamEntry
-    from .streams import StreamReader
+    from .streams import StreamSource
 
 
 class Tap(Protocol):
@@ -208,7 +208,7 @@ class Hub:
         # The Redis side, told what to follow (set by the server): pub/sub channels
         # through the broker, stream channels through the stream reader.
         self.broker: Broker | None = None
-        self.streams: StreamReader | None = None
+        self.streams: StreamSource | None = None
         # Keyed by the raw Redis channel name, as the broker reads it off the wire,
         # and by stream key.
         self._by_redis: dict[bytes, list[Channel]] = {}
@@ -266,7 +266,7 @@ class Hub:
     def _index(self, channel: Channel) -> dict[bytes, list[Channel]]:
         return self._by_stream if channel.stream else self._by_redis
 
-    def _upstream(self, channel: Channel) -> Broker | StreamReader | None:
+    def _upstream(self, channel: Channel) -> Broker | StreamSource | None:
         return self.streams if channel.stream else self.broker
 
     def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:
@@ -615,6 +615,8 @@ class Hub:
         """
         channel.history.append(new, publisher_id=publisher_id)
         channel.last_seq = new[SEQ]
+        if channel.stream:  # (a worker's stream channels move on with their feed)
+            channel.stream_pos = new[ID]
         if self.tap is not None:
             self.tap.entry(channel, new, publisher_id, exclude)
         if exclude:
@@ -902,7 +904,9 @@ class Hub:
         replay.last_id = self._position(sub.channels, mux)
         return self._start_replay(replay, b"")
 
-    async def caught_up(self, last_event_id: str | None) -> None:
+    async def caught_up(
+        self, last_event_id: str | None, channels: Sequence[Channel] = (), mux: bool = False
+    ) -> None:
         """Returns once this hub has taken in everything up to ``last_event_id``
         (at once here; a worker may still be receiving it from its node's feed)."""
 

@@ -25,7 +25,7 @@ from .logs import enable_access_log, fields
 from .metrics import Metrics
 from .presence import Reporter
 from .sessions import Roster
-from .streams import StreamReader
+from .streams import StreamReader, StreamSource
 from .systemd import Notifier
 
 __all__ = ["RESTART_ONLY", "HubServer", "reload_hub", "run", "serve"]
@@ -58,6 +58,7 @@ class HubServer:
         *,
         hub: Hub | None = None,
         broker: Broker | None = None,
+        streams: StreamSource | None = None,
         reuse_port: bool = False,
     ) -> None:
         self.config = config
@@ -78,8 +79,9 @@ class HubServer:
         if hub is None:
             self.reporter = Reporter(config)
             self.hub.roster = Roster(self.reporter, config.events.enabled)
-        # Stream channels: one reader for all of them (it connects once one is wanted).
-        self.streams = StreamReader(
+        # Stream channels: one reader for all of them (it connects once one is wanted);
+        # a worker brings its own stream side (main reads: see worker.py).
+        self.streams: StreamSource = streams or StreamReader(
             config.redis,
             self.hub.stream_entries,
             self.hub.stream_started,

@@ -21,7 +21,7 @@ import logging
 import random
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -35,7 +35,7 @@ from .config import RedisConfig
 from .logs import fields
 from .waiters import Waiters
 
-__all__ = ["Entry", "StreamReader", "parse_stream_id"]
+__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource", "connect", "parse_stream_id"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,146 @@ async def _close(*clients: aioredis.Redis) -> None:
     except asyncio.CancelledError:
         await closing
         raise
+
+
+def connect(
+    config: RedisConfig, socket_timeout: float | None, sentinels: list[aioredis.Redis]
+) -> aioredis.Redis:
+    """A single-connection client to the Redis that holds the streams (with Sentinel:
+    the master as the sentinels name it now; their connections go to ``sentinels``,
+    for the caller to close with the client)."""
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": config.connect_timeout,
+        "retry": Retry(NoBackoff(), 0),  # reconnects are the caller's job, with backoff
+    }
+    sentinel = config.sentinel
+    if sentinel is None:
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            config.url, single_connection_client=True, **options
+        )
+        return client
+    # The master as the sentinels name it now: after a failover the session ends
+    # (the old master is gone or read-only) and the next one asks them again. The
+    # credentials and db of redis.url, if any, are the master's.
+    params = parse_url(config.url)  # type: ignore[no-untyped-call]
+    options.update({k: params[k] for k in ("username", "password", "db") if k in params})
+    finder = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel.addresses(), socket_timeout=config.connect_timeout
+    )
+    sentinels.extend(finder.sentinels)
+    pool = SentinelConnectionPool(sentinel.master, finder, **options)  # type: ignore[no-untyped-call]
+    client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+    client.auto_close_connection_pool = True  # aclose() closes the pool it owns
+    return client
+
+
+class StreamSource(Protocol):
+    """The stream side as the hub and the HTTP app use it: a ``StreamReader``, or a
+    worker's (``worker.FeedStreams``: its node's main process reads the streams)."""
+
+    @property
+    def ready(self) -> bool: ...
+    def want(self, keys: Iterable[bytes]) -> None: ...
+    def drop(self, keys: Iterable[bytes]) -> None: ...
+    def set_streams(self, keys: Iterable[bytes]) -> None: ...
+    async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool: ...
+    async def read_range(
+        self, key: bytes, after: bytes, until: bytes, count: int
+    ) -> list[Entry]: ...
+    async def first_id(self, key: bytes) -> bytes | None: ...
+    async def run(self) -> None: ...
+
+
+class StreamReplays:
+    """``XRANGE`` for resuming clients, without reading any stream (a worker's: its
+    node's main process reads the streams and feeds it the entries).
+
+    One connection, opened by the first replay that needs it and kept. A kept one
+    that fails is tried again once on a fresh connection (Redis restarted while it
+    idled); a failed connect makes replays fail at once for ``reconnect_min`` seconds
+    rather than each trying Redis again (their clients come back later). At most
+    ``MAX_REPLAY_READS`` round trips in flight, as a ``StreamReader``'s. Cancel
+    ``run()`` to close it.
+    """
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self._client: aioredis.Redis | None = None
+        self._sentinels: list[aioredis.Redis] = []
+        self._opening = asyncio.Lock()
+        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+        self._failed_until = 0.0
+
+    async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
+        """As ``StreamReader.read_range``."""
+        async with self._replays:
+            entries = await self._xrange(key, b"(" + after, until, count)
+        return typing.cast(list[Entry], entries)
+
+    async def first_id(self, key: bytes) -> bytes | None:
+        """As ``StreamReader.first_id``."""
+        async with self._replays:
+            entries = await self._xrange(key, b"-", b"+", 1)
+        return typing.cast(bytes, entries[0][0]) if entries else None
+
+    async def _xrange(self, key: bytes, start: bytes, end: bytes, count: int) -> Any:
+        retry = True
+        while True:
+            client, fresh = await self._connection()
+            try:
+                return await client.xrange(key, start, end, count=count)
+            except (RedisError, OSError) as exc:
+                await self._drop(client, str(exc) or type(exc).__name__)
+                if fresh or not retry:
+                    raise RedisError(f"stream replay failed: {exc}") from exc
+                retry = False  # a kept connection that died idle: once more, on a new one
+
+    async def _connection(self) -> tuple[aioredis.Redis, bool]:
+        """The connection, and whether it was opened just now."""
+        if self._client is not None:
+            return self._client, False
+        async with self._opening:  # one connect at a time; the others use its result
+            return await self._open()
+
+    async def _open(self) -> tuple[aioredis.Redis, bool]:
+        if self._client is not None:
+            return self._client, False
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._failed_until:
+            raise RedisError("redis replay connection is down")
+        cfg = self.config
+        client = connect(cfg, cfg.connect_timeout + cfg.health_check_timeout, self._sentinels)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            self._failed_until = loop.time() + cfg.reconnect_min
+            sentinels, self._sentinels = self._sentinels, []
+            await _close(client, *sentinels)
+            why = str(exc) or type(exc).__name__
+            log.warning("redis replays unavailable", extra=fields(reason=why))
+            raise RedisError(f"redis replay connection failed: {exc}") from exc
+        self._client = client
+        log.info("redis replays connected")
+        return client, True
+
+    async def _drop(self, client: aioredis.Redis, why: str) -> None:
+        if self._client is not client:
+            return  # another replay dropped it already
+        self._client = None
+        log.warning("redis replays connection lost", extra=fields(reason=why))
+        sentinels, self._sentinels = self._sentinels, []
+        await _close(client, *sentinels)
+
+    async def run(self) -> None:
+        """Hold the connection until cancelled, then close it."""
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            client, self._client = self._client, None
+            sentinels, self._sentinels = self._sentinels, []
+            if client is not None:
+                await _close(client, *sentinels)
 
 
 class StreamReader:
@@ -206,30 +346,7 @@ class StreamReader:
             self._unblocker = None
 
     def _client(self, socket_timeout: float | None) -> aioredis.Redis:
-        options: dict[str, Any] = {
-            "socket_timeout": socket_timeout,
-            "socket_connect_timeout": self.config.connect_timeout,
-            "retry": Retry(NoBackoff(), 0),  # reconnects are this loop's job, with backoff
-        }
-        sentinel = self.config.sentinel
-        if sentinel is None:
-            client: aioredis.Redis = aioredis.Redis.from_url(
-                self.config.url, single_connection_client=True, **options
-            )
-            return client
-        # The master as the sentinels name it now: after a failover the session ends
-        # (the old master is gone or read-only) and the next one asks them again. The
-        # credentials and db of redis.url, if any, are the master's.
-        params = parse_url(self.config.url)  # type: ignore[no-untyped-call]
-        options.update({k: params[k] for k in ("username", "password", "db") if k in params})
-        finder = Sentinel(  # type: ignore[no-untyped-call]
-            sentinel.addresses(), socket_timeout=self.config.connect_timeout
-        )
-        self._sentinels.extend(finder.sentinels)  # closed with the session
-        pool = SentinelConnectionPool(sentinel.master, finder, **options)  # type: ignore[no-untyped-call]
-        client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
-        client.auto_close_connection_pool = True  # aclose() closes the pool it owns
-        return client
+        return connect(self.config, socket_timeout, self._sentinels)
 
     async def run(self) -> None:
         """Connect, read forever, reconnect with capped jittered backoff."""

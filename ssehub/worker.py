@@ -1,11 +1,14 @@
 """One worker process: the HTTP app and the fan-out, fed by the node's main process.
 
-A worker holds no Redis connection. Its hub takes numbered entries from the feed
-(``feed.py``) instead of numbering messages itself, so ids and history are the
-node's: a browser that reconnects to another worker of the node resumes exactly.
-``FeedBroker`` stands where the Broker stands in a single-process hub: it reads the
-feed, reports the node's Redis state, and tells streams when a new family member is
-live (main subscribes it, for the whole node).
+A worker subscribes to nothing and reads no stream. Its hub takes numbered entries
+from the feed (``feed.py``) instead of numbering messages itself, so ids and history
+are the node's: a browser that reconnects to another worker of the node resumes
+exactly. ``FeedBroker`` stands where the Broker stands in a single-process hub: it
+reads the feed, reports the node's Redis state, and tells streams when a new family
+member is live (main subscribes it, for the whole node). ``FeedStreams`` stands
+where the StreamReader stands: main reads the streams and says from where; the one
+Redis connection a worker may open is for clients of stream channels that resume
+from further back than the cache (``XRANGE``).
 
 Started by the supervisor as ``python -m ssehub.worker FD``: ``FD`` is its end of a
 socketpair; the first frame on it is the snapshot (config, ids, history) it serves
@@ -20,23 +23,25 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import feed, logs
 from .broker import Broker, BrokerState
 from .channel import Channel
-from .config import Config
+from .config import Config, RedisConfig
 from .families import Family
 from .feed import FrameProtocol, FrameReader, Op
 from .hub import Hub
 from .metrics import Metrics
+from .resume import split_mux_id
 from .server import HubServer
 from .sessions import Roster
+from .streams import StreamReplays, parse_stream_id
 from .subscriber import Subscriber
 from .systemd import Notifier
 
-__all__ = ["FeedBroker", "FeedSink", "WorkerHub", "main"]
+__all__ = ["FeedBroker", "FeedSink", "FeedStreams", "WorkerHub", "main"]
 
 log = logging.getLogger("ssehub.worker")  # also when run as __main__
 
@@ -109,6 +114,17 @@ class WorkerHub(Hub):
         """True while a channel fed by ``redis_channel`` lives here."""
         return redis_channel in self._by_redis
 
+    def serves_stream(self, key: bytes) -> bool:
+        """True while a stream channel of stream ``key`` lives here."""
+        return key in self._by_stream
+
+    def stream_at(self, key: bytes, position: str, started: bool) -> None:
+        """Main reads ``key`` on from ``position`` (entries it rejected move it too)."""
+        for channel in self._by_stream.get(key, ()):
+            channel.stream_pos = position
+            if started:  # as Hub.stream_started: no subscriber here has seen anything yet
+                channel.flushed_pos = position
+
     def refused(self, token: int) -> None:
         """Main turned a HOLD away (over ``max_members``, or unknown after a reload)."""
         channel = self._held.pop(token, None)
@@ -128,19 +144,38 @@ class WorkerHub(Hub):
             return True
         return super().subscribe(sub, last_event_id, mux, rewind)
 
-    async def caught_up(self, last_event_id: str | None) -> None:
+    async def caught_up(
+        self, last_event_id: str | None, channels: Sequence[Channel] = (), mux: bool = False
+    ) -> None:
         """Wait (at most ``_CATCH_UP`` s) until this worker's feed has reached the node
-        position ``last_event_id`` names: a client that saw it on a quicker worker must
-        not get a gap here for what is merely still on its way."""
-        ahead = self._ahead(last_event_id)
-        if not ahead:
+        position ``last_event_id`` names, and each stream channel's entry id in it: a
+        client that saw it on a quicker worker must not get a gap here for what is
+        merely still on its way."""
+        if last_event_id is None or not self._behind(last_event_id, channels, mux):
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _CATCH_UP
-        while self.seq < ahead and loop.time() < deadline:
+        while self._behind(last_event_id, channels, mux) and loop.time() < deadline:
             if self._advanced is None or self._advanced.done():
                 self._advanced = loop.create_future()
             await asyncio.wait({self._advanced}, timeout=deadline - loop.time())
+
+    def _behind(self, last_event_id: str, channels: Sequence[Channel], mux: bool) -> bool:
+        if self._ahead(last_event_id) > self.seq:
+            return True
+        streams = sorted((c for c in channels if c.stream), key=lambda c: c.name)
+        if not streams:
+            return False
+        positions: list[str] | None = [last_event_id]
+        if mux:
+            _, positions = split_mux_id(last_event_id, len(streams))
+        if positions is None or len(positions) != len(streams):
+            return False
+        for channel, position in zip(streams, positions, strict=True):
+            wanted, at = parse_stream_id(position), parse_stream_id(channel.stream_pos)
+            if wanted is not None and at is not None and wanted > at:
+                return True
+        return False
 
     def _ahead(self, last_event_id: str | None) -> int:
         """The position of ``last_event_id`` when it is the node's and past this worker's."""
@@ -158,6 +193,59 @@ class WorkerHub(Hub):
             self._advanced.set_result(None)
 
 
+class FeedStreams(StreamReplays):
+    """The worker's stream side: main reads the streams (one reader for the node) and
+    feeds their entries in order with the rest; it tells which streams it reads, from
+    where, so that streams here wait for that as a single process waits for its
+    reader. Clients resuming from further back than the cache read ``XRANGE`` pages
+    over this worker's own replay connection (``StreamReplays``), opened on first use.
+    """
+
+    def __init__(self, config: RedisConfig, hub: WorkerHub) -> None:
+        super().__init__(config)
+        self.hub = hub
+        self.state = BrokerState.CONNECTING  # main's stream reader's
+        # Streams main reads, each from a position this worker has.
+        self.live: set[bytes] = set()
+        self._changed: asyncio.Future[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BrokerState.UP
+
+    # Main follows the streams of the node's channels and members.
+    def want(self, keys: Iterable[bytes]) -> None:
+        pass
+
+    def drop(self, keys: Iterable[bytes]) -> None:
+        pass
+
+    def set_streams(self, keys: Iterable[bytes]) -> None:
+        pass
+
+    async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool:
+        """True once main reads every one of ``keys`` (or a stream's member is gone,
+        so that the stream ends instead of waiting); False after ``timeout``."""
+        wanted = list(keys)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._settled(wanted):
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            if self._changed is None or self._changed.done():
+                self._changed = loop.create_future()
+            await asyncio.wait({self._changed}, timeout=left)
+        return True
+
+    def _settled(self, keys: list[bytes]) -> bool:
+        return all(k in self.live for k in keys) or not all(self.hub.serves_stream(k) for k in keys)
+
+    def wake(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+
+
 class FeedBroker(Broker):
     """The worker's input: the node's feed, read like the broker reads Redis."""
 
@@ -171,6 +259,7 @@ class FeedBroker(Broker):
         # Redis channels of members main confirmed live (it subscribes for the node).
         self.live: set[bytes] = set()
         self._changed: asyncio.Future[None] | None = None
+        self.streams = FeedStreams(config.redis, hub)
 
     # The node's broker (in main) follows members; a worker's hub asks main instead.
     def want(self, channels: Any) -> None:
@@ -205,6 +294,7 @@ class FeedBroker(Broker):
     def _wake(self) -> None:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
+        self.streams.wake()
 
     async def connect(self, reader: FrameReader) -> None:
         """Take the feed socket over (``reader`` holds what came after the snapshot)."""
@@ -246,9 +336,20 @@ class FeedBroker(Broker):
             hub.add_member(op[1], op[2])
         elif kind == feed.REMOVED:
             channel = hub.remove_member(op[1])
-            if channel is not None and not hub.serves(channel.redis):
+            if channel is not None and channel.stream:
+                if not hub.serves_stream(channel.redis):
+                    self.streams.live.discard(channel.redis)
+            elif channel is not None and not hub.serves(channel.redis):
                 self.live.discard(channel.redis)
             self._wake()
+        elif kind == feed.STREAM:
+            hub.stream_at(op[1], op[2], op[3])
+            if op[3]:
+                self.streams.live.add(op[1])
+                self.streams.wake()
+        elif kind == feed.STREAMS:
+            self.streams.state = BrokerState(op[1])
+            self.streams.wake()
         elif kind == feed.LIVE:
             self.live.add(op[1])
             self._wake()
@@ -260,6 +361,7 @@ class FeedBroker(Broker):
                 self._wake()
         elif kind == feed.CONFIG:
             hub.reload(op[1])
+            self.streams.live.intersection_update(hub.stream_keys())  # main reads them anew
             if self.server is not None:
                 self.server.config = op[1]
         elif kind == feed.REFUSED:
@@ -361,6 +463,10 @@ def build(snapshot: dict[str, Any]) -> WorkerHub:
         if channel is not None:
             channel.history = history
             channel.last_seq = last_seq
+    for name, (stream_pos, flushed_pos) in snapshot["positions"].items():
+        channel = hub.channels.get(name)
+        if channel is not None:
+            channel.stream_pos, channel.flushed_pos = stream_pos, flushed_pos
     hub.seq = snapshot["seq"]
     return hub
 
@@ -378,7 +484,11 @@ async def serve(
     broker.state = BrokerState(snapshot["state"])
     broker.reconnects = snapshot["reconnects"]
     broker.live = set(snapshot["live"])
-    server = HubServer(config, Notifier({}), hub=hub, broker=broker, reuse_port=True)
+    broker.streams.live = set(snapshot["streams"])
+    broker.streams.state = BrokerState(snapshot["streams_state"])
+    server = HubServer(
+        config, Notifier({}), hub=hub, broker=broker, streams=broker.streams, reuse_port=True
+    )
     broker.server = server
     sink = FeedSink(broker)
     hub.roster = Roster(sink, config.events.enabled)

@@ -1,7 +1,8 @@
 """``workers: N``: the node's main process, supervising N workers that share the port.
 
 The main process owns no HTTP stream. It is the node's core: it holds the Redis
-subscription (the Broker) and runs the hub's ingest -- each message parsed, encoded
+subscription (the Broker) and the stream reader (stream channels' entries, with each
+stream's position), and runs the hub's ingest -- each message parsed, encoded
 and numbered once, the node's history kept -- and feeds every numbered entry to every
 worker over its socketpair (``feed.py``), one frame per event-loop iteration. Workers
 (``worker.py``) run the HTTP app and the fan-out from that feed, so ids and history are
@@ -47,7 +48,9 @@ from .history import Entry
 from .hub import Hub, Refused, Unknown
 from .metrics import HubCollector, Metrics
 from .presence import Reporter
-from .server import _listen_socket, _raise_fd_limit, reload_hub
+from .server import _cancel, _listen_socket, _raise_fd_limit, reload_hub
+from .streams import Entry as StreamEntry
+from .streams import StreamReader
 from .systemd import Notifier
 
 __all__ = ["NodeCollector", "Supervisor", "run", "supervise"]
@@ -126,6 +129,19 @@ class Supervisor:
         self.hub.broker = self.broker
         # The node's events and presence: workers report their streams, main writes.
         self.reporter = Reporter(config)
+        # Stream channels: the node's one reader, here. Its entries are numbered by
+        # this hub and reach the workers through the feed, in order with the rest.
+        self.streams = StreamReader(
+            config.redis,
+            self._stream_entries,
+            self._stream_started,
+            self.hub.stream_prefill,
+            self._on_streams_state,
+            self.hub.stream_maxlen,
+        )
+        self.streams.want(self.hub.stream_keys())
+        self.hub.streams = self.streams
+        self._streams_task: asyncio.Task[None] | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.port = 0
@@ -163,13 +179,30 @@ class Supervisor:
 
     def member(self, channel: Channel) -> None:
         self._push((feed.MEMBER, channel.name, channel.history.evicted_seq))
-        self._spawn_task(self._announce_live(channel))
+        if not channel.stream:  # (a stream member is live once the reader starts it)
+            self._spawn_task(self._announce_live(channel))
 
     def removed(self, channel: Channel) -> None:
         self._push((feed.REMOVED, channel.name))
 
     def outage(self, seq: int) -> None:
         self._push((feed.OUTAGE, seq))
+
+    def _stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
+        """The reader knows where ``key`` ends: the workers get its recent entries, then
+        its position, and from then on its streams there are live."""
+        self.hub.stream_started(key, entries)
+        self._push((feed.STREAM, key, entries[-1][0].decode() if entries else "0-0", True))
+
+    def _stream_entries(self, key: bytes, entries: list[StreamEntry]) -> None:
+        self.hub.stream_entries(key, entries)
+        # The stream's position, also past entries the hub rejected (one op per batch).
+        self._push((feed.STREAM, key, entries[-1][0].decode(), False))
+
+    def _on_streams_state(self, old: BrokerState, new: BrokerState) -> None:
+        # Nothing is lost on stream channels: the reader goes on from its positions.
+        self._push((feed.STREAMS, new.value))
+        self._check_ready()
 
     def _push(self, op: Op) -> None:
         self._ops.append(op)
@@ -224,6 +257,11 @@ class Supervisor:
             "members": [(c.name, c.history.evicted_seq) for c in members],
             "live": [c.redis for c in members if c.redis in self.broker.subscribed],
             "history": {name: (c.history, c.last_seq) for name, c in hub.channels.items()},
+            "streams": [k for k in hub.stream_keys() if self.streams.live(k)],
+            "streams_state": self.streams.state.value,
+            "positions": {
+                name: (c.stream_pos, c.flushed_pos) for name, c in hub.channels.items() if c.stream
+            },
         }
 
     def _worker_config(self, config: Config) -> Config:
@@ -373,7 +411,7 @@ class Supervisor:
         if all(s.ready for s in self.slots):
             if self._boot is not None and not self._boot.done():
                 self._boot.set_result(None)
-            if self.broker.ready and not self._ready_sent:
+            if self.hub.upstream_ready and not self._ready_sent:
                 self._ready_sent = True
                 log.info("ready port=%d workers=%d", self.port, len(self.slots))
                 self.notifier.notify_ready(self.status())
@@ -484,6 +522,7 @@ class Supervisor:
             log.info("admin listening host=%s port=%d", self.config.admin.host, self.admin_port)
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self.reporter.start()
+        self._streams_task = asyncio.create_task(self.streams.run(), name="ssehub-streams")
         self.hub.start_heartbeat()  # in main: the members' grace sweeps
         self._boot = loop.create_future()
         for slot in self.slots:
@@ -546,6 +585,8 @@ class Supervisor:
             self._broker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._broker_task
+        if self._streams_task is not None:
+            await _cancel(self._streams_task)
         if self._sock is not None:
             self._sock.close()
         self.notifier.close()

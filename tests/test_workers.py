@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from ssehub.resume import compact
+
 from .redis_server import RedisServer
 from .sseclient import Event, SSEClient, open_stream, wait_until
 from .test_metrics import one, scrape
@@ -362,3 +364,140 @@ def test_systemd_sees_the_node(
         assert node.proc.wait(timeout=15) == 0
     finally:
         node.stop()
+
+
+# --- stream channels: main reads, workers serve -----------------------------------------
+
+
+async def xadd(client: aioredis.Redis, stream: str, data: str) -> str:
+    entry_id = await client.xadd(stream, {"data": data})
+    return entry_id.decode()
+
+
+@contextlib.contextmanager
+def running(tmp_path: Path, redis_server: RedisServer, channels: str) -> Iterator[Node]:
+    node = Node(write_config(tmp_path / "hub.yaml", redis_server.url, channels))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def pairs(events: list[Event]) -> list[tuple[str, str]]:
+    return [(e.id, e.data) for e in events]
+
+
+async def test_a_stream_channel_is_served_by_every_worker_with_entry_ids(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    clients: list[SSEClient],
+) -> None:
+    key = "test:workers:live"
+    await redis_client.delete(key)
+    before = await xadd(redis_client, key, "before")
+    with running(tmp_path, redis_server, f"{{orders: {{stream: '{key}'}}}}") as node:
+        streams = await spread(node, clients, "/channels/orders")
+        # Every worker knows where the stream stands (main's reader told them).
+        assert {c.parser.last_id for c in streams} == {before}
+        added = [(await xadd(redis_client, key, f"e{i}"), f"e{i}") for i in range(3)]
+        for c in streams:
+            assert pairs(await c.next_events(3)) == added
+        # /events carries the stream's position in its ids on every worker too.
+        mux = await spread(node, clients, "/events?channel=orders")
+        assert {c.parser.last_id.split("~")[1] for c in mux} == {compact(added[-1][0])}
+        # An /events id resumes the stream at its position on any worker.
+        hub_part = mux[0].parser.last_id.split("~")[0]
+        back = f"{hub_part}~{compact(added[0][0])}"
+        resumed = await spread(node, clients, "/events?channel=orders", last_id=back)
+        late = await xadd(redis_client, key, "live")
+        for c in resumed:
+            got = await c.next_events(3)
+            assert [(e.event, e.data) for e in got] == [
+                ("orders", "e1"),
+                ("orders", "e2"),
+                ("orders", "live"),
+            ]
+            assert got[-1].id.endswith("~" + compact(late))
+        # One XREAD reader for the node, in main's process: workers never read streams.
+        blocked = await redis_client.client_list()
+        assert sum(1 for c in blocked if c.get("cmd") == "xread") == 1, blocked
+        m = await scrape(node.admin_port)
+        assert one(m, "ssehub_messages_received_total", channel="orders") == 4  # parsed once
+
+
+async def test_a_stream_client_resumes_on_any_worker_from_the_cache_and_from_redis(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    clients: list[SSEClient],
+) -> None:
+    key = "test:workers:resume"
+    await redis_client.delete(key)
+    # Six entries before the node starts (main's reader prefills the cache with the
+    # newest four and the workers get them through the feed), six while it runs.
+    entries = [(await xadd(redis_client, key, f"e{i}"), f"e{i}") for i in range(6)]
+    with running(tmp_path, redis_server, f"{{orders: {{stream: '{key}', history: 4}}}}") as node:
+        first = await open_stream(node.port, "/channels/orders")
+        clients.append(first)
+        entries += [(await xadd(redis_client, key, f"e{i}"), f"e{i}") for i in range(6, 12)]
+        assert pairs(await first.next_events(6)) == entries[6:]
+        # From the cache (e9 is among the newest four) and from Redis (e2 is older: XRANGE
+        # on the worker's replay connection, then the cache), on every worker.
+        cached = await spread(node, clients, "/channels/orders", last_id=entries[9][0])
+        older = await spread(node, clients, "/channels/orders", last_id=entries[2][0])
+        late = await xadd(redis_client, key, "live")
+        for c in cached:
+            assert pairs(await c.next_events(3)) == [*entries[10:], (late, "live")]
+        for c in older:
+            assert pairs(await c.next_events(10)) == [*entries[3:], (late, "live")]
+        m = await scrape(node.admin_port)
+        assert one(m, "ssehub_stream_replays_total", channel="orders") == SPREAD
+        assert one(m, "ssehub_gaps_total", channel="orders") == 0
+        # A worker started later gets the positions in its snapshot.
+        victim = node.worker_pids()[0]
+        mark = len(node.lines)
+        os.kill(victim, signal.SIGKILL)
+        node.wait_for(r"worker ready worker=0", mark)
+        again = await spread(node, clients, "/channels/orders", last_id=entries[10][0])
+        for c in again:
+            assert pairs(await c.next_events(2)) == [entries[11], (late, "live")]
+        fresh = await spread(node, clients, "/channels/orders")
+        assert {c.parser.last_id for c in fresh} == {late}
+
+
+async def test_a_family_of_stream_channels_with_workers(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    clients: list[SSEClient],
+) -> None:
+    key = "test:workers:fam:7"
+    await redis_client.delete(key)
+    old = await xadd(redis_client, key, "old")
+    channels = "{'orders.*': {stream: 'test:workers:fam:*', history: 10}}"
+    with running(tmp_path, redis_server, channels) as node:
+        # The first stream of the member, on either worker: main starts reading the
+        # member's stream, and the worker's stream waits for that.
+        first = await open_stream(node.port, "/channels/orders.7")
+        clients.append(first)
+        assert first.parser.last_id == old
+        one_id = await xadd(redis_client, key, "one")
+        assert pairs(await first.next_events(1)) == [(one_id, "one")]
+        # Every worker has the member, its position and its entries.
+        streams = await spread(node, clients, "/channels/orders.7", last_id=old)
+        two = await xadd(redis_client, key, "two")
+        for c in streams:
+            assert pairs(await c.next_events(2)) == [(one_id, "one"), (two, "two")]
+        m = await scrape(node.admin_port)
+        assert one(m, "ssehub_family_members", family="orders.*") == 1
+        # Another member: read from its start on, every worker live for it.
+        other = "test:workers:fam:8"
+        await redis_client.delete(other)
+        eights = await spread(node, clients, "/channels/orders.8")
+        assert {c.parser.last_id for c in eights} == {"0-0"}
+        eight = await xadd(redis_client, other, "eight")
+        for c in eights:
+            assert pairs(await c.next_events(1)) == [(eight, "eight")]
+        blocked = await redis_client.client_list()
+        assert sum(1 for c in blocked if c.get("cmd") == "xread") == 1, blocked
