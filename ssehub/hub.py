@@ -44,7 +44,7 @@ from .subscriber import Subscriber
 if TYPE_CHECKING:
     from .broker import Broker
     from .streams import Entry as StreamEntry
-    from .streams import StreamReader
+    from .streams import Streams
 
 
 class Tap(Protocol):
@@ -193,7 +193,7 @@ class Hub:
         # The Redis side, told what to follow (set by the server): pub/sub channels
         # through the broker, stream channels through the stream reader.
         self.broker: Broker | None = None
-        self.streams: StreamReader | None = None
+        self.streams: Streams | None = None
         # Keyed by the raw Redis channel name, as the broker reads it off the wire,
         # and by stream key.
         self._by_redis: dict[bytes, list[Channel]] = {}
@@ -247,7 +247,7 @@ class Hub:
     def _index(self, channel: Channel) -> dict[bytes, list[Channel]]:
         return self._by_stream if channel.stream else self._by_redis
 
-    def _upstream(self, channel: Channel) -> Broker | StreamReader | None:
+    def _upstream(self, channel: Channel) -> Broker | Streams | None:
         return self.streams if channel.stream else self.broker
 
     def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:

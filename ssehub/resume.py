@@ -33,7 +33,7 @@ from .streams import parse_stream_id
 if TYPE_CHECKING:
     from .channel import Channel
     from .hub import Hub
-    from .streams import StreamReader
+    from .streams import Streams
 
 __all__ = [
     "GAP_EVENT",
@@ -126,7 +126,7 @@ def cached(channel: Channel, entry_id: str) -> bool:
 
 async def catch_up_from_redis(
     hub: Hub,
-    streams: StreamReader,
+    streams: Streams,
     channel: Channel,
     position: str,
     write: Callable[[bytes, str | None], Awaitable[None]],

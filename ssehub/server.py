@@ -19,11 +19,12 @@ from .aiohttp_compat import QuietBadRequests, connections, request_in_progress
 from .app import create_app
 from .broker import Broker, BrokerState
 from .brokers import create_broker
+from .cluster_streams import ClusterStreamReader
 from .config import Config, ConfigError, load
 from .hub import Hub
 from .logs import enable_access_log, fields
 from .metrics import Metrics
-from .streams import StreamReader
+from .streams import StreamReader, Streams
 from .systemd import Notifier
 
 __all__ = ["RESTART_ONLY", "HubServer", "reload_hub", "run", "serve"]
@@ -70,8 +71,10 @@ class HubServer:
         )
         self._reuse_port = reuse_port
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
-        # Stream channels: one reader for all of them (it connects once one is wanted).
-        self.streams = StreamReader(
+        # Stream channels: one reader for all of them (it connects once one is wanted);
+        # with Redis Cluster, one per slot in use, on the master owning it.
+        reader = ClusterStreamReader if config.redis.cluster else StreamReader
+        self.streams: Streams = reader(
             config.redis,
             self.hub.stream_entries,
             self.hub.stream_started,

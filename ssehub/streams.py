@@ -21,7 +21,7 @@ import logging
 import random
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -34,7 +34,7 @@ from .broker import BrokerState
 from .config import RedisConfig
 from .logs import fields
 
-__all__ = ["Entry", "StreamReader", "parse_stream_id"]
+__all__ = ["Entry", "StreamReader", "Streams", "parse_stream_id"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,35 @@ def parse_stream_id(value: str) -> tuple[int, int] | None:
 
 class _SessionEnded(Exception):
     pass
+
+
+class Streams(Protocol):
+    """What the hub, the app and resume use: ``StreamReader`` (one Redis, or Sentinel)
+    and ``ClusterStreamReader`` (Redis Cluster: a reader per slot on its master)."""
+
+    state: BrokerState
+    reconnects: int
+
+    @property
+    def ready(self) -> bool: ...
+
+    def want(self, keys: Iterable[bytes]) -> None: ...
+
+    def drop(self, keys: Iterable[bytes]) -> None: ...
+
+    def set_streams(self, keys: Iterable[bytes]) -> None: ...
+
+    def live(self, key: bytes) -> bool: ...
+
+    async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool: ...
+
+    async def read_range(
+        self, key: bytes, after: bytes, until: bytes, count: int
+    ) -> list[Entry]: ...
+
+    async def first_id(self, key: bytes) -> bytes | None: ...
+
+    async def run(self) -> None: ...
 
 
 async def _close(*clients: aioredis.Redis) -> None:
@@ -141,6 +170,22 @@ class StreamReader:
                 waiter.cancel()
         if changed:
             self._wake()
+
+    def resume(self, positions: dict[bytes, bytes]) -> None:
+        """Go on reading streams from known positions (Redis Cluster: streams whose slot
+        moved here from another master): no new start, nothing prefilled again."""
+        for k, position in positions.items():
+            self._pending.discard(k)
+            self.positions[k] = position
+        if positions:
+            self._wake()
+
+    def handover(self) -> dict[bytes, bytes | None]:
+        """Every wanted stream with its position (None: not started yet), for ``resume``
+        or ``want`` on the reader that takes them over."""
+        moving: dict[bytes, bytes | None] = dict.fromkeys(self._pending)
+        moving.update(self.positions)
+        return moving
 
     def set_streams(self, keys: Iterable[bytes]) -> None:
         """Read exactly ``keys`` from now on (config reload)."""
