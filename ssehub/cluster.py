@@ -19,7 +19,8 @@ State, as the hub sees it: UP once the slot map is known and every channel place
 confirmed by its owner; DOWN when a node that was up goes down or a channel is lost, UP
 again once all are back. The gap signal is per process, so a failover of one shard
 tells the streams of every channel (``redis_outage``): more than needed, never less.
-Stream channels will want one reader per shard beside each ``_Node``, placed the same way.
+Stream channels have readers of their own, placed by the same slot map: see
+cluster_streams.py.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .config import RedisConfig
 from .discovery import Address, QueryError, node_url, query, show
 from .logs import fields
 
-__all__ = ["ClusterBroker", "slot_map"]
+__all__ = ["ClusterBroker", "SlotMap", "read_slot_map", "slot_map"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,24 @@ def slot_map(reply: Any, asked: Address) -> tuple[SlotMap, list[Address]]:
         slots[start : end + 1] = [addrs[0]] * (end + 1 - start)
         nodes.extend(a for a in addrs if a not in nodes)
     return slots, nodes
+
+
+async def read_slot_map(
+    config: RedisConfig, known: Iterable[Address]
+) -> tuple[SlotMap, list[Address]]:
+    """The slot map from the first of ``known`` that has one; ``_SessionEnded`` if none."""
+    errors = []
+    for addr in list(known):
+        try:
+            reply = await query(config, addr, "CLUSTER", "SLOTS")
+        except QueryError as exc:
+            errors.append(str(exc))
+            continue
+        slots, nodes = slot_map(reply, addr)
+        if any(slots):
+            return slots, nodes
+        errors.append(f"{show(addr)}: no slots assigned")
+    raise _SessionEnded("no cluster node gave the slot map: " + "; ".join(errors))
 
 
 class _Node(Broker):
@@ -251,22 +270,8 @@ class ClusterBroker(Broker):
 
     # --- following the slot map -------------------------------------------------------
 
-    async def _read_slots(self) -> tuple[SlotMap, list[Address]]:
-        errors = []
-        for addr in list(self._known):
-            try:
-                reply = await query(self.config, addr, "CLUSTER", "SLOTS")
-            except QueryError as exc:
-                errors.append(str(exc))
-                continue
-            slots, nodes = slot_map(reply, addr)
-            if any(slots):
-                return slots, nodes
-            errors.append(f"{show(addr)}: no slots assigned")
-        raise _SessionEnded("no cluster node gave the slot map: " + "; ".join(errors))
-
     async def _refresh(self) -> None:
-        slots, nodes = await self._read_slots()
+        slots, nodes = await read_slot_map(self.config, self._known)
         self._slots = slots
         self._known = [*nodes, *(s for s in self.seeds if s not in nodes)]
         masters = {a for a in slots if a is not None}

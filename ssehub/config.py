@@ -188,7 +188,8 @@ class RedisConfig:
     # With cluster or sentinel, host and port of this URL are ignored (cluster: a seed;
     # redis+cluster://h1:p1,h2:p2 lists several); user, password and TLS still apply.
     url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(_redis_url))
-    # Redis Cluster (ssehub/cluster.py): sharded pub/sub, one connection per master.
+    # Redis Cluster (ssehub/cluster.py): sharded pub/sub, one connection per master;
+    # stream channels: a reader per slot in use, on its master (cluster_streams.py).
     cluster: bool = False
     sentinel: Sentinel | None = None
     # Seconds without any traffic on the subscription before a PING is sent,
@@ -631,15 +632,6 @@ def _validate(obj: Any, path: str, source: str) -> None:
     elif isinstance(obj, Config):
         _check_auth(obj, source)
         for ch in obj.channels.values():
-            # Not built yet (said in the README): the stream reader follows one master
-            # (found directly or through Sentinel) and lives in a single process.
-            if ch.stream and obj.redis.cluster:
-                raise ConfigError(
-                    source,
-                    f"channels.{ch.name}.stream",
-                    "stream channels need one Redis (redis.url or redis.sentinel) for now, "
-                    "not redis.cluster",
-                )
             if ch.rewind > obj.limits.max_rewind:
                 raise ConfigError(
                     source,

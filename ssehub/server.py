@@ -19,6 +19,7 @@ from .aiohttp_compat import QuietBadRequests, connections, request_in_progress
 from .app import create_app
 from .broker import Broker, BrokerState
 from .brokers import create_broker
+from .cluster_streams import ClusterStreamReader
 from .config import Config, ConfigError, load
 from .hub import Hub
 from .logs import enable_access_log, fields
@@ -80,8 +81,10 @@ class HubServer:
             self.reporter = Reporter(config)
             self.hub.roster = Roster(self.reporter, config.events.enabled)
         # Stream channels: one reader for all of them (it connects once one is wanted);
-        # a worker brings its own stream side (main reads: see worker.py).
-        self.streams: StreamSource = streams or StreamReader(
+        # with Redis Cluster, one per slot in use, on the master owning it; a worker
+        # brings its own stream side (main reads: see worker.py).
+        reader = ClusterStreamReader if config.redis.cluster else StreamReader
+        self.streams: StreamSource = streams or reader(
             config.redis,
             self.hub.stream_entries,
             self.hub.stream_started,

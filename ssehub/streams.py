@@ -281,6 +281,22 @@ class StreamReader:
         if changed:
             self._wake()
 
+    def resume(self, positions: dict[bytes, bytes]) -> None:
+        """Go on reading streams from known positions (Redis Cluster: streams whose slot
+        moved here from another master): no new start, nothing prefilled again."""
+        for k, position in positions.items():
+            self._pending.discard(k)
+            self.positions[k] = position
+        if positions:
+            self._wake()
+
+    def handover(self) -> dict[bytes, bytes | None]:
+        """Every wanted stream with its position (None: not started yet), for ``resume``
+        or ``want`` on the reader that takes them over."""
+        moving: dict[bytes, bytes | None] = dict.fromkeys(self._pending)
+        moving.update(self.positions)
+        return moving
+
     def set_streams(self, keys: Iterable[bytes]) -> None:
         """Read exactly ``keys`` from now on (config reload)."""
         new = set(keys)

@@ -42,6 +42,7 @@ from . import feed
 from .admin import create_admin_app
 from .broker import Broker, BrokerState
 from .channel import Channel
+from .cluster_streams import ClusterStreamReader
 from .config import Config, Listen
 from .feed import FrameProtocol, Op
 from .history import Entry
@@ -131,7 +132,8 @@ class Supervisor:
         self.reporter = Reporter(config)
         # Stream channels: the node's one reader, here. Its entries are numbered by
         # this hub and reach the workers through the feed, in order with the rest.
-        self.streams = StreamReader(
+        reader = ClusterStreamReader if config.redis.cluster else StreamReader
+        self.streams = reader(
             config.redis,
             self._stream_entries,
             self._stream_started,

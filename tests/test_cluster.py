@@ -1,4 +1,5 @@
-"""Redis Cluster: sharded pub/sub on the master owning each channel, following failovers.
+"""Redis Cluster: sharded pub/sub and stream channels on the master owning each channel
+or stream key, following failovers.
 
 A real cluster (three masters, a replica each, on free loopback ports) is shared by
 the delivery tests of this module; the failover test that kills a master runs its own.
@@ -12,9 +13,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
+from redis.crc import key_slot
 
 from ssehub.cluster import ClusterBroker, slot_map
+from ssehub.cluster_streams import ClusterStreamReader
 from ssehub.config import ConfigError, parse
+from ssehub.server import HubServer
 
 from .conftest import StartHub
 from .redis_topology import RedisCluster
@@ -213,3 +218,172 @@ async def test_killing_a_master_resubscribes_on_the_promoted_replica(
     finally:
         for c in clients:
             await c.close()
+
+
+# --- stream channels ---------------------------------------------------------------------
+
+
+def xadd(cluster: RedisCluster, key: str, data: str, replicated: bool = False) -> str:
+    """``XADD`` on the master owning ``key``; ``replicated``: ``WAIT 1 2000`` after it, so
+    the entry is on the replica before anything happens to the master."""
+    with redis.Redis(port=cluster.owner(key), socket_timeout=5) as r:
+        entry_id = r.xadd(key, {"data": data}).decode()
+        if replicated:
+            assert r.wait(1, 2000) == 1
+        return entry_id
+
+
+def keyslot(cluster: RedisCluster, key: str) -> int:
+    with redis.Redis(port=cluster.live[0], socket_timeout=5) as r:
+        return int(r.execute_command("CLUSTER", "KEYSLOT", key))  # type: ignore[no-untyped-call]
+
+
+def blocked_xreads(port: int) -> int:
+    """Connections of ``port`` blocked in XREAD now."""
+    with redis.Redis(port=port, socket_timeout=5) as r:
+        clients = r.client_list()
+    return sum(1 for c in clients if c["cmd"] == "xread" and "b" in c["flags"])
+
+
+async def start_stream_hub(
+    start_hub: StartHub, cluster: RedisCluster, channels: dict[str, Any], **more: Any
+) -> HubServer:
+    hub = await start_hub(channels, redis=cluster_redis(cluster), wait_ready=False, **more)
+    await wait_until(lambda: hub.ready, timeout=15)
+    assert isinstance(hub.streams, ClusterStreamReader)
+    return hub
+
+
+@pytest.mark.slow
+async def test_stream_channels_are_read_on_the_master_owning_each_key(
+    cluster: RedisCluster, start_hub: StartHub
+) -> None:
+    """Keys on all three masters (as ``CLUSTER KEYSLOT`` places them) each deliver their
+    entries with their ids; each slot in use has one reader on its owner, and keys
+    sharing a hash tag share one blocking XREAD."""
+    spread = await asyncio.to_thread(cluster.channels_on_each_master, "cs:orders:", 2)
+    tagged = ["{cs:acct}:1", "{cs:acct}:2", "{cs:acct}:3"]
+    keys = spread + tagged
+    owners = {k: await asyncio.to_thread(cluster.owner, k) for k in keys}
+    slots = {k: await asyncio.to_thread(keyslot, cluster, k) for k in keys}
+    assert len(set(owners[k] for k in spread)) == 3  # every master serves some
+    assert len({slots[k] for k in tagged}) == 1
+    names = {k: f"s{i}" for i, k in enumerate(keys)}
+    hub = await start_stream_hub(start_hub, cluster, {n: {"stream": k} for k, n in names.items()})
+    clients = {k: await open_stream(hub.port, f"/channels/{n}") for k, n in names.items()}
+    try:
+        sent = {k: await asyncio.to_thread(xadd, cluster, k, f"to {k}") for k in keys}
+        for k, client in clients.items():
+            events = await client.next_events(1)
+            assert [(e.id, e.data) for e in events] == [(sent[k], f"to {k}")]
+        readers = hub.streams._readers  # type: ignore[union-attr]
+        assert set(readers) == set(slots.values())
+        for k in keys:
+            assert readers[slots[k]].addr[1] == owners[k]
+
+        # One blocked XREAD per slot in use on each master: the three tagged keys, one.
+        def xreads_match() -> bool:
+            return all(
+                blocked_xreads(port) == len({slots[k] for k in keys if owners[k] == port})
+                for port in set(owners.values())
+            )
+
+        await wait_until(lambda: asyncio.to_thread(xreads_match), timeout=10)
+    finally:
+        for c in clients.values():
+            await c.close()
+
+
+@pytest.mark.slow
+async def test_a_stream_resume_older_than_the_cache_reads_the_owning_master(
+    cluster: RedisCluster, start_hub: StartHub
+) -> None:
+    """``history: 2``: a client 10 entries back is caught up with XRANGE on the master
+    that owns the key (any other would answer MOVED), then goes live."""
+    key = (await asyncio.to_thread(cluster.channels_on_each_master, "cs:deep:", 1))[-1]
+    hub = await start_stream_hub(start_hub, cluster, {"deep": {"stream": key, "history": 2}})
+    first = await asyncio.to_thread(xadd, cluster, key, "seen")
+    missed = [await asyncio.to_thread(xadd, cluster, key, f"missed {i}") for i in range(10)]
+    await wait_until(lambda: hub.hub.channels["deep"].stream_pos == missed[-1])
+    back = await SSEClient.connect(hub.port, "/channels/deep", {"Last-Event-ID": first})
+    try:
+        await back.next_events(10)
+        live = await asyncio.to_thread(xadd, cluster, key, "live")
+        events = await back.next_events(11)
+        assert [e.id for e in events] == [*missed, live]
+        assert not gaps(back)
+        assert hub.hub.stats.redis_replays["deep"] == 1
+    finally:
+        await back.close()
+
+
+@pytest.mark.slow
+async def test_killing_a_master_loses_no_stream_entry_and_signals_no_gap(
+    own_cluster: RedisCluster, start_hub: StartHub
+) -> None:
+    """A master killed, its replica promoted: the stream read there goes on from its last
+    entry on the promoted replica. Entries before (replicated with WAIT), during (on the
+    other masters) and after the promotion: every one exactly once, and no gap event."""
+    cluster = own_cluster
+    keys = await asyncio.to_thread(cluster.channels_on_each_master, "cs:kill:", 1)
+    names = {k: f"s{i}" for i, k in enumerate(keys)}
+    hub = await start_stream_hub(start_hub, cluster, {n: {"stream": k} for k, n in names.items()})
+    streams = hub.streams
+    assert isinstance(streams, ClusterStreamReader)
+    clients = {k: await open_stream(hub.port, f"/channels/{n}") for k, n in names.items()}
+    sent: dict[str, list[str]] = {k: [] for k in keys}
+    try:
+        for k in keys:
+            for i in range(3):
+                sent[k].append(await asyncio.to_thread(xadd, cluster, k, f"before {i}", True))
+        for client in clients.values():
+            await client.next_events(3)
+        victim = await asyncio.to_thread(cluster.owner, keys[0])
+        await asyncio.to_thread(cluster.kill, victim)
+        for k in keys[1:]:  # the other shards go on meanwhile
+            sent[k].append(await asyncio.to_thread(xadd, cluster, k, "during"))
+        await asyncio.to_thread(cluster.wait_stable, 20)
+        promoted = await asyncio.to_thread(cluster.owner, keys[0])
+        assert promoted != victim
+        for k in keys:
+            for i in range(3):
+                sent[k].append(await asyncio.to_thread(xadd, cluster, k, f"after {i}"))
+        for k, client in clients.items():
+            events = await client.next_events(len(sent[k]), timeout=20)
+            assert [e.id for e in events] == sent[k], k
+        await wait_until(lambda: streams.ready and streams.reconnects >= 1, timeout=10)
+        assert streams._readers[key_slot(keys[0].encode())].addr[1] == promoted
+        await asyncio.sleep(0.3)  # nothing more arrives: no gap, no duplicate
+        for k, client in clients.items():
+            assert [e.id for e in client.events] == sent[k]
+            assert not gaps(client)
+    finally:
+        for c in clients.values():
+            await c.close()
+
+
+@pytest.mark.slow
+async def test_a_manual_failover_moves_a_stream_reader_without_loss_or_gap(
+    cluster: RedisCluster, start_hub: StartHub
+) -> None:
+    """``CLUSTER FAILOVER``: the old master lives on as a replica and turns the reader
+    away; the reader moves to the promoted replica and goes on from its last entry."""
+    key = (await asyncio.to_thread(cluster.channels_on_each_master, "cs:mf:", 1))[0]
+    hub = await start_stream_hub(start_hub, cluster, {"mf": {"stream": key}})
+    streams = hub.streams
+    assert isinstance(streams, ClusterStreamReader)
+    client = await open_stream(hub.port, "/channels/mf")
+    try:
+        sent = [await asyncio.to_thread(xadd, cluster, key, "before", True)]
+        await client.next_events(1)
+        old = await asyncio.to_thread(cluster.owner, key)
+        await asyncio.to_thread(cluster.failover, old)
+        new = await asyncio.to_thread(cluster.owner, key)
+        assert new != old
+        sent.append(await asyncio.to_thread(xadd, cluster, key, "after"))
+        events = await client.next_events(2, timeout=15)
+        assert [e.id for e in events] == sent
+        await wait_until(lambda: streams._readers[key_slot(key.encode())].addr[1] == new)
+        assert not gaps(client)
+    finally:
+        await client.close()
