@@ -85,7 +85,7 @@ class CLoadClient(StatsPoller):
     def start_connect(self, target: Target, n: int, concurrency: int = 256) -> None:
         """Ask the workers to open ``n`` connections between them (returns at once)."""
         pathfile = self.workdir / f"paths-{id(target)}.txt"
-        pathfile.write_text("\n".join(target.paths) + "\n")
+        pathfile.write_text("\n".join(target.lines()) + "\n")
         per, extra = divmod(n, len(self.procs))
         first = 0
         conc = max(1, concurrency // len(self.procs))
@@ -133,6 +133,10 @@ class CLoadClient(StatsPoller):
         """Zero event counters and the CPU baseline (connections stay)."""
         self._ask("reset")
 
+    def goal(self, events: int) -> None:
+        """From now on, note when each stream's event count reaches ``events``."""
+        self._ask(f"goal {events}")
+
     def close(self) -> None:
         """Close every connection and end the workers (always; also after errors)."""
         for i, proc in enumerate(self.procs):
@@ -163,6 +167,9 @@ def _parse_stats(line: str) -> ClientStats:
     pos += 1 + nconn
     nlive = int(f[pos])
     live_s = [int(x) / 1e6 for x in f[pos + 1 : pos + 1 + nlive]]
+    pos += 1 + nlive
+    ndone = int(f[pos])
+    done_s = [int(x) / 1e6 for x in f[pos + 1 : pos + 1 + ndone]]
     return ClientStats(
         opened=opened,
         failed=failed,
@@ -173,6 +180,7 @@ def _parse_stats(line: str) -> ClientStats:
         connect_s=connect_s,
         live=nlive,
         live_s=live_s,
+        done_s=done_s,
         cpu_s=cpu_us / 1e6,
         wall_s=wall_us / 1e6,
         errors={"failed": failed} if failed else {},

@@ -37,11 +37,23 @@ IP_BIND_ADDRESS_NO_PORT = 24
 
 @dataclass(frozen=True)
 class Target:
-    """Where connection ``i`` goes: ``paths[i % len(paths)]`` on host:port."""
+    """Where connection ``i`` goes: ``paths[i % len(paths)]`` on host:port, with the
+    header ``Last-Event-ID: last_ids[i % len(paths)]`` when ``last_ids`` is given."""
 
     host: str
     port: int
     paths: tuple[str, ...]
+    last_ids: tuple[str, ...] = ()
+
+    def last_id(self, i: int) -> str:
+        """The Last-Event-ID that connection ``i`` sends ("" for none)."""
+        return self.last_ids[i % len(self.paths)] if self.last_ids else ""
+
+    def lines(self) -> list[str]:
+        """``path`` or ``path<TAB>last id`` per path (sseload's path file)."""
+        return [
+            p + (f"\t{self.last_id(i)}" if self.last_ids else "") for i, p in enumerate(self.paths)
+        ]
 
 
 @dataclass
@@ -59,6 +71,8 @@ class ClientStats:
     # channels are subscribed in Redis), and how long after connect() each took.
     live: int = 0
     live_s: list[float] = field(default_factory=list)
+    # Streams whose event count reached the goal (``goal()``), and when after connect().
+    done_s: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
     wall_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
@@ -75,6 +89,7 @@ class ClientStats:
         self.connect_s.extend(other.connect_s)
         self.live += other.live
         self.live_s.extend(other.live_s)
+        self.done_s.extend(other.done_s)
         self.cpu_s += other.cpu_s
         self.wall_s = max(self.wall_s, other.wall_s)
         for k, n in other.errors.items():
@@ -105,6 +120,8 @@ class _State:
         self.dropped = 0
         self.connect_s: list[float] = []
         self.live_s: list[float] = []
+        self.done_s: list[float] = []
+        self.goal = 0
         self.errors: dict[str, int] = {}
 
     def reset(self) -> None:
@@ -117,7 +134,7 @@ class _State:
 
 
 class _SSEProtocol(asyncio.Protocol):
-    __slots__ = ("closing", "head", "is_live", "is_open", "st", "t0", "transport")
+    __slots__ = ("closing", "done", "head", "is_live", "is_open", "n", "st", "t0", "transport")
 
     def __init__(self, st: _State, t0: float) -> None:
         self.st = st
@@ -126,6 +143,8 @@ class _SSEProtocol(asyncio.Protocol):
         self.is_open = False
         self.is_live = False
         self.closing = False
+        self.n = 0
+        self.done = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -166,6 +185,10 @@ class _SSEProtocol(asyncio.Protocol):
             return
         st = self.st
         st.events += n
+        self.n += n
+        if st.goal and not self.done and self.n >= st.goal:
+            self.done = True
+            st.done_s.append(time.monotonic() - self.t0)
         i = data.find(MARK)
         j = data.find(b" ", i)
         k = data.find(b" ", j + 1)
@@ -199,8 +222,10 @@ class _Worker:
         self.wall0 = time.monotonic()
 
     async def connect_one(
-        self, target: Target, path: str, sem: asyncio.Semaphore, timeout: float
+        self, target: Target, i: int, sem: asyncio.Semaphore, timeout: float
     ) -> None:
+        path = target.paths[i % len(target.paths)]
+        last_id = target.last_id(i)
         loop = asyncio.get_running_loop()
         async with sem:
             t0 = time.monotonic()
@@ -221,20 +246,17 @@ class _Worker:
                 return
             self.protos.append(proto)
             assert proto.transport is not None
+            resume = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
             proto.transport.write(
                 f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
-                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n".encode()
+                f"Accept: text/event-stream\r\nCache-Control: no-cache\r\n{resume}\r\n".encode()
             )
 
     async def connect(self, target: Target, count: int, first: int, concurrency: int) -> float:
         t0 = time.monotonic()
         sem = asyncio.Semaphore(concurrency)
-        paths = target.paths
         await asyncio.gather(
-            *(
-                self.connect_one(target, paths[(first + i) % len(paths)], sem, 30.0)
-                for i in range(count)
-            )
+            *(self.connect_one(target, first + i, sem, 30.0) for i in range(count))
         )
         return time.monotonic() - t0
 
@@ -252,6 +274,7 @@ class _Worker:
             connect_s=list(st.connect_s),
             live=len(st.live_s),
             live_s=list(st.live_s),
+            done_s=list(st.done_s),
             cpu_s=ru.ru_utime + ru.ru_stime - self.cpu0,
             wall_s=time.monotonic() - self.wall0,
             errors=dict(st.errors),
@@ -293,6 +316,9 @@ class _Worker:
                 self.conn.send(self.stats())
             elif op == "reset":
                 self.reset()
+                self.conn.send(True)
+            elif op == "goal":
+                self.st.goal = cmd[1]
                 self.conn.send(True)
             elif op == "close":
                 self.close_all()
@@ -423,6 +449,10 @@ class LoadClient(StatsPoller):
     def reset(self) -> None:
         """Zero event counters and the CPU baseline (connections stay)."""
         self._ask(("reset",))
+
+    def goal(self, events: int) -> None:
+        """From now on, note when each stream's event count reaches ``events``."""
+        self._ask(("goal", events))
 
     def close(self) -> None:
         """Close every connection and end the workers (always; also after errors)."""

@@ -1,5 +1,8 @@
 """The publisher: messages at a fixed rate, through Redis ``PUBLISH`` or nchan's HTTP endpoint.
 
+A target named ``xadd:<key>`` (``servers.XADD_PREFIX``) is a Redis Stream instead:
+``XADD <key> MAXLEN ~ 100000 * data <payload>`` (a stream channel's entry).
+
 It runs in its own process (pinned with the load clients) so its CPU time can be
 counted against the load side. Each tick sends every message that is due since the
 start in one pipelined write, so the offered rate holds even when a tick is late.
@@ -24,6 +27,9 @@ __all__ = ["PAYLOAD_BYTES", "PubResult", "Publisher", "payload"]
 
 PAYLOAD_BYTES = 100
 TICK_S = 0.005
+XADD_PREFIX = b"xadd:"  # the same as servers.XADD_PREFIX
+# Entries a stream keeps (XADD's approximate trim): memory stays bounded in long runs.
+STREAM_MAXLEN = 100_000
 
 
 def payload(seq: int, now_ns: int) -> bytes:
@@ -42,6 +48,12 @@ def _redis_cmd(channel: bytes, body: bytes, command: bytes = b"PUBLISH") -> byte
         len(body),
         body,
     )
+
+
+def _xadd(key: bytes, body: bytes) -> bytes:
+    """``XADD key MAXLEN ~ STREAM_MAXLEN * data body``."""
+    args = [b"XADD", key, b"MAXLEN", b"~", b"%d" % STREAM_MAXLEN, b"*", b"data", body]
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 def _nchan_req(channel: bytes, body: bytes) -> bytes:
@@ -115,6 +127,8 @@ class _PubWorker:
         return p
 
     def frame(self, channel: bytes, body: bytes) -> bytes:
+        if channel.startswith(XADD_PREFIX):
+            return _xadd(channel[len(XADD_PREFIX) :], body)
         if self.kind == "nchan":
             return _nchan_req(channel, body)
         if self.kind == "redis-cluster":
@@ -123,6 +137,9 @@ class _PubWorker:
 
     async def run(self, channels: list[str], rate: float, duration: float) -> PubResult:
         chans = [c.encode() for c in channels]
+        # Reply markers per message: XADD answers with a bulk string (two CRLFs).
+        weight = [2 if c.startswith(XADD_PREFIX) else 1 for c in chans]
+        replies = 0
         sent = [0] * len(chans)
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         acked0 = sum(p.count for p in self.protos)
@@ -141,6 +158,7 @@ class _PubWorker:
                     ci = seq % len(chans)
                     parts[rr % len(parts)].append(self.frame(chans[ci], self.body(seq, now)))
                     sent[ci] += 1
+                    replies += weight[ci]
                     seq += 1
                     rr += 1
                 for proto, chunk in zip(self.protos, parts, strict=True):
@@ -150,7 +168,7 @@ class _PubWorker:
         # Wait (bounded) for every reply, so "sent" means the server took them.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # bounded poll of the reply counters
-            if sum(p.count for p in self.protos) - acked0 >= seq:
+            if sum(p.count for p in self.protos) - acked0 >= replies:
                 break
             await asyncio.sleep(0.01)
         ru1 = resource.getrusage(resource.RUSAGE_SELF)

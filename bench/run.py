@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a few streams and messages on ssehub only, no set-up; seconds",
     )
+    p.add_argument(
+        "--resume-clients",
+        type=int,
+        default=None,
+        help="clients of stream-resume-storm (default 2,000; --quick 1,000; issue 13: 10,000)",
+    )
     p.add_argument("--no-setup", action="store_true", help="install nothing (apt, venv)")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     p.add_argument(
@@ -98,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reasons = {} if args.smoke or args.no_setup else install.setup(servers)
         redis.start()
         ctx = Ctx(workdir, redis, server_core, load_core, quick=args.quick, smoke=args.smoke)
+        ctx.resume_clients = args.resume_clients
         if args.client == "c":
             ctx.client_exe = build(workdir)
             if ctx.client_exe is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .cclient import CLoadClient
 from .loadclient import ClientStats, LoadClient, Target
-from .publisher import Publisher, PubResult
+from .publisher import Publisher, PubResult, payload
 from .report import Result
 from .servers import (
     FAMILY,
@@ -51,6 +51,7 @@ class Ctx:
     load_core: int | None
     quick: bool = False
     smoke: bool = False
+    resume_clients: int | None = None  # stream-resume-storm's clients (None: default)
     client_exe: Path | None = None  # the C load client, when it compiled
     _source: int = 0
 
@@ -84,13 +85,20 @@ class Rig:
 
 @contextmanager
 def rig(
-    ctx: Ctx, cls: type[Server], channels: list[str], subs: int, serve: list[str] | None = None
+    ctx: Ctx,
+    cls: type[Server],
+    channels: list[str],
+    subs: int,
+    serve: list[str] | None = None,
+    options: dict[str, dict[str, object]] | None = None,
 ) -> Iterator[Rig]:
     """Start a server, load workers and a publisher; stop all of them whatever happens.
 
     The server is configured with ``serve`` (default: ``channels``): ``[FAMILY]`` for
-    subscribers on family members."""
+    subscribers on family members; ``options`` adds to a channel's config entry
+    (``{"stream": key}`` for a stream channel)."""
     server = cls(ctx.workdir, ctx.redis.url, ctx.server_core)
+    server.options = options or {}
     server.start(serve if serve is not None else channels)
     client: LoadClient | CLoadClient | None = None
     pub: Publisher | None = None
@@ -113,9 +121,14 @@ def rig(
         server.stop()
 
 
-def connect(r: Rig, n: int, concurrency: int = 512, timeout: float = 60.0) -> ClientStats:
-    """Open ``n`` more streams (connection i on channel i mod k); wait until open."""
-    target = Target("127.0.0.1", r.server.port, r.server.paths(r.channels))
+def connect(
+    r: Rig, n: int, concurrency: int = 512, timeout: float = 60.0, last_id: str = ""
+) -> ClientStats:
+    """Open ``n`` more streams (connection i on channel i mod k); wait until open.
+    With ``last_id``, every connection sends it as ``Last-Event-ID`` (a resume)."""
+    paths = r.server.paths(r.channels)
+    last_ids = (last_id,) * len(paths) if last_id else ()
+    target = Target("127.0.0.1", r.server.port, paths, last_ids)
     want = r.opened + n
     r.client.start_connect(target, n, concurrency)
     r.client.wait_connected(timeout)
@@ -553,6 +566,208 @@ def family_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
         return [res]
 
 
+# --- stream channels (issue 13) -------------------------------------------------------------
+
+# The fan-out loads run against a pub/sub channel and against a stream channel.
+STREAM_FANOUT = ((2000, 50.0), (10000, 10.0))
+# Redis Stream keys the hub reads (never used by anything else in a run).
+FANOUT_STREAM = "bench:fanout"
+RESUME_STREAM = "bench:resume"
+# The resume storm: clients (--quick: fewer; --resume-clients N), how far back their
+# Last-Event-ID is, entries in the stream, and the channel's history (the hub's cache):
+# 100, smaller than the distance back, so the resume must read Redis; then 2,000 for
+# comparison, so (nearly) the same resume comes from memory. Issue 13 asks for 10,000
+# clients; 10,000 x 1,000 from Redis takes the hub ~2.5 min of CPU on this machine
+# (about 13 µs per replayed event), so the default is 2,000 (see RESULTS.md).
+RESUME_SUBS = 2000
+RESUME_SUBS_QUICK = 1000
+RESUME_BACK = 1000
+RESUME_FILL = 20_000
+RESUME_HISTORIES = (100, 2000)
+# Seconds the storm may take before what did not catch up counts as failed.
+RESUME_DEADLINE = 300.0
+
+
+def _no_streams(cls: type[Server], scenario: str, subs: int) -> Result | None:
+    if cls.no_streams is None:
+        return None
+    return Result(cls.name, scenario, "", subs, ok=False, skipped=f"no streams: {cls.no_streams}")
+
+
+def _per_event_us(cpu_s: float, n: int) -> float | None:
+    return round(cpu_s * 1e6 / n, 2) if n else None
+
+
+def _command_usec(ctx: Ctx) -> dict[str, tuple[int, int]]:
+    """Per Redis command: (calls, µs spent in it) since Redis started."""
+    out = {}
+    for key, stat in ctx.redis.info("commandstats").items():
+        fields = dict(f.split("=", 1) for f in stat.split(",") if "=" in f)
+        out[key.removeprefix("cmdstat_")] = (int(fields["calls"]), int(fields["usec"]))
+    return out
+
+
+def stream_fanout_one(ctx: Ctx, cls: type[Server], subs: int, rate: float, kind: str) -> Result:
+    """``subs`` subscribers on one channel, ``rate`` msg/s: the pub/sub channel ``c0``
+    (PUBLISH) or the stream channel ``s0`` (XADD), the hub configured with both."""
+    label = f"{subs}x{rate:g} {kind}"
+    options: dict[str, dict[str, object]] = {"s0": {"stream": FANOUT_STREAM}}
+    with ctx.redis.client() as redis:
+        redis.delete(FANOUT_STREAM)  # each measurement starts from an empty stream
+    channel = "s0" if kind == "stream" else "c0"
+    with rig(ctx, cls, [channel], subs, serve=["c0", "s0"], options=options) as r:
+        connect(r, subs)
+        # Live: the first id: line (a stream channel's once the reader knows its end).
+        st = r.client.wait_live(subs, 60)
+        if st.live < subs:
+            return Result(
+                cls.name, "stream-fanout", label, st.live, ok=False,
+                error=f"only {st.live}/{subs} streams live: {st.errors}",
+            )  # fmt: skip
+        time.sleep(1.0)  # let the connect storm's tail settle before the window
+        cmds0 = _command_usec(ctx)
+        w = measure(ctx, r, rate, ctx.duration(10))
+        cmds1 = _command_usec(ctx)
+        res = to_result(ctx, r, "stream-fanout", label, w, rate)
+        events, published = w.stats.events, sum(w.pub.sent)
+        res.extra["hub_us_per_delivery"] = _per_event_us(w.server_cpu_s, events)
+        # Redis's process CPU counts in 10 ms ticks and includes its own timers: at a
+        # few hundred messages per window it is coarse. The time its commands took
+        # (INFO commandstats, µs) is exact, but leaves out reading and writing sockets.
+        res.extra["redis_us_per_delivery"] = _per_event_us(w.redis_cpu_s, events)
+        res.extra["redis_us_per_msg"] = _per_event_us(w.redis_cpu_s, published)
+        deltas = {
+            cmd: (calls - cmds0.get(cmd, (0, 0))[0], usec - cmds0.get(cmd, (0, 0))[1])
+            for cmd, (calls, usec) in cmds1.items()
+        }
+        # Everything but the bench's own INFO questions.
+        busy = {c: d for c, d in deltas.items() if d[0] and c != "info"}
+        res.extra["redis_cmd_us_per_msg"] = _per_event_us(
+            sum(u for _, u in busy.values()) / 1e6, published
+        )
+        res.extra["redis_cmds"] = {c: {"calls": n, "usec": u} for c, (n, u) in busy.items()}
+        return res
+
+
+def stream_fanout(ctx: Ctx, cls: type[Server]) -> list[Result]:
+    """The same fan-out loads against a pub/sub channel and a stream channel, each on a
+    hub started afresh (configured with both), one after the other in the same run."""
+    skip = _no_streams(cls, "stream-fanout", 0)
+    if skip:
+        return [skip]
+    return [
+        stream_fanout_one(ctx, cls, subs, rate, kind)
+        for subs, rate in STREAM_FANOUT
+        for kind in ("pubsub", "stream")
+    ]
+
+
+def _fill_stream(ctx: Ctx, key: str, n: int) -> list[bytes]:
+    """``n`` benchmark payloads XADDed to ``key`` (emptied first); their entry ids."""
+    ids: list[bytes] = []
+    with ctx.redis.client() as redis:
+        redis.delete(key)
+        for start in range(0, n, 1000):
+            pipe = redis.pipeline(transaction=False)
+            now = time.time_ns()
+            for seq in range(start, min(n, start + 1000)):
+                pipe.xadd(key, {"data": payload(seq, now)})
+            ids.extend(pipe.execute())
+    return ids
+
+
+def stream_resume_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
+    """10,000 clients reconnecting at once to a stream channel, each with a
+    ``Last-Event-ID`` 1,000 entries before the end: past the hub's cache (``history``
+    100, so from Redis), then within it (``history`` 2,000, from memory)."""
+    subs = ctx.resume_clients or (RESUME_SUBS_QUICK if ctx.quick else RESUME_SUBS)
+    skip = _no_streams(cls, "stream-resume-storm", subs)
+    if skip:
+        return [skip]
+    return [resume_storm(ctx, cls, subs, RESUME_BACK, history) for history in RESUME_HISTORIES]
+
+
+def resume_storm(ctx: Ctx, cls: type[Server], subs: int, back: int, history: int) -> Result:
+    """``subs`` clients at once, each resuming ``back`` entries before the end of a
+    stream of RESUME_FILL entries: time until each had its ``back`` missed events, then
+    whether all are live (one more entry reaches every one of them); Redis CPU, XRANGE
+    calls, hub CPU and peak RSS."""
+    # The hub reads at most the last 1,000 entries when a stream starts (its prefill
+    # cap), so with history 2,000 the first 10 of 1,000 still come from Redis.
+    where = "redis" if history < back else "memory"
+    label = f"{subs}x{back} back, history {history} ({where})"
+    ids = _fill_stream(ctx, RESUME_STREAM, RESUME_FILL)
+    resume_id = ids[-back - 1].decode()  # exactly ``back`` entries come after it
+    options: dict[str, dict[str, object]] = {"s0": {"stream": RESUME_STREAM, "history": history}}
+    with rig(ctx, cls, ["s0"], subs, options=options) as r:
+        time.sleep(0.5)  # the hub's start-up reads are done
+        r.client.goal(back)
+        r.client.reset()
+        tree = r.server.tree()
+        xrange0 = ctx.redis.command_calls("xrange")
+        lo0 = listen_overflows()
+        cpu0, rcpu0, t0 = tree.cpu_s(), ctx.redis.cpu_s(), time.monotonic()
+        sc0 = core_ticks(ctx.server_core)
+        target = Target("127.0.0.1", r.server.port, r.server.paths(r.channels), (resume_id,))
+        r.client.start_connect(target, subs, subs)
+        deadline = t0 + RESUME_DEADLINE
+        peak_rss = 0
+        while True:
+            st = r.client.stats()
+            peak_rss = max(peak_rss, tree.rss_bytes())
+            if len(st.done_s) + st.failed + st.dropped >= subs or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+        cpu1, rcpu1 = tree.cpu_s(), ctx.redis.cpu_s()
+        sc1 = core_ticks(ctx.server_core)
+        xranges = ctx.redis.command_calls("xrange") - xrange0
+        lo1 = listen_overflows()
+        replayed = st.events
+        caught = len(st.done_s)
+        res = Result(cls.name, "stream-resume-storm", label, st.opened)
+        if caught == subs:
+            # Live: one more entry reaches every stream (when some are still replaying,
+            # their replay would be counted here too: no check then).
+            r.client.reset()
+            t_pub = time.monotonic()
+            with ctx.redis.client() as redis:
+                redis.xadd(RESUME_STREAM, {"data": payload(RESUME_FILL, time.time_ns())})
+            while True:
+                after = r.client.stats()
+                if after.events >= caught or time.monotonic() - t_pub > 10:
+                    break
+                time.sleep(0.05)
+            res.max_ms = after.max_us / 1000 if after.events else None
+            res.extra["live_after"] = after.events
+            res.extra["live_check_ms"] = res.max_ms
+        res.server_cpu_pct = 100 * (cpu1 - cpu0) / elapsed
+        res.server_rss_mb = peak_rss / 2**20
+        res.client_cpu_pct = 100 * st.cpu_s / elapsed
+        res.extra["caught_up_all_s"] = _seconds(st.done_s, 1.0)
+        res.extra["caught_up_p50_s"] = _seconds(st.done_s, 0.5)
+        res.extra["open_all_s"] = _seconds(st.connect_s, 1.0)
+        res.extra["caught_up"] = caught
+        res.extra["failures"] = subs - caught
+        res.extra["replayed"] = replayed
+        res.extra["replay_expected"] = subs * back
+        res.extra["redis_cpu_s"] = round(rcpu1 - rcpu0, 2)
+        res.extra["redis_cpu_pct"] = round(100 * (rcpu1 - rcpu0) / elapsed, 1)
+        res.extra["xrange_calls"] = xranges
+        res.extra["hub_cpu_s"] = round(cpu1 - cpu0, 2)
+        res.extra["hub_us_per_replayed"] = _per_event_us(cpu1 - cpu0, replayed)
+        res.extra["server_core_busy_pct"] = busy_pct(sc0, sc1)
+        if lo0 is not None and lo1 is not None:
+            res.extra["listen_overflows"] = lo1 - lo0  # system-wide: see listen_overflows
+        if st.dropped:
+            res.extra["dropped"] = st.dropped
+        if st.errors:
+            res.extra["errors"] = st.errors
+        res.extra["elapsed_s"] = round(elapsed, 2)
+        res.ok = caught == subs and replayed == subs * back and res.extra.get("live_after") == subs
+        return res
+
+
 def smoke(ctx: Ctx, cls: type[Server]) -> list[Result]:
     """A few streams on two channels, a few messages: proves the harness end to end."""
     return [fanout_one(ctx, cls, "smoke", 6, 2, 10.0)]
@@ -568,4 +783,6 @@ SCENARIOS: dict[str, Scenario] = {
     "channels": many_channels,
     "family-fanout": family_fanout,
     "family-storm": family_storm,
+    "stream-fanout": stream_fanout,
+    "stream-resume-storm": stream_resume_storm,
 }

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BENCH_DIR",
@@ -35,6 +36,7 @@ __all__ = [
     "Server",
     "SsehubAuthServer",
     "SsehubServer",
+    "XADD_PREFIX",
     "free_port",
     "listen_overflows",
     "member",
@@ -50,6 +52,10 @@ FD_CAP = 20_000
 # feeding its members: subscriber i follows ``user.<i>``, fed by ``app:user:<i>``.
 FAMILY = "user.*"
 FAMILY_REDIS = "app:user:*"
+
+
+# A publisher target starting with this is a Redis Stream key (XADD), not a channel.
+XADD_PREFIX = "xadd:"
 
 
 def member(i: int) -> str:
@@ -266,6 +272,12 @@ class RedisServer:
     def cpu_s(self) -> float:
         return ProcessTree(self.proc.pid).cpu_s() if self.proc else 0.0
 
+    def client(self) -> Any:
+        """A redis-py client on this server (ssehub's dependency, in the bench's venv)."""
+        import redis
+
+        return redis.Redis(port=self.port)
+
     def info(self, section: str) -> dict[str, str]:
         """``INFO section`` as {field: value} (``cmdstat_subscribe`` -> ``calls=3,…``)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
@@ -315,6 +327,9 @@ class Server:
     # one, a stream is live once its headers arrived (nchan creates channels in-process).
     live_on_id = False
     by_default = True  # in a run without --servers
+    # Why the stream scenarios cannot run here (None: they can): channels fed from a
+    # Redis Stream (``stream: <key>``), resumed by entry id.
+    no_streams: str | None = "no Redis Stream channels"
 
     def __init__(self, workdir: Path, redis_url: str, core: int | None) -> None:
         self.workdir = workdir
@@ -322,6 +337,8 @@ class Server:
         self.core = core
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        # Per channel: more options for its config entry (``{"stream": key}``).
+        self.options: dict[str, dict[str, object]] = {}
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -378,6 +395,7 @@ class SsehubServer(Server):
 
     name = "ssehub"
     no_families: str | None = None
+    no_streams: str | None = None
     live_on_id = True
 
     def config(self, channels: list[str]) -> dict[str, object]:
@@ -387,11 +405,15 @@ class SsehubServer(Server):
             "heartbeat": 15,
             # FAMILY, when asked for, with its default grace (10 s) and history (100).
             "channels": {
-                c: {"redis_channel": FAMILY_REDIS} if c == FAMILY else {} for c in channels
+                c: {"redis_channel": FAMILY_REDIS} if c == FAMILY else self.options.get(c, {})
+                for c in channels
             },
         }
 
     def publish_name(self, channel: str) -> str:
+        stream = self.options.get(channel, {}).get("stream")
+        if stream:
+            return f"{XADD_PREFIX}{stream}"
         prefix = FAMILY.partition("*")[0]
         if channel.startswith(prefix):
             return FAMILY_REDIS.replace("*", channel[len(prefix) :])
@@ -447,6 +469,7 @@ class SsehubAuthServer(SsehubServer):
 
     name = "ssehub+auth"
     no_families = "its tokens grant c* only"
+    no_streams = "not wired: its channels are configured with auth only"
     algorithm = "HS256"
     # Distinct tokens: one per subscriber of the largest storm.
     tokens = 10_000
@@ -510,6 +533,7 @@ class SsehubWorkersServer(SsehubServer):
     delivery shows what supervision and the feed add over one process."""
 
     name = "ssehub-w2"
+    no_streams = "stream channels need workers: 1 (the hub refuses the config)"
 
     def config(self, channels: list[str]) -> dict[str, object]:
         return {**super().config(channels), "workers": 2}
@@ -524,6 +548,7 @@ class SsehubClusterServer(SsehubServer):
 
     name = "ssehub+cluster"
     publish_kind = "redis-cluster"
+    no_streams = "stream channels need a single Redis (the hub refuses the config)"
     by_default = False  # fan-out and other one-channel scenarios only
 
     def start(self, channels: list[str]) -> None:

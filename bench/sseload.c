@@ -6,18 +6,22 @@
  * number of events in that read. Commands come one per line on stdin, answers go one
  * per line to stdout:
  *
- *   target HOST PORT PATHFILE   paths, one per line; connection i uses path i mod k
+ *   target HOST PORT PATHFILE   paths, one per line; connection i uses path i mod k;
+ *                               a line "PATH<TAB>ID" sends "Last-Event-ID: ID" with it
  *   connect N FIRST CONC        open N more streams, at most CONC connecting at once;
  *                               answers "connected ELAPSED_US" when all resolved
+ *   goal K                      note when each stream has had K events in all
+ *                               (a resume's replay); answers "ok"
  *   reset                       zero event counters and the CPU baseline
  *   stats                       "stats opened failed dropped events max_us cpu_us wall_us
  *                                nbuckets [bucket count]... nconn [connect_us]...
- *                                nlive [live_us]..."
+ *                                nlive [live_us]... ndone [done_us]..."
  *   close                       close everything, answer "closed", exit
  *
  * A stream is "live" once its first "id:" line arrived after the headers: ssehub sends
  * a stream's position only when its channels are subscribed in Redis. connect_us is
- * the time from connect() to the response headers, live_us to that first "id:" line.
+ * the time from connect() to the response headers, live_us to that first "id:" line,
+ * done_us to the event that made the stream's count reach the goal.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -54,6 +58,8 @@ typedef struct {
     int head_len;
     char *head;
     int live;
+    int done;
+    uint64_t n; /* events on this stream since it opened */
     int tail_len;
     char tail[3]; /* last bytes before live: "\nid:" may straddle two reads */
 } conn_t;
@@ -61,6 +67,7 @@ typedef struct {
 static conn_t *conns;
 static int nconns, capconns;
 static char **paths;
+static char **lastids; /* NULL or the Last-Event-ID of each path */
 static int npaths;
 static struct sockaddr_in dst, src;
 static char hostport[300];
@@ -72,6 +79,9 @@ static int64_t *connect_us;
 static size_t nconnect_us, capconnect_us;
 static int64_t *live_us;
 static size_t nlive_us, caplive_us;
+static int64_t *done_us;
+static size_t ndone_us, capdone_us;
+static uint64_t goal;
 static double cpu0;
 static int64_t wall0;
 
@@ -121,6 +131,14 @@ static void add_live_time(int64_t us) {
         live_us = realloc(live_us, caplive_us * sizeof *live_us);
     }
     live_us[nlive_us++] = us;
+}
+
+static void add_done_time(int64_t us) {
+    if (ndone_us == capdone_us) {
+        capdone_us = capdone_us ? capdone_us * 2 : 1024;
+        done_us = realloc(done_us, capdone_us * sizeof *done_us);
+    }
+    done_us[ndone_us++] = us;
 }
 
 /* Body bytes of a stream not live yet: look for the start of an "id:" line. */
@@ -204,12 +222,13 @@ static void on_connected(conn_t *c, int idx) {
         finish(c, 1);
         return;
     }
-    char req[1024];
+    char req[2048], last[400] = "";
+    if (lastids[c->path]) snprintf(last, sizeof last, "Last-Event-ID: %s\r\n", lastids[c->path]);
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n"
-                     "Cache-Control: no-cache\r\n\r\n",
-                     paths[c->path], hostport);
-    if (write(c->fd, req, n) != n) {
+                     "Cache-Control: no-cache\r\n%s\r\n",
+                     paths[c->path], hostport, last);
+    if (n >= (int)sizeof req || write(c->fd, req, n) != n) {
         finish(c, 1);
         return;
     }
@@ -220,7 +239,7 @@ static void on_connected(conn_t *c, int idx) {
     epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
-static void on_body(const char *p, size_t n) {
+static void on_body(conn_t *c, const char *p, size_t n) {
     uint64_t count = 0;
     const char *q = p, *end = p + n, *first = NULL;
     while ((q = memchr(q, '~', end - q)) != NULL) {
@@ -230,6 +249,11 @@ static void on_body(const char *p, size_t n) {
     }
     if (!count) return;
     events += count;
+    c->n += count;
+    if (goal && !c->done && c->n >= goal) {
+        c->done = 1;
+        add_done_time((now_mono() - c->t0) / 1000);
+    }
     /* "~SEQ TIME_NS " : skip SEQ, read TIME_NS, which must end with a space in this read */
     const char *s = memchr(first, ' ', end - first);
     if (!s) return;
@@ -280,12 +304,12 @@ static void on_readable(conn_t *c) {
         c->tail_len = 1;
         if (body_off < (size_t)n) {
             watch_live(c, rbuf + body_off, n - body_off);
-            on_body(rbuf + body_off, n - body_off);
+            on_body(c, rbuf + body_off, n - body_off);
         }
         return;
     }
     if (!c->live) watch_live(c, rbuf, n);
-    on_body(rbuf, n);
+    on_body(c, rbuf, n);
 }
 
 static void print_stats(void) {
@@ -302,6 +326,8 @@ static void print_stats(void) {
     for (size_t i = 0; i < nconnect_us; i++) printf(" %lld", (long long)connect_us[i]);
     printf(" %zu", nlive_us);
     for (size_t i = 0; i < nlive_us; i++) printf(" %lld", (long long)live_us[i]);
+    printf(" %zu", ndone_us);
+    for (size_t i = 0; i < ndone_us; i++) printf(" %lld", (long long)done_us[i]);
     printf("\n");
     fflush(stdout);
 }
@@ -321,7 +347,11 @@ static void load_paths(const char *file) {
         if (npaths == cap) {
             cap = cap ? cap * 2 : 64;
             paths = realloc(paths, cap * sizeof *paths);
+            lastids = realloc(lastids, cap * sizeof *lastids);
         }
+        char *tab = strchr(line, '\t');
+        if (tab) *tab = 0;
+        lastids[npaths] = tab && tab[1] ? strdup(tab + 1) : NULL;
         paths[npaths++] = strdup(line);
     }
     fclose(f);
@@ -346,6 +376,10 @@ static int on_command(char *line) {
         round_t0 = now_mono();
         round_active = 1;
         pump_round();
+    } else if (sscanf(line, "goal %d", &n) == 1) {
+        goal = n > 0 ? (uint64_t)n : 0;
+        printf("ok\n");
+        fflush(stdout);
     } else if (strncmp(line, "reset", 5) == 0) {
         reset();
         printf("ok\n");
