@@ -67,8 +67,9 @@ log = logging.getLogger(__name__)
 _HEARTBEAT = sse.comment()
 _HEARTBEAT_CHUNK = sse.chunk(_HEARTBEAT)
 
-# Recent entries read when a stream starts (so resumes need no round trip), at most.
-_MAX_PREFILL = 1000
+# Recent entries read when a stream starts (so resumes need no round trip), at most:
+# a channel's whole `history` up to this (its bytes stay within `history_bytes`).
+_MAX_PREFILL = 10_000
 
 # Seconds between sweeps for family members whose grace period is over.
 _MEMBER_SWEEP = 0.5

@@ -52,6 +52,9 @@ __all__ = [
 # The named event that tells a client it missed events it cannot get back.
 GAP_EVENT = "ssehub-gap"
 
+# Bytes of events a resume from Redis reads per XRANGE page (about).
+PAGE_BYTES = 64 * 1024
+
 # Stream channels one /events connection may follow (the id carries each position).
 MAX_STREAMS_PER_EVENTS = 16
 
@@ -129,14 +132,14 @@ async def catch_up_from_redis(
     streams: StreamSource,
     channel: Channel,
     position: str,
-    write: Callable[[bytes, str | None], Awaitable[None]],
+    write: Callable[[list[tuple[bytes, str | None]]], Awaitable[None]],
     last_event_id: str,
     page_bytes: int,
 ) -> str:
     """Bring a stream channel's client from ``position`` to where the hub's memory
-    takes over, writing what it missed with ``write(event bytes, entry id)`` (entry
-    id None for the gap event; it waits for the client to read); returns the new
-    position.
+    takes over, writing what it missed with ``write([(event bytes, entry id), ...])``
+    (one call per page, so one write to the client; entry id None for the gap event;
+    it waits for the client to read); returns the new position.
 
     A position older than the stream's first entry (trimmed) gets the ``expired``
     gap, one that is no entry of the stream ``unknown_id``; both then get what the
@@ -158,7 +161,7 @@ async def catch_up_from_redis(
         reason = "unknown_id"
     if reason is not None:
         hub.stats.gaps[channel.label] += 1
-        await write(gap_event(channel.name, reason, last_event_id), None)
+        await write([(gap_event(channel.name, reason, last_event_id), None)])
     hub.stats.redis_replays[channel.label] += 1
     count = 10  # a first page; then sized so that a page holds about page_bytes
     while not cached(channel, position):
@@ -171,6 +174,8 @@ async def catch_up_from_redis(
         size = 0
         fmt = channel.config.format
         limit = hub.config.limits.max_message_bytes
+        page: list[tuple[bytes, str | None]] = []
+        read = len(entries)
         for entry_id, fields in entries:
             position = entry_id.decode()
             try:
@@ -179,8 +184,11 @@ async def catch_up_from_redis(
             except (Rejected, sse.EncodeError):
                 continue  # counted and logged when the reader met it
             size += len(raw)
-            await write(raw, position)
-        count = max(1, min(500, page_bytes * len(entries) // max(size, 1)))
+            page.append((raw, position))
+        del entries  # the parsed page goes before the client is waited for
+        if page:
+            await write(page)
+        count = max(1, min(500, page_bytes * read // max(size, 1)))
     return position
 
 
@@ -201,12 +209,14 @@ async def resume_streams(
     streams = hub.streams
     if last_event_id is None or streams is None or not any(c.stream for c in channels):
         return last_event_id
-    page = hub.replay_bound
+    # Pages of about 64 KiB: what a resuming client holds while the hub waits for it to
+    # read is its transport's buffer (bounded) plus at most one such page.
+    page = min(hub.replay_bound, PAGE_BYTES)
     if not mux:
         (channel,) = channels
 
-        async def write(raw: bytes, position: str | None) -> None:
-            await send(raw)
+        async def write(events: list[tuple[bytes, str | None]]) -> None:
+            await send(b"".join(raw for raw, _ in events))
 
         return await catch_up_from_redis(
             hub, streams, channel, last_event_id, write, last_event_id, page
@@ -218,15 +228,18 @@ async def resume_streams(
     for i, channel in enumerate(ordered):
 
         async def write_mux(
-            raw: bytes, position: str | None, i: int = i, channel: Channel = channel
+            events: list[tuple[bytes, str | None]], i: int = i, channel: Channel = channel
         ) -> None:
-            if position is None:
-                await send(raw)  # the gap event, as /events carry it
-                return
-            # Every other stream stays where the client is: the id says so exactly.
-            positions[i] = position
-            event_id = hub_part + "".join("~" + compact(p) for p in positions)
-            await send(hub.mux_event(channel, raw, event_id.encode()))
+            parts = []
+            for raw, position in events:
+                if position is None:
+                    parts.append(raw)  # the gap event, as /events carry it
+                    continue
+                # Every other stream stays where the client is: the id says so exactly.
+                positions[i] = position
+                event_id = hub_part + "".join("~" + compact(p) for p in positions)
+                parts.append(hub.mux_event(channel, raw, event_id.encode()))
+            await send(b"".join(parts))
 
         positions[i] = await catch_up_from_redis(
             hub, streams, channel, positions[i], write_mux, last_event_id, page
