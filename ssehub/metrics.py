@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,7 +27,10 @@ from .broker import Broker, BrokerState
 from .history import REASONS
 from .hub import Hub
 
-__all__ = ["CLOSE_REASONS", "DELAY_BUCKETS", "HubCollector", "Metrics"]
+if TYPE_CHECKING:
+    from .presence import Reporter
+
+__all__ = ["CLOSE_REASONS", "DELAY_BUCKETS", "HubCollector", "Metrics", "ReporterCollector"]
 
 # Every reason a stream can end for, reported even at zero so that rate() and
 # alerts work before the first occurrence.
@@ -207,12 +211,37 @@ def _per_channel(
     return family
 
 
+class ReporterCollector(Collector):
+    """The subscribe/unsubscribe events and presence writer's counters (issue 16)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def collect(self) -> Iterable[Metric]:
+        """Events published to Redis, dropped while Redis was away, and pipelines sent."""
+        r = self.reporter
+        for name, doc, value in (
+            (
+                "ssehub_roster_events_published",
+                "Subscribe/unsubscribe events published.",
+                r.published,
+            ),
+            ("ssehub_roster_events_dropped", "Events dropped while Redis was away.", r.dropped),
+            ("ssehub_roster_batches", "Pipelines of events and presence writes sent.", r.batches),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
+
+
 class Metrics:
     """One hub's registry: the scrape-time collector plus the delivery-delay histogram."""
 
-    def __init__(self, hub: Hub, broker: Broker) -> None:
+    def __init__(self, hub: Hub, broker: Broker, reporter: Reporter | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(HubCollector(hub, broker))
+        if reporter is not None:
+            self.registry.register(ReporterCollector(reporter))
         self.delay = Histogram(
             "ssehub_delivery_delay_seconds",
             "Seconds from a message's arrival from Redis to its write to the subscribers.",

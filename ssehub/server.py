@@ -129,7 +129,7 @@ class HubServer:
         self._admin_runner: web.AppRunner | None = None
         self.admin_port = 0
         if config.admin is not None:
-            self.metrics = Metrics(self.hub, self.broker)
+            self.metrics = Metrics(self.hub, self.broker, self.reporter)
             self._admin_runner = web.AppRunner(
                 create_admin_app(self.hub, self.broker, self.metrics),
                 access_log=None,

@@ -394,7 +394,7 @@ class StreamReader:
         if state is old:
             return
         if state is BrokerState.UP:
-            log.info("redis streams reading", extra=fields(streams=len(self.positions)))
+            log.info("redis streams reading", extra=fields(streams=len(self.wanted)))
         else:
             log.warning("redis streams down", extra=fields(reason=why))
         if self._on_state is not None:

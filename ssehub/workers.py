@@ -47,7 +47,7 @@ from .config import Config, Listen
 from .feed import FrameProtocol, Op
 from .history import Entry
 from .hub import Hub, Refused, Unknown
-from .metrics import HubCollector, Metrics
+from .metrics import HubCollector, Metrics, ReporterCollector
 from .presence import Reporter
 from .server import _cancel, _listen_socket, _raise_fd_limit, reload_hub
 from .streams import Entry as StreamEntry
@@ -653,6 +653,7 @@ class NodeMetrics(Metrics):
     def __init__(self, supervisor: Supervisor) -> None:  # no super(): no local histogram
         self.registry = CollectorRegistry()
         self.registry.register(NodeCollector(supervisor))
+        self.registry.register(ReporterCollector(supervisor.reporter))
 
 
 async def supervise(config: Config, log_level: str | None = None) -> None:

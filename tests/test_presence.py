@@ -28,7 +28,7 @@ from .logcheck import rendered
 from .redis_server import RedisServer
 from .sseclient import SSEClient, http_request, open_stream, wait_until
 from .test_auth import SECRET, token
-from .test_metrics import ADMIN
+from .test_metrics import ADMIN, one, scrape
 from .test_slow_clients import open_stuck
 from .test_workers import SPREAD, Node, write_config
 
@@ -408,3 +408,17 @@ async def test_workers_report_every_stream_once_whatever_ends_it(
         for c in clients:
             await c.close()
         node.stop()
+
+
+async def test_the_event_writer_is_counted_on_metrics(
+    start_hub: StartHub, heard: Callable[..., Any]
+) -> None:
+    got = await heard("ssehub:events")
+    hub = await start_hub(ROOMS, events=EVENTS, admin=ADMIN)
+    c = await open_stream(hub.port, "/channels/chat")
+    await c.close()
+    await wait_until(lambda: len(of(got, "unsubscribe", c.session)) == 1)
+    m = await scrape(hub.admin_port)
+    assert one(m, "ssehub_roster_events_published_total") == 2  # subscribe, unsubscribe
+    assert one(m, "ssehub_roster_events_dropped_total") == 0
+    assert one(m, "ssehub_roster_batches_total") >= 1
