@@ -10,7 +10,12 @@ from .families import Family
 from .history import Budget, History
 from .subscriber import Subscriber
 
-__all__ = ["Channel", "Group", "MuxGroup"]
+__all__ = ["Channel", "Group", "MuxGroup", "streams_of"]
+
+
+def streams_of(channels: Sequence[Channel]) -> tuple[Channel, ...]:
+    """The stream channels among ``channels``, in the order /events ids list them."""
+    return tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
 
 
 class Group:
@@ -48,7 +53,7 @@ class MuxGroup(Group):
         self.channels = tuple(channels)
         self.names = frozenset(c.name for c in channels)
         # Its stream channels, by name: the order their positions take in its ids.
-        self.streams = tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
+        self.streams = streams_of(channels)
         # Members still catching up with history: the group outlives its last live
         # member while any remain, so they join the group they were counted in.
         self.joining = 0

@@ -31,14 +31,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from . import sse
-from .channel import Channel, Group, MuxGroup
+from .channel import Channel, Group, MuxGroup, streams_of
 from .config import Config
 from .families import Families
 from .history import AT, ID, RAW, SEQ, Budget, Entry, History, entry
 from .logs import fields
 from .members import MEMBER_SWEEP, Members, Refused, Unknown
 from .messages import Event, Rejected, parse, parse_entry, parse_juggernaut
-from .replay import Replay, Resumes, streams_of
+from .replay import Replay, Resumes
 from .resume import GAP_EVENT, base36, gap_event, mux_id
 from .subscriber import Subscriber
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from . import sse
-from .channel import Channel, Group, MuxGroup
+from .channel import Channel, Group, MuxGroup, streams_of
 from .history import ID, RAW, SEQ, Entry
 from .resume import gap_event, just_before, mux_id, split_mux_id
 from .subscriber import Subscriber
@@ -28,12 +28,7 @@ from .subscriber import Subscriber
 if TYPE_CHECKING:
     from .hub import Stats
 
-__all__ = ["Replay", "Resumes", "streams_of"]
-
-
-def streams_of(channels: Sequence[Channel]) -> tuple[Channel, ...]:
-    """The stream channels among ``channels``, in the order /events ids list them."""
-    return tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
+__all__ = ["Replay", "Resumes"]
 
 
 def _entry_seq(tagged: tuple[Channel, Entry]) -> int:

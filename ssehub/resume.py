@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import sse
+from .channel import streams_of
 from .messages import Rejected, parse_entry
 from .streams import parse_stream_id
 
@@ -221,7 +222,7 @@ async def resume_streams(
         return await catch_up_from_redis(
             hub, streams, channel, last_event_id, write, last_event_id, page
         )
-    ordered = tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
+    ordered = streams_of(channels)
     hub_part, positions = split_mux_id(last_event_id, len(ordered))
     if positions is None:
         return last_event_id  # no stream positions in it: memory (or a gap) it is

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
-__all__ = ["Waiters"]
+__all__ = ["Changes", "Waiters"]
 
 
 class Waiters:
@@ -47,3 +47,31 @@ class Waiters:
         future = self._futures.pop(key, None)
         if future is not None:
             future.cancel()
+
+
+class Changes:
+    """Something that changes now and then (a worker's feed), and the streams waiting
+    until a condition on it holds: one shared future, renewed at each change."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next: asyncio.Future[None] | None = None
+
+    async def until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """True once ``condition()`` holds (checked at each change); False after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not condition():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            if self._next is None or self._next.done():
+                self._next = loop.create_future()
+            await asyncio.wait({self._next}, timeout=left)  # never cancels the shared one
+        return True
+
+    def changed(self) -> None:
+        """Wake everyone waiting, to check their condition again."""
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)

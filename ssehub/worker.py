@@ -28,7 +28,7 @@ from typing import Any
 
 from . import feed, logs
 from .broker import Broker, BrokerState
-from .channel import Channel
+from .channel import Channel, streams_of
 from .config import Config, RedisConfig
 from .families import Family
 from .feed import FrameProtocol, FrameReader, Op
@@ -40,6 +40,7 @@ from .sessions import Roster
 from .streams import StreamReplays, parse_stream_id
 from .subscriber import Subscriber
 from .systemd import Notifier
+from .waiters import Changes
 
 __all__ = ["FeedBroker", "FeedSink", "FeedStreams", "WorkerHub", "main"]
 
@@ -60,7 +61,7 @@ class WorkerHub(Hub):
         self._held: dict[int, Channel] = {}
         # Streams waiting for the feed to reach their Last-Event-ID.
         # Resolved when the feed moves this worker's position on (see caught_up).
-        self._advanced: asyncio.Future[None] | None = None
+        self._advanced = Changes()
 
     def _send(self, op: Op) -> None:
         if self.upstream is not None:
@@ -151,19 +152,16 @@ class WorkerHub(Hub):
         position ``last_event_id`` names, and each stream channel's entry id in it: a
         client that saw it on a quicker worker must not get a gap here for what is
         merely still on its way."""
-        if last_event_id is None or not self._behind(last_event_id, channels, mux):
+        if last_event_id is None:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _CATCH_UP
-        while self._behind(last_event_id, channels, mux) and loop.time() < deadline:
-            if self._advanced is None or self._advanced.done():
-                self._advanced = loop.create_future()
-            await asyncio.wait({self._advanced}, timeout=deadline - loop.time())
+        await self._advanced.until(
+            lambda: not self._behind(last_event_id, channels, mux), _CATCH_UP
+        )
 
     def _behind(self, last_event_id: str, channels: Sequence[Channel], mux: bool) -> bool:
         if self._ahead(last_event_id) > self.seq:
             return True
-        streams = sorted((c for c in channels if c.stream), key=lambda c: c.name)
+        streams = streams_of(channels)
         if not streams:
             return False
         positions: list[str] | None = [last_event_id]
@@ -189,8 +187,7 @@ class WorkerHub(Hub):
 
     def advanced(self) -> None:
         """The feed moved this worker's position on: wake the streams waiting for it."""
-        if self._advanced is not None and not self._advanced.done():
-            self._advanced.set_result(None)
+        self._advanced.changed()
 
 
 class FeedStreams(StreamReplays):
@@ -207,7 +204,7 @@ class FeedStreams(StreamReplays):
         self.state = BrokerState.CONNECTING  # main's stream reader's
         # Streams main reads, each from a position this worker has.
         self.live: set[bytes] = set()
-        self._changed: asyncio.Future[None] | None = None
+        self._changed = Changes()
 
     @property
     def ready(self) -> bool:
@@ -227,23 +224,13 @@ class FeedStreams(StreamReplays):
         """True once main reads every one of ``keys`` (or a stream's member is gone,
         so that the stream ends instead of waiting); False after ``timeout``."""
         wanted = list(keys)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self._settled(wanted):
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            if self._changed is None or self._changed.done():
-                self._changed = loop.create_future()
-            await asyncio.wait({self._changed}, timeout=left)
-        return True
+        return await self._changed.until(lambda: self._settled(wanted), timeout)
 
     def _settled(self, keys: list[bytes]) -> bool:
         return all(k in self.live for k in keys) or not all(self.hub.serves_stream(k) for k in keys)
 
     def wake(self) -> None:
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
+        self._changed.changed()
 
 
 class FeedBroker(Broker):
@@ -258,7 +245,7 @@ class FeedBroker(Broker):
         self.proto: FrameProtocol | None = None
         # Redis channels of members main confirmed live (it subscribes for the node).
         self.live: set[bytes] = set()
-        self._changed: asyncio.Future[None] | None = None
+        self._changed = Changes()
         self.streams = FeedStreams(config.redis, hub)
 
     # The node's broker (in main) follows members; a worker's hub asks main instead.
@@ -275,16 +262,7 @@ class FeedBroker(Broker):
         """True once main reports every one of ``channels`` live (or the stream's member
         is gone, so that the stream ends instead of waiting); False after ``timeout``."""
         wanted = list(channels)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self._settled(wanted):
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            if self._changed is None or self._changed.done():
-                self._changed = loop.create_future()
-            await asyncio.wait({self._changed}, timeout=left)
-        return True
+        return await self._changed.until(lambda: self._settled(wanted), timeout)
 
     def _settled(self, channels: list[bytes]) -> bool:
         if all(c in self.live for c in channels):
@@ -292,8 +270,7 @@ class FeedBroker(Broker):
         return not all(self.hub.serves(c) for c in channels)  # refused or dropped
 
     def _wake(self) -> None:
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
+        self._changed.changed()
         self.streams.wake()
 
     async def connect(self, reader: FrameReader) -> None:
