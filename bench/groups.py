@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from ssehub.config import Limits, parse
-from ssehub.hub import Hub
-from ssehub.subscriber import Subscriber
+from ssehub.hub.hub import Hub
+from ssehub.hub.subscriber import Subscriber
 
 CHANNELS = 32
 

@@ -15,8 +15,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ssehub.auth import Verifier
 from ssehub.config import AuthConfig
+from ssehub.http.auth import Verifier
 
 TOKENS = 2000
 

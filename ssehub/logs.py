@@ -22,8 +22,8 @@ from typing import Any, TextIO
 
 from aiohttp import web
 
-from .auth import redact
 from .config import LoggingConfig
+from .http.auth import redact
 
 __all__ = [
     "ACCESS_LOGGER",

@@ -14,20 +14,20 @@ import socket
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .admin import create_admin_app
-from .aiohttp_compat import QuietBadRequests, connections, request_in_progress
-from .app import create_app
-from .broker import Broker, BrokerState
-from .brokers import create_broker
-from .cluster_streams import ClusterStreamReader
 from .config import Config, ConfigError, load
-from .hub import Hub
+from .http.admin import create_admin_app
+from .http.app import create_app
+from .http.compat import QuietBadRequests, connections, request_in_progress
+from .http.metrics import Metrics
+from .http.presence import Reporter
+from .hub.hub import Hub
+from .hub.sessions import Roster
 from .logs import enable_access_log, fields
-from .metrics import Metrics
-from .presence import Reporter
-from .sessions import Roster
-from .streams import StreamReader, StreamSource
-from .systemd import Notifier
+from .redis.cluster_streams import ClusterStreamReader
+from .redis.factory import create_broker
+from .redis.pubsub import Broker, BrokerState
+from .redis.streams import StreamReader, StreamSource
+from .supervisors.systemd import Notifier
 
 __all__ = ["RESTART_ONLY", "HubServer", "reload_hub", "run", "serve"]
 
@@ -63,7 +63,7 @@ class HubServer:
         reuse_port: bool = False,
     ) -> None:
         self.config = config
-        # A worker brings its own hub and "broker" (the node's feed: see feed.py).
+        # A worker brings its own hub and "broker" (the node's feed: see supervisors/feed.py).
         self.hub = Hub(config) if hub is None else hub
         self.broker = broker or create_broker(
             config.redis,
@@ -75,14 +75,14 @@ class HubServer:
         self._reuse_port = reuse_port
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
         # Events and presence: written by this process, unless it is a worker (whose
-        # roster reports to the node's main process instead: see worker.py).
+        # roster reports to the node's main process instead: see supervisors/worker.py).
         self.reporter: Reporter | None = None
         if hub is None:
             self.reporter = Reporter(config)
             self.hub.roster = Roster(self.reporter, config.events.enabled)
         # Stream channels: one reader for all of them (it connects once one is wanted);
         # with Redis Cluster, one per slot in use, on the master owning it; a worker
-        # brings its own stream side (main reads: see worker.py).
+        # brings its own stream side (main reads: see supervisors/worker.py).
         reader = ClusterStreamReader if config.redis.cluster else StreamReader
         self.streams: StreamSource = streams or reader(
             config.redis,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssehub.sessions import SESSION_EVENT
+from ssehub.hub.sessions import SESSION_EVENT
 
 __all__ = ["Event", "SSEClient", "http_request", "open_stream", "wait_until"]
 

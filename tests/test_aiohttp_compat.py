@@ -1,4 +1,4 @@
-"""Each assumption in ssehub/aiohttp_compat.py, checked against the installed aiohttp.
+"""Each assumption in ssehub/http/compat.py, checked against the installed aiohttp.
 
 These fail loudly when an aiohttp upgrade changes what the hub relies on, rather than
 the hub silently losing a protection. They run a minimal aiohttp app on a real socket.
@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ssehub import sse
-from ssehub.aiohttp_compat import (
+from ssehub.core import sse
+from ssehub.http.compat import (
     close_connection_after,
     connections,
     expect,

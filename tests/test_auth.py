@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ssehub.auth import CLAIM, EXPIRED_EVENT, Access, Grant, Verifier, matches, redact
 from ssehub.config import AuthConfig, ConfigError
+from ssehub.http.auth import CLAIM, EXPIRED_EVENT, Access, Grant, Verifier, matches, redact
 from ssehub.server import HubServer
 
 from .conftest import StartHub, hub_config
@@ -441,7 +441,7 @@ def test_auth_config_errors_name_the_key(
 
 
 def test_bad_auth_config_exits_2(tmp_path: Path) -> None:
-    from ssehub.cli import EXIT_CONFIG, main
+    from ssehub.cli.main import EXIT_CONFIG, main
 
     path = tmp_path / "hub.yaml"
     path.write_text("auth: {secret_file: /nonexistent/secret}\nchannels: {chat: {}}\n")

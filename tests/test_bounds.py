@@ -10,11 +10,11 @@ import socket
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.app import BUSY_EVENT
 from ssehub.config import ChannelConfig, Limits
-from ssehub.history import SEQ, Budget, History
-from ssehub.history import entry as new_entry
-from ssehub.hub import GAP_EVENT
+from ssehub.core.history import SEQ, Budget, History
+from ssehub.core.history import entry as new_entry
+from ssehub.http.app import BUSY_EVENT
+from ssehub.hub.hub import GAP_EVENT
 
 from .conftest import StartHub
 from .sseclient import SSEClient, http_request, open_stream, wait_until

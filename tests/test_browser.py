@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from ssehub.config import Config
-from ssehub.demo import render
+from ssehub.http.demo import render
 from ssehub.server import HubServer
 
 from .cdp import Browser, chromium_path, launch

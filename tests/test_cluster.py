@@ -16,9 +16,9 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from ssehub.cluster import ClusterBroker, slot_map
-from ssehub.cluster_streams import ClusterStreamReader
 from ssehub.config import ConfigError, parse
+from ssehub.redis.cluster import ClusterBroker, slot_map
+from ssehub.redis.cluster_streams import ClusterStreamReader
 from ssehub.server import HubServer
 
 from .conftest import StartHub

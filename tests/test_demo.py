@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from ssehub.demo import channels_json
+from ssehub.http.demo import channels_json
 
 from .conftest import StartHub, hub_config
 from .sseclient import http_request
@@ -63,7 +63,7 @@ def test_odd_redis_channel_names_are_quoted_and_cannot_break_out_of_the_script()
 def test_publish_command_for_a_json_channel_sends_a_payload_it_accepts() -> None:
     import shlex
 
-    from ssehub.messages import parse_json
+    from ssehub.core.messages import parse_json
 
     config = hub_config("redis://127.0.0.1:1/0", {"prices": {"format": "json"}})
     (channel,) = json.loads(channels_json(config))["channels"]
@@ -89,7 +89,7 @@ def test_a_family_is_listed_with_its_star_for_the_page_to_fill_in() -> None:
 def test_a_stream_channel_is_published_to_with_xadd() -> None:
     import shlex
 
-    from ssehub.messages import parse_entry
+    from ssehub.core.messages import parse_entry
 
     config = hub_config(
         "redis://127.0.0.1:1/0", {"orders": {"stream": "app:orders", "format": "json"}}

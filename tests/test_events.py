@@ -6,7 +6,7 @@ import json
 
 import redis.asyncio as aioredis
 
-from ssehub.hub import GAP_EVENT
+from ssehub.hub.hub import GAP_EVENT
 
 from .conftest import StartHub
 from .sseclient import SSEClient, http_request, open_stream

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from ssehub.config import ConfigError, load, parse
-from ssehub.families import Families
+from ssehub.core.families import Families
 from ssehub.server import HubServer
 
 from .conftest import StartHub

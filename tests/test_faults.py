@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.broker import Broker, BrokerState
 from ssehub.config import RedisConfig
-from ssehub.hub import GAP_EVENT
+from ssehub.hub.hub import GAP_EVENT
+from ssehub.redis.pubsub import Broker, BrokerState
 from ssehub.server import HubServer
 
 from .conftest import StartHub
@@ -63,7 +63,7 @@ def broker_lines(caplog: pytest.LogCaptureFixture) -> dict[str, int]:
     """How many times each broker state line was logged."""
     counts = {"redis unavailable": 0, "redis subscribed": 0, "redis down": 0}
     for record in caplog.records:
-        if record.name == "ssehub.broker":
+        if record.name == "ssehub.redis.pubsub":
             for key in counts:
                 if record.getMessage().startswith(key):
                     counts[key] += 1
@@ -86,7 +86,7 @@ def count_attempts(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> list[int]
 async def test_starts_without_redis_and_gets_ready_when_it_appears(
     start_hub: StartHub, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ssehub.broker")
+    caplog.set_level(logging.INFO, logger="ssehub.redis.pubsub")
     redis = RedisServer()
     redis.port = free_port()  # nothing listens there yet; start() will use it
     try:
@@ -133,7 +133,7 @@ async def test_starts_without_redis_and_gets_ready_when_it_appears(
 async def test_kill_and_restart_redis_keeps_streams_and_signals_the_gap(
     start_hub: StartHub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ssehub.broker")
+    caplog.set_level(logging.INFO, logger="ssehub.redis.pubsub")
     redis = RedisServer()
     redis.start()
     clients: list[SSEClient] = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from ssehub.history import SEQ, Entry, History
-from ssehub.history import entry as new_entry
+from ssehub.core.history import SEQ, Entry, History
+from ssehub.core.history import entry as new_entry
 
 
 def entry(seq: int, id: str | None = None) -> Entry:

@@ -7,7 +7,7 @@ import json
 
 import redis.asyncio as aioredis
 
-from ssehub.app import BUSY_EVENT
+from ssehub.http.app import BUSY_EVENT
 
 from .conftest import StartHub
 from .sseclient import SSEClient, http_request, open_stream, wait_until

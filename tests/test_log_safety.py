@@ -23,7 +23,7 @@ FORMATTERS = {"text": TextFormatter, "json": JsonFormatter}
 
 class Captured:
     """Lines the hub's own formatter (text or json) writes for the ``ssehub.access`` and
-    ``ssehub.hub`` loggers, the ones that carry client and publisher text."""
+    ``ssehub.hub.hub`` loggers, the ones that carry client and publisher text."""
 
     def __init__(self, format: str) -> None:
         self.format = format
@@ -38,7 +38,7 @@ class Captured:
 @pytest.fixture(params=sorted(FORMATTERS))
 def captured(request: pytest.FixtureRequest) -> Iterator[Captured]:
     cap = Captured(request.param)
-    loggers = [logging.getLogger(name) for name in ("ssehub.access", "ssehub.hub")]
+    loggers = [logging.getLogger(name) for name in ("ssehub.access", "ssehub.hub.hub")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(cap.handler)
@@ -96,7 +96,7 @@ async def test_publisher_text_in_log_lines_is_escaped_and_bounded(
     start_hub: StartHub, captured: Captured, redis_client: Any
 ) -> None:
     hub = await start_hub({"chat": {}}, juggernaut={"enabled": True})
-    forged = 'x" reason=forged\n2026-01-01 00:00:00,000 ERROR ssehub.hub forged \x1b[2J\u2028'
+    forged = 'x" reason=forged\n2026-01-01 00:00:00,000 ERROR ssehub.hub.hub forged \x1b[2J\u2028'
     names = [forged, "n" * 5000]
     await redis_client.publish("juggernaut", json.dumps({"channels": names, "data": "d"}))
     await wait_until(lambda: captured.lines(), timeout=5)

@@ -38,7 +38,7 @@ def restore_root_logging() -> Iterator[None]:
 def test_json_lines_carry_stable_fields(restore_root_logging: None) -> None:
     out = io.StringIO()
     setup(LoggingConfig(format="json", level="DEBUG"), stream=out)
-    log = logging.getLogger("ssehub.hub")
+    log = logging.getLogger("ssehub.hub.hub")
     log.warning(
         "message rejected", extra=fields(channel="chat", reason="too_large", detail="9 > 8")
     )
@@ -52,7 +52,7 @@ def test_json_lines_carry_stable_fields(restore_root_logging: None) -> None:
     first = lines[0]
     assert list(first)[:4] == ["ts", "level", "logger", "msg"]
     assert first["level"] == "WARNING"
-    assert first["logger"] == "ssehub.hub"
+    assert first["logger"] == "ssehub.hub.hub"
     assert first["msg"] == "message rejected"
     assert (first["channel"], first["reason"], first["detail"]) == ("chat", "too_large", "9 > 8")
     assert first["ts"].endswith("Z") and "T" in first["ts"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssehub.messages import Event, Rejected, parse, parse_juggernaut
+from ssehub.core.messages import Event, Rejected, parse, parse_juggernaut
 
 MAX = 1000
 

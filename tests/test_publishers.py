@@ -9,7 +9,7 @@ import logging
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.messages import Event, Rejected, parse, parse_juggernaut
+from ssehub.core.messages import Event, Rejected, parse, parse_juggernaut
 
 from .conftest import StartHub
 from .logcheck import records_with

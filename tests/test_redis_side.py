@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.broker import Broker
 from ssehub.config import ConfigError, RedisConfig, parse
+from ssehub.redis.pubsub import Broker
 
 from .conftest import StartHub
 from .logcheck import records_with
@@ -65,7 +65,7 @@ def test_cli_exits_2_with_one_line_for_a_url_that_cannot_work(
 async def test_broker_survives_any_exception_from_a_connection_attempt(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ssehub.broker")
+    caplog.set_level(logging.INFO, logger="ssehub.redis.pubsub")
     # Built directly, past the config's validation: what used to kill the broker's task.
     config = RedisConfig(url="redis://a..b/0", reconnect_min=0.01, reconnect_max=0.02)
     broker = Broker(config, ["chat"], lambda channel, payload: None)

@@ -10,8 +10,8 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.history import AT
-from ssehub.hub import GAP_EVENT
+from ssehub.core.history import AT
+from ssehub.hub.hub import GAP_EVENT
 
 from .conftest import StartHub
 from .sseclient import SSEClient, open_stream, wait_until
@@ -252,7 +252,7 @@ async def test_epochs_are_unique_per_process_even_within_one_millisecond(
 ) -> None:
     """Two hubs started in the same millisecond (on two nodes, say): neither takes the
     other's pub/sub ids for its own."""
-    monkeypatch.setattr("ssehub.hub.time.time_ns", lambda: 1_796_000_000_000_000_000)
+    monkeypatch.setattr("ssehub.hub.hub.time.time_ns", lambda: 1_796_000_000_000_000_000)
     one = await start_hub()
     two = await start_hub()
     assert one.hub.epoch != two.hub.epoch

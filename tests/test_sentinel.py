@@ -16,9 +16,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from ssehub.broker import BrokerState
 from ssehub.config import ConfigError, parse
-from ssehub.sentinel import SentinelBroker
+from ssehub.redis.pubsub import BrokerState
+from ssehub.redis.sentinel import SentinelBroker
 
 from .conftest import StartHub, hub_config
 from .logcheck import rendered
@@ -180,7 +180,7 @@ async def test_a_replica_named_as_master_is_never_subscribed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A sentinel may lag behind a failover: ROLE decides, not the sentinel's answer."""
-    caplog.set_level(logging.WARNING, logger="ssehub.broker")
+    caplog.set_level(logging.WARNING, logger="ssehub.redis.pubsub")
     master, replica = RedisServer(), RedisServer()
     master.start()
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssehub import sse
+from ssehub.core import sse
 
 
 @pytest.mark.parametrize(

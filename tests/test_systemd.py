@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ssehub.server import HubServer
-from ssehub.systemd import Notifier
+from ssehub.supervisors.systemd import Notifier
 
 from .conftest import hub_config
 from .redis_server import RedisServer, free_port

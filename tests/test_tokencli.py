@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ssehub.cli import EXIT_CONFIG, main
+from ssehub.cli.main import EXIT_CONFIG, main
+from ssehub.cli.token import parse_ttl
 from ssehub.config import load
-from ssehub.tokencli import parse_ttl
 
 from .conftest import StartHub
 from .sseclient import open_stream

@@ -1,0 +1,1 @@
+"""Pure parts: SSE encoding, message formats, history, families, waiting helpers."""

@@ -1,0 +1,1 @@
+"""The HTTP side: the aiohttp app, stream handler, auth, CORS, presence, admin, metrics, demo."""

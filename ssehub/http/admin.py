@@ -1,0 +1,39 @@
+"""The operators' listener: ``/metrics``, ``/channels/<name>/presence``, and
+``/healthz``/``/readyz`` as on the public one.
+
+It is a separate aiohttp application on its own socket (``admin.host``/``admin.port``),
+so metrics never appear on the port browsers reach and a firewall can tell them apart.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..hub.hub import Hub
+from ..redis.pubsub import Broker
+from .app import BROKER, HUB, healthz, readyz
+from .metrics import Metrics
+from .presence import add_presence_route
+
+__all__ = ["METRICS", "create_admin_app"]
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """The Prometheus text exposition of this hub's registry."""
+    body, content_type = request.app[METRICS].exposition(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def create_admin_app(hub: Hub, broker: Broker, metrics_: Metrics) -> web.Application:
+    """The admin application: metrics, liveness and readiness."""
+    app = web.Application()
+    app[HUB] = hub
+    app[BROKER] = broker
+    app[METRICS] = metrics_
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    add_presence_route(app, hub)  # GET /channels/<name>/presence, answered from Redis
+    return app

@@ -1,0 +1,1 @@
+"""The hub: channels and members, the fan-out hot path, resume, sessions."""

@@ -1,0 +1,123 @@
+"""A channel and the groups of subscribers that receive the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from ..config import ChannelConfig
+from ..core.families import Family
+from ..core.history import Budget, History
+from .subscriber import Subscriber
+
+__all__ = ["Channel", "Group", "MuxGroup", "streams_of"]
+
+
+def streams_of(channels: Sequence[Channel]) -> tuple[Channel, ...]:
+    """The stream channels among ``channels``, in the order /events ids list them."""
+    return tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
+
+
+class Group:
+    """Subscribers that receive exactly the same bytes."""
+
+    __slots__ = ("chunked", "plain")
+
+    def __init__(self) -> None:
+        # transport -> subscriber; iterated on every message, so keyed by the
+        # object the loop needs (saves an attribute lookup per write).
+        self.chunked: dict[asyncio.Transport, Subscriber] = {}
+        # HTTP/1.0 streams: unframed bytes.
+        self.plain: dict[asyncio.Transport, Subscriber] = {}
+
+    def __len__(self) -> int:
+        return len(self.chunked) + len(self.plain)
+
+    def add(self, sub: Subscriber) -> None:
+        (self.chunked if sub.chunked else self.plain)[sub.transport] = sub
+
+    def remove(self, sub: Subscriber) -> bool:
+        return (self.chunked if sub.chunked else self.plain).pop(sub.transport, None) is not None
+
+    def subscribers(self) -> list[Subscriber]:
+        return [*self.chunked.values(), *self.plain.values()]
+
+
+class MuxGroup(Group):
+    """``/events`` subscribers following the same set of channels."""
+
+    __slots__ = ("channels", "joining", "names", "streams")
+
+    def __init__(self, channels: Sequence[Channel]) -> None:
+        super().__init__()
+        self.channels = tuple(channels)
+        self.names = frozenset(c.name for c in channels)
+        # Its stream channels, by name: the order their positions take in its ids.
+        self.streams = streams_of(channels)
+        # Members still catching up with history: the group outlives its last live
+        # member while any remain, so they join the group they were counted in.
+        self.joining = 0
+
+
+class Channel:
+    """A listed channel or a live family member: its direct subscribers, its /events
+    groups, its history.
+
+    ``label`` names it in metrics: the channel's name, or its family's (``user.*``),
+    so that series stay bounded by the config whatever names clients ask for.
+    """
+
+    __slots__ = (
+        "alone",
+        "config",
+        "family",
+        "flushed_pos",
+        "history",
+        "holds",
+        "label",
+        "last_seq",
+        "last_write",
+        "mux_groups",
+        "name",
+        "redis",
+        "stream",
+        "stream_pos",
+        "subs",
+    )
+
+    def __init__(
+        self,
+        config: ChannelConfig,
+        budget: Budget,
+        name: str | None = None,
+        family: Family | None = None,
+        redis: bytes | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name if name is None else name
+        self.label = config.name
+        self.family = family
+        # The Redis channel feeding it, or its stream's key (``stream`` is then true).
+        self.stream = bool(config.stream)
+        if redis is None:
+            redis = (config.stream or config.redis_channel).encode()
+        self.redis = redis
+        # Stream channels: the entry id of the newest event (the stream's position),
+        # and of the newest one written to subscribers (what /events ids carry).
+        self.stream_pos = "0-0"
+        self.flushed_pos = "0-0"
+        # Stream handlers holding this channel (a member lives while any does).
+        self.holds = 0
+        # The channel list of every direct subscriber: shared, not one per stream.
+        self.alone: tuple[Channel] = (self,)
+        self.subs = Group()
+        self.mux_groups: set[MuxGroup] = set()
+        self.history = History(
+            config.history, config.history_ttl, config.history_bytes, budget, config.name
+        )
+        self.last_seq = 0  # hub sequence number of this channel's newest event
+        self.last_write = 0.0
+
+    def __len__(self) -> int:
+        """Open streams receiving this channel (direct and through /events)."""
+        return len(self.subs) + sum(len(g) for g in self.mux_groups)

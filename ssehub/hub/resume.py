@@ -1,0 +1,261 @@
+"""Positions: what an ``id:`` says about where a client is, and catching up from Redis.
+
+Three kinds of id reach the hub as ``Last-Event-ID``:
+
+- ``<epoch>-<seq>``: a position in this process's numbering (pub/sub channels, and
+  every ``/events`` stream). ``<epoch>`` is unique per process, so an id of another
+  process or node is never taken for one of ours.
+- a Redis Stream entry id (``1700000000000-0``) on a stream channel: the same on every
+  node and after every restart.
+- on ``/events`` following stream channels: ``<epoch>-<seq>`` followed by one
+  ``~<entry id>`` per stream channel, in the order of the channels' names, each
+  entry id written compactly (milliseconds in base 36, then ``-`` and the sequence in
+  base 36 when it is not 0): ``mx339x0v-152~lq2k3m9a~lq2k3m8z-3``. One id thus
+  resumes every stream channel exactly on any node. At most ``MAX_STREAMS_PER_EVENTS``
+  stream channels per ``/events`` connection keep it under 256 characters.
+
+``catch_up_from_redis`` serves a stream channel's client whose position is older than
+the hub's cache: it pages through ``XRANGE`` (one round trip in flight per client, a
+bounded number in total: see ``StreamReader.read_range``) until the position reaches
+what the hub holds in memory, where the synchronous seam of ``Hub.subscribe`` takes over.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ..core import sse
+from ..core.messages import Rejected, parse_entry
+from ..redis.streams import parse_stream_id
+from .channel import streams_of
+
+if TYPE_CHECKING:
+    from ..redis.streams import StreamSource
+    from .channel import Channel
+    from .hub import Hub
+
+__all__ = [
+    "GAP_EVENT",
+    "MAX_STREAMS_PER_EVENTS",
+    "base36",
+    "catch_up_from_redis",
+    "compact",
+    "expand",
+    "gap_event",
+    "just_before",
+    "mux_id",
+    "resume_streams",
+    "split_mux_id",
+]
+
+# The named event that tells a client it missed events it cannot get back.
+GAP_EVENT = "ssehub-gap"
+
+# Bytes of events a resume from Redis reads per XRANGE page (about).
+PAGE_BYTES = 64 * 1024
+
+# Stream channels one /events connection may follow (the id carries each position).
+MAX_STREAMS_PER_EVENTS = 16
+
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def base36(n: int) -> str:
+    """``n`` (>= 0) in base 36, lower case."""
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = _DIGITS[r] + out
+        if n == 0:
+            return out
+
+
+def compact(entry_id: str) -> str:
+    """A stream entry id as it stands in an ``/events`` id (``0-0`` for an empty stream)."""
+    parsed = parse_stream_id(entry_id)
+    if parsed is None:
+        return "0"
+    ms, seq = parsed
+    return base36(ms) + (f"-{base36(seq)}" if seq else "")
+
+
+def expand(text: str) -> str | None:
+    """The entry id ``compact`` wrote, or None when ``text`` is not one."""
+    ms, sep, seq = text.partition("-")
+    try:
+        if not ms.isalnum() or not ms.isascii() or (sep and not (seq.isalnum() and seq.isascii())):
+            return None
+        return f"{int(ms, 36)}-{int(seq, 36) if sep else 0}"
+    except ValueError:
+        return None
+
+
+def mux_id(epoch: str, seq: int, positions: Sequence[str]) -> str:
+    """An ``/events`` id: the hub position, then each stream channel's entry id."""
+    hub = f"{epoch}-{seq}"
+    if not positions:
+        return hub
+    return hub + "".join("~" + compact(p) for p in positions)
+
+
+def split_mux_id(value: str, streams: int) -> tuple[str, list[str] | None]:
+    """An ``/events`` id as its hub part and its ``streams`` entry ids (None when it
+    does not carry exactly that many, e.g. the channel list changed)."""
+    hub, *rest = value.split("~")
+    if len(rest) != streams:
+        return hub, None
+    positions = [expand(p) for p in rest]
+    if any(p is None for p in positions):
+        return hub, None
+    return hub, [p for p in positions if p is not None]
+
+
+def gap_event(channel: str, reason: str, last_event_id: str | None) -> bytes:
+    """The ``ssehub-gap`` event: ``channel`` missed events since ``last_event_id``."""
+    data = {"channel": channel, "reason": reason, "lastEventId": last_event_id}
+    return sse.encode(json.dumps(data, separators=(",", ":")), event=GAP_EVENT)
+
+
+def _key(entry_id: str) -> tuple[int, int]:
+    parsed = parse_stream_id(entry_id)
+    return (-1, -1) if parsed is None else parsed
+
+
+def cached(channel: Channel, entry_id: str) -> bool:
+    """True when the hub can resume ``channel`` from ``entry_id`` out of memory."""
+    return entry_id == channel.stream_pos or channel.history.seq_of(entry_id) is not None
+
+
+async def catch_up_from_redis(
+    hub: Hub,
+    streams: StreamSource,
+    channel: Channel,
+    position: str,
+    write: Callable[[list[tuple[bytes, str | None]]], Awaitable[None]],
+    last_event_id: str,
+    page_bytes: int,
+) -> str:
+    """Bring a stream channel's client from ``position`` to where the hub's memory
+    takes over, writing what it missed with ``write([(event bytes, entry id), ...])``
+    (one call per page, so one write to the client; entry id None for the gap event;
+    it waits for the client to read); returns the new position.
+
+    A position older than the stream's first entry (trimmed) gets the ``expired``
+    gap, one that is no entry of the stream ``unknown_id``; both then get what the
+    stream still has after it. A position that is no entry id at all, or newer than
+    anything read here, is left to ``Hub.subscribe`` (``unknown_id``, then live).
+    """
+    if cached(channel, position) or parse_stream_id(position) is None:
+        return position
+    if _key(position) > _key(channel.stream_pos):
+        return position  # from the future here: another stream's, or a foreign id
+    key = channel.redis
+    first = await streams.first_id(key)
+    if first is None:
+        return position  # the stream is empty: nothing to catch up with
+    reason = None
+    if _key(position) < _key(first.decode()):
+        reason = "expired"
+    elif not await streams.read_range(key, _before(position), position.encode(), 1):
+        reason = "unknown_id"
+    if reason is not None:
+        hub.stats.gaps[channel.label] += 1
+        await write([(gap_event(channel.name, reason, last_event_id), None)])
+    hub.stats.redis_replays[channel.label] += 1
+    count = 10  # a first page; then sized so that a page holds about page_bytes
+    while not cached(channel, position):
+        until = channel.stream_pos
+        entries = await streams.read_range(key, position.encode(), until.encode(), count)
+        if not entries:
+            # Nothing between here and what the reader has: the client is there too.
+            position = until
+            continue
+        size = 0
+        fmt = channel.config.format
+        limit = hub.config.limits.max_message_bytes
+        page: list[tuple[bytes, str | None]] = []
+        read = len(entries)
+        for entry_id, fields in entries:
+            position = entry_id.decode()
+            try:
+                event = parse_entry(fmt, position, fields, limit)
+                raw = sse.encode(event.data, event=event.event, id=position, retry=event.retry)
+            except (Rejected, sse.EncodeError):
+                continue  # counted and logged when the reader met it
+            size += len(raw)
+            page.append((raw, position))
+        del entries  # the parsed page goes before the client is waited for
+        if page:
+            await write(page)
+        count = max(1, min(500, page_bytes * read // max(size, 1)))
+    return position
+
+
+async def resume_streams(
+    hub: Hub,
+    channels: Sequence[Channel],
+    last_event_id: str | None,
+    mux: bool,
+    send: Callable[[bytes], Awaitable[None]],
+) -> str | None:
+    """Before a stream registers: catch its stream channels up from Redis where their
+    positions are older than the hub's memory. Returns the Last-Event-ID to resume
+    from memory with (the same, or one advanced past what was sent here).
+
+    Raises ``RedisError`` when Redis cannot be read: the caller ends the stream
+    cleanly, and the browser comes back later with the id of the last event it got.
+    """
+    streams = hub.streams
+    if last_event_id is None or streams is None or not any(c.stream for c in channels):
+        return last_event_id
+    # Pages of about 64 KiB: what a resuming client holds while the hub waits for it to
+    # read is its transport's buffer (bounded) plus at most one such page.
+    page = min(hub.replay_bound, PAGE_BYTES)
+    if not mux:
+        (channel,) = channels
+
+        async def write(events: list[tuple[bytes, str | None]]) -> None:
+            await send(b"".join(raw for raw, _ in events))
+
+        return await catch_up_from_redis(
+            hub, streams, channel, last_event_id, write, last_event_id, page
+        )
+    ordered = streams_of(channels)
+    hub_part, positions = split_mux_id(last_event_id, len(ordered))
+    if positions is None:
+        return last_event_id  # no stream positions in it: memory (or a gap) it is
+    for i, channel in enumerate(ordered):
+
+        async def write_mux(
+            events: list[tuple[bytes, str | None]], i: int = i, channel: Channel = channel
+        ) -> None:
+            parts = []
+            for raw, position in events:
+                if position is None:
+                    parts.append(raw)  # the gap event, as /events carry it
+                    continue
+                # Every other stream stays where the client is: the id says so exactly.
+                positions[i] = position
+                event_id = hub_part + "".join("~" + compact(p) for p in positions)
+                parts.append(hub.mux_event(channel, raw, event_id.encode()))
+            await send(b"".join(parts))
+
+        positions[i] = await catch_up_from_redis(
+            hub, streams, channel, positions[i], write_mux, last_event_id, page
+        )
+    return hub_part + "".join("~" + compact(p) for p in positions)
+
+
+def just_before(entry_id: str) -> str:
+    """The greatest possible entry id below ``entry_id`` (an exclusive start that
+    includes ``entry_id`` itself)."""
+    ms, seq = _key(entry_id)
+    if seq > 0:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{2**64 - 1}" if ms > 0 else "0-0"
+
+
+def _before(entry_id: str) -> bytes:
+    return just_before(entry_id).encode()

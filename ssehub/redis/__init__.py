@@ -1,0 +1,1 @@
+"""The Redis side: pub/sub sources, stream readers, discovery of Sentinel and Cluster nodes."""

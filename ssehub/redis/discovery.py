@@ -1,0 +1,83 @@
+"""Finding Redis nodes: one-shot commands to seeds and sentinels, and node URLs.
+
+Cluster and Sentinel brokers ask a node where things are (``CLUSTER SLOTS``,
+``SENTINEL get-master-addr-by-name``) before they subscribe. Those questions are rare
+(start-up and faults), so each is its own short connection: connect, authenticate,
+one command, one reply, close. The subscription connections stay the broker's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+
+from ..config import RedisConfig
+from .pubsub import _command
+
+__all__ = ["Address", "QueryError", "node_url", "query", "show"]
+
+Address = tuple[str, int]
+
+
+class QueryError(Exception):
+    """The node could not be asked, or answered with an error."""
+
+
+def show(addr: Address) -> str:
+    """``host:port`` (``[v6]:port``) for logs and URLs."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tls(config: RedisConfig) -> bool:
+    return config.url.startswith("rediss://")
+
+
+def node_url(config: RedisConfig, addr: Address) -> str:
+    """A ``redis://`` URL for one node, with the credentials and TLS of ``redis.url``."""
+    netloc = urlsplit(config.url.replace("+cluster://", "://", 1)).netloc
+    userinfo, at, _ = netloc.rpartition("@")
+    scheme = "rediss" if _tls(config) else "redis"
+    return f"{scheme}://{userinfo}{at}{show(addr)}"
+
+
+async def query(config: RedisConfig, addr: Address, *args: str | bytes, auth: bool = True) -> Any:
+    """Send one command to ``addr`` and return its reply (within ``connect_timeout``)."""
+    try:
+        return await asyncio.wait_for(_query(config, addr, args, auth), config.connect_timeout)
+    except (OSError, ssl.SSLError, EOFError) as exc:  # TimeoutError is an OSError
+        raise QueryError(f"{show(addr)}: {str(exc) or type(exc).__name__}") from None
+
+
+async def _query(
+    config: RedisConfig, addr: Address, args: tuple[str | bytes, ...], auth: bool
+) -> Any:
+    tls = ssl.create_default_context() if _tls(config) else None
+    reader, writer = await asyncio.open_connection(*addr, ssl=tls)
+    try:
+        parser = hiredis.Reader()
+        commands = [args]
+        parts = urlsplit(config.url.replace("+cluster://", "://", 1))
+        if auth and parts.password:
+            user = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password)
+            commands.insert(0, ("AUTH", user, password) if user else ("AUTH", password))
+        writer.write(b"".join(_command(*c) for c in commands))
+        replies: list[Any] = []
+        while len(replies) < len(commands):
+            data = await reader.read(65536)
+            if not data:
+                raise EOFError("connection closed")
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                replies.append(reply)
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise QueryError(f"{show(addr)}: {reply}")
+        return replies[-1]
+    finally:
+        writer.close()

@@ -1,0 +1,130 @@
+"""Redis Sentinel: the same broker, with the master's address asked of the sentinels.
+
+Sentinel is a way to find the address, not a new broker: before every connection
+attempt the broker asks the configured sentinels, in order, for the master
+(``SENTINEL get-master-addr-by-name``; the first that answers is asked first next
+time), connects as usual, and checks with ``ROLE`` that the node is the master before
+subscribing. A failover ends the session in one of three ways — the connection to the
+old master is lost, a sentinel publishes ``+switch-master`` (watched on one sentinel's
+pub/sub at a time), or the node answers ``ROLE`` as a replica — and the broker's usual
+reconnect (capped, jittered backoff) asks the sentinels again. Once it is subscribed on
+the new master the hub sees DOWN then UP and tells every stream ``redis_outage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterable
+
+from ..config import RedisConfig
+from ..logs import fields
+from .discovery import Address, QueryError, query, show
+from .pubsub import Broker, BrokerState, _PubSubProtocol, _SessionEnded
+
+__all__ = ["SentinelBroker"]
+
+log = logging.getLogger(__name__)
+
+
+class SentinelBroker(Broker):
+    """A ``Broker`` whose master is found (and found again) through Redis Sentinel."""
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        channels: Iterable[str | bytes],
+        on_message: Callable[[bytes, bytes], None],
+        on_state: Callable[[BrokerState, BrokerState], None] | None = None,
+    ) -> None:
+        super().__init__(config, channels, on_message, on_state)
+        assert config.sentinel is not None
+        self.master_name = config.sentinel.master
+        self.sentinels: list[Address] = config.sentinel.addresses()
+        self.master: Address | None = None  # as last resolved
+
+    def _safe_url(self) -> str:
+        where = show(self.master) if self.master is not None else "unresolved"
+        return f"sentinel:{self.master_name}@{where}"
+
+    async def resolve(self) -> Address:
+        """The master's address according to the first sentinel that knows it."""
+        errors = []
+        for addr in list(self.sentinels):
+            args = ("SENTINEL", "get-master-addr-by-name", self.master_name)
+            try:
+                reply = await query(self.config, addr, *args, auth=False)
+            except QueryError as exc:
+                errors.append(str(exc))
+                continue
+            if not isinstance(reply, list) or len(reply) != 2:
+                errors.append(f"{show(addr)}: does not know {self.master_name!r}")
+                continue
+            # Ask this one first next time (redis-py's Sentinel does the same).
+            self.sentinels.remove(addr)
+            self.sentinels.insert(0, addr)
+            return reply[0].decode(), int(reply[1])
+        raise _SessionEnded(f"no sentinel gave the master: {'; '.join(errors)}")
+
+    async def _connect(self) -> _PubSubProtocol:
+        self.master = await self.resolve()
+        self._params = {**self._params, "host": self.master[0], "port": self.master[1]}
+        return await super()._connect()
+
+    async def _subscribe_all(self, proto: _PubSubProtocol) -> None:
+        # A demoted master may still be reachable, and sentinels may lag: only a
+        # node that says it is the master gets the subscriptions.
+        proto.send("ROLE")
+        role = await proto.reply(self.config.connect_timeout)
+        if not isinstance(role, list) or not role or role[0] != b"master":
+            kind = role[0] if isinstance(role, list) and role else role
+            raise _SessionEnded(f"{self._safe_url()} is not a master (ROLE {kind!r})")
+        await super()._subscribe_all(proto)
+
+    async def run(self) -> None:
+        """Run the broker and, beside it, the watch for ``+switch-master``."""
+        watcher = asyncio.create_task(self._watch_sentinels(), name="ssehub-sentinel-watch")
+        try:
+            await super().run()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    def _on_switch(self, channel: bytes, payload: bytes) -> None:
+        # "<name> <old-ip> <old-port> <new-ip> <new-port>"
+        parts = payload.split()
+        if len(parts) != 5 or parts[0].decode(errors="replace") != self.master_name:
+            return
+        new = (parts[3].decode(), int(parts[4]))
+        log.info("sentinel switch-master", extra=fields(master=self.master_name, new=show(new)))
+        proto = self._proto
+        if new != self.master and proto is not None and proto.transport is not None:
+            proto.transport.abort()  # the session ends; the reconnect resolves again
+
+    async def _watch_sentinels(self) -> None:
+        """Follow ``+switch-master`` on one sentinel at a time, moving on when it goes."""
+        cfg = self.config
+        while True:
+            for addr in list(self.sentinels):
+                with contextlib.suppress(OSError, _SessionEnded):
+                    await self._watch_one(addr)
+                await asyncio.sleep(random.uniform(cfg.reconnect_min, cfg.reconnect_max))
+
+    async def _watch_one(self, addr: Address) -> None:
+        proto = _PubSubProtocol(self._on_switch, _ignore_ack)
+        loop = asyncio.get_running_loop()
+        try:
+            connect = loop.create_connection(lambda: proto, *addr)
+            await asyncio.wait_for(connect, self.config.connect_timeout)
+            proto.send("SUBSCRIBE", "+switch-master")
+            await proto.lost
+        finally:
+            if proto.transport is not None:
+                proto.transport.abort()
+
+
+def _ignore_ack(kind: bytes, channel: bytes) -> None:
+    """The watch needs no confirmation: a missed switch is caught by ROLE or a lost link."""

@@ -1,0 +1,504 @@
+"""The Redis Streams side: one blocking reader for every stream channel of the process.
+
+A stream channel's events are the entries of a Redis Stream (``XADD orders * data …``),
+and its SSE ids are the entry ids: the same on every hub node and after every restart,
+so a client resumes exactly wherever it reconnects.
+
+One connection blocks in ``XREAD COUNT … BLOCK … STREAMS k1 k2 … id1 id2 …`` over every
+stream the hub follows, and hands each batch to the hub synchronously. It continues
+from the last entry it delivered per stream, across reconnects: entries added while
+Redis (or the hub's connection) was away are delivered afterwards, none lost, none
+doubled. A second, ordinary connection does the rest: reading where a new stream
+starts (``XREVRANGE``, which also fills the hub's cache of recent entries), paging
+through ``XRANGE`` for clients that resume from further back than the cache, trimming,
+and ``CLIENT UNBLOCK`` to wake the reader when the set of streams changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+from redis.exceptions import RedisError
+
+from ..config import RedisConfig
+from ..core.waiters import Waiters
+from ..logs import fields
+from .pubsub import BrokerState
+
+__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource", "connect", "parse_stream_id"]
+
+log = logging.getLogger(__name__)
+
+# (entry id, field -> value), as Redis returns them.
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+# Entries per XREAD batch (all streams together) and per XRANGE page.
+READ_COUNT = 1000
+PAGE = 500
+# Milliseconds one XREAD may block; a silent connection is checked after this.
+BLOCK_MS = 5000
+# Seconds between two XTRIMs of one stream (channels with `stream_maxlen`).
+TRIM_EVERY = 1.0
+# XRANGE round trips in flight for all resuming clients together.
+MAX_REPLAY_READS = 16
+
+
+def parse_stream_id(value: str) -> tuple[int, int] | None:
+    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id."""
+    ms, sep, seq = value.partition("-")
+    if not sep or not (ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
+        return None
+    if len(ms) > 20 or len(seq) > 20:
+        return None
+    return int(ms), int(seq)
+
+
+class _SessionEnded(Exception):
+    pass
+
+
+async def _close(*clients: aioredis.Redis) -> None:
+    """Close ``clients`` for sure: a cancel (the hub stopping) waits for the closing
+    to finish, so no socket outlives the session."""
+    closing = asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+    try:
+        await asyncio.shield(closing)
+    except asyncio.CancelledError:
+        await closing
+        raise
+
+
+def connect(
+    config: RedisConfig, socket_timeout: float | None, sentinels: list[aioredis.Redis]
+) -> aioredis.Redis:
+    """A single-connection client to the Redis that holds the streams (with Sentinel:
+    the master as the sentinels name it now; their connections go to ``sentinels``,
+    for the caller to close with the client)."""
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": config.connect_timeout,
+        "retry": Retry(NoBackoff(), 0),  # reconnects are the caller's job, with backoff
+    }
+    sentinel = config.sentinel
+    if sentinel is None:
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            config.url, single_connection_client=True, **options
+        )
+        return client
+    # The master as the sentinels name it now: after a failover the session ends
+    # (the old master is gone or read-only) and the next one asks them again. The
+    # credentials and db of redis.url, if any, are the master's.
+    params = parse_url(config.url)  # type: ignore[no-untyped-call]
+    options.update({k: params[k] for k in ("username", "password", "db") if k in params})
+    finder = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel.addresses(), socket_timeout=config.connect_timeout
+    )
+    sentinels.extend(finder.sentinels)
+    pool = SentinelConnectionPool(sentinel.master, finder, **options)  # type: ignore[no-untyped-call]
+    client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+    client.auto_close_connection_pool = True  # aclose() closes the pool it owns
+    return client
+
+
+class StreamSource(Protocol):
+    """The stream side as the hub and the HTTP app use it: a ``StreamReader``, or a
+    worker's (``worker.FeedStreams``: its node's main process reads the streams)."""
+
+    @property
+    def ready(self) -> bool: ...
+    def want(self, keys: Iterable[bytes]) -> None: ...
+    def drop(self, keys: Iterable[bytes]) -> None: ...
+    def set_streams(self, keys: Iterable[bytes]) -> None: ...
+    async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool: ...
+    async def read_range(
+        self, key: bytes, after: bytes, until: bytes, count: int
+    ) -> list[Entry]: ...
+    async def first_id(self, key: bytes) -> bytes | None: ...
+    async def run(self) -> None: ...
+
+
+class StreamReplays:
+    """``XRANGE`` for resuming clients, without reading any stream (a worker's: its
+    node's main process reads the streams and feeds it the entries).
+
+    One connection, opened by the first replay that needs it and kept. A kept one
+    that fails is tried again once on a fresh connection (Redis restarted while it
+    idled); a failed connect makes replays fail at once for ``reconnect_min`` seconds
+    rather than each trying Redis again (their clients come back later). At most
+    ``MAX_REPLAY_READS`` round trips in flight, as a ``StreamReader``'s. Cancel
+    ``run()`` to close it.
+    """
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self._client: aioredis.Redis | None = None
+        self._sentinels: list[aioredis.Redis] = []
+        self._opening = asyncio.Lock()
+        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+        self._failed_until = 0.0
+
+    async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
+        """As ``StreamReader.read_range``."""
+        async with self._replays:
+            entries = await self._xrange(key, b"(" + after, until, count)
+        return typing.cast(list[Entry], entries)
+
+    async def first_id(self, key: bytes) -> bytes | None:
+        """As ``StreamReader.first_id``."""
+        async with self._replays:
+            entries = await self._xrange(key, b"-", b"+", 1)
+        return typing.cast(bytes, entries[0][0]) if entries else None
+
+    async def _xrange(self, key: bytes, start: bytes, end: bytes, count: int) -> Any:
+        retry = True
+        while True:
+            client, fresh = await self._connection()
+            try:
+                return await client.xrange(key, start, end, count=count)
+            except (RedisError, OSError) as exc:
+                await self._drop(client, str(exc) or type(exc).__name__)
+                if fresh or not retry:
+                    raise RedisError(f"stream replay failed: {exc}") from exc
+                retry = False  # a kept connection that died idle: once more, on a new one
+
+    async def _connection(self) -> tuple[aioredis.Redis, bool]:
+        """The connection, and whether it was opened just now."""
+        if self._client is not None:
+            return self._client, False
+        async with self._opening:  # one connect at a time; the others use its result
+            return await self._open()
+
+    async def _open(self) -> tuple[aioredis.Redis, bool]:
+        if self._client is not None:
+            return self._client, False
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._failed_until:
+            raise RedisError("redis replay connection is down")
+        cfg = self.config
+        client = connect(cfg, cfg.connect_timeout + cfg.health_check_timeout, self._sentinels)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            self._failed_until = loop.time() + cfg.reconnect_min
+            sentinels, self._sentinels = self._sentinels, []
+            await _close(client, *sentinels)
+            why = str(exc) or type(exc).__name__
+            log.warning("redis replays unavailable", extra=fields(reason=why))
+            raise RedisError(f"redis replay connection failed: {exc}") from exc
+        self._client = client
+        log.info("redis replays connected")
+        return client, True
+
+    async def _drop(self, client: aioredis.Redis, why: str) -> None:
+        if self._client is not client:
+            return  # another replay dropped it already
+        self._client = None
+        log.warning("redis replays connection lost", extra=fields(reason=why))
+        sentinels, self._sentinels = self._sentinels, []
+        await _close(client, *sentinels)
+
+    async def run(self) -> None:
+        """Hold the connection until cancelled, then close it."""
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            client, self._client = self._client, None
+            sentinels, self._sentinels = self._sentinels, []
+            if client is not None:
+                await _close(client, *sentinels)
+
+
+class StreamReader:
+    """Reads every wanted stream from where it left off; cancel ``run()`` to stop."""
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        on_entries: Callable[[bytes, list[Entry]], None],
+        on_start: Callable[[bytes, list[Entry]], None],
+        prefill: Callable[[bytes], int],
+        on_state: Callable[[BrokerState, BrokerState], None] | None = None,
+        maxlen: Callable[[bytes], int] = lambda key: 0,
+    ) -> None:
+        self.config = config
+        self.state = BrokerState.CONNECTING
+        self.reconnects = 0
+        self._on_entries = on_entries
+        self._on_start = on_start
+        self._prefill = prefill
+        self._on_state = on_state
+        self._maxlen = maxlen
+        # Stream -> loop time of its last XTRIM (streams with a `stream_maxlen`).
+        self._trimmed: dict[bytes, float] = {}
+        self._trimmer: asyncio.Task[None] | None = None
+        # Streams being read, each with the id of the last entry delivered.
+        self.positions: dict[bytes, bytes] = {}
+        # Wanted streams whose start has not been read yet.
+        self._pending: set[bytes] = set()
+        self._changed = asyncio.Event()
+        self._waiters = Waiters()
+        self._control: aioredis.Redis | None = None
+        self._reader_id: int | None = None
+        self._blocked = False
+        self._unblocker: asyncio.Task[None] | None = None
+        # With Sentinel: this session's connections to the sentinels.
+        self._sentinels: list[aioredis.Redis] = []
+        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+
+    # --- what the hub asks for ------------------------------------------------------
+
+    @property
+    def wanted(self) -> set[bytes]:
+        return set(self.positions) | self._pending
+
+    def want(self, keys: Iterable[bytes]) -> None:
+        """Start reading ``keys`` (from their current end)."""
+        new = [k for k in keys if k not in self.positions and k not in self._pending]
+        if new:
+            self._pending.update(new)
+            self._wake()
+
+    def drop(self, keys: Iterable[bytes]) -> None:
+        """Stop reading ``keys``."""
+        changed = False
+        for k in keys:
+            if self.positions.pop(k, None) is not None:
+                changed = True
+            if k in self._pending:
+                self._pending.discard(k)
+                changed = True
+            self._waiters.forget(k)
+        if changed:
+            self._wake()
+
+    def resume(self, positions: dict[bytes, bytes]) -> None:
+        """Go on reading streams from known positions (Redis Cluster: streams whose slot
+        moved here from another master): no new start, nothing prefilled again."""
+        for k, position in positions.items():
+            self._pending.discard(k)
+            self.positions[k] = position
+        if positions:
+            self._wake()
+
+    def handover(self) -> dict[bytes, bytes | None]:
+        """Every wanted stream with its position (None: not started yet), for ``resume``
+        or ``want`` on the reader that takes them over."""
+        moving: dict[bytes, bytes | None] = dict.fromkeys(self._pending)
+        moving.update(self.positions)
+        return moving
+
+    def set_streams(self, keys: Iterable[bytes]) -> None:
+        """Read exactly ``keys`` from now on (config reload)."""
+        new = set(keys)
+        self.drop(self.wanted - new)
+        self.want(new - self.wanted)
+
+    def live(self, key: bytes) -> bool:
+        """True once the reader knows where ``key`` starts: its events will all arrive."""
+        return key in self.positions
+
+    async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool:
+        """True once every one of ``keys`` is live; False after ``timeout``."""
+        return await self._waiters.wait(keys, self.positions.__contains__, timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BrokerState.UP
+
+    async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
+        """Entries of ``key`` after ``after`` up to ``until`` (inclusive), oldest first.
+
+        At most ``MAX_REPLAY_READS`` of these are in flight for the whole process, and
+        a caller has one at a time: a resume storm queues here instead of loading Redis.
+        """
+        async with self._replays:
+            control = self._need_control()
+            entries: Any = await control.xrange(key, b"(" + after, until, count=count)
+            return typing.cast(list[Entry], entries)
+
+    async def first_id(self, key: bytes) -> bytes | None:
+        """The id of the oldest entry ``key`` still has, or None when it is empty."""
+        async with self._replays:
+            entries: Any = await self._need_control().xrange(key, count=1)
+        return typing.cast(bytes, entries[0][0]) if entries else None
+
+    def _need_control(self) -> aioredis.Redis:
+        if self._control is None or self.state is not BrokerState.UP:
+            raise RedisError("redis streams connection is down")
+        return self._control
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._changed.set()
+        if self._blocked and self._unblocker is None:
+            # The reader sits in XREAD with the old set of streams: end that wait.
+            self._unblocker = asyncio.get_running_loop().create_task(self._unblock())
+
+    async def _unblock(self) -> None:
+        try:
+            # Redis may not have the XREAD yet when the UNBLOCK arrives (two
+            # connections): try again while the reader still waits with old streams.
+            for _ in range(50):
+                control, reader_id = self._control, self._reader_id
+                if not self._blocked or control is None or reader_id is None:
+                    return
+                if await control.client_unblock(reader_id):
+                    return
+                await asyncio.sleep(0.01)
+        except (RedisError, OSError) as exc:  # the session is ending; it will start over
+            log.debug("stream reader unblock failed", extra=fields(error=str(exc)))
+        finally:
+            self._unblocker = None
+
+    def _client(self, socket_timeout: float | None) -> aioredis.Redis:
+        return connect(self.config, socket_timeout, self._sentinels)
+
+    async def run(self) -> None:
+        """Connect, read forever, reconnect with capped jittered backoff."""
+        attempt = 0
+        while True:
+            # No connection until there is a stream to read: hubs without stream
+            # channels never open one.
+            while not self.wanted:
+                self._changed.clear()
+                await self._changed.wait()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure ends the session, never the loop
+                why = str(exc) or type(exc).__name__
+                if self.state is BrokerState.UP:
+                    attempt = 0
+                    self._set_state(BrokerState.DOWN, why)
+                elif attempt == 0:
+                    log.warning("redis streams unavailable", extra=fields(reason=why))
+            cfg = self.config
+            cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
+            attempt = min(attempt + 1, 30)
+            await asyncio.sleep(random.uniform(cfg.reconnect_min / 2, cap))
+
+    def _set_state(self, state: BrokerState, why: str = "") -> None:
+        old, self.state = self.state, state
+        if state is old:
+            return
+        if state is BrokerState.UP:
+            log.info("redis streams reading", extra=fields(streams=len(self.wanted)))
+        else:
+            log.warning("redis streams down", extra=fields(reason=why))
+        if self._on_state is not None:
+            try:
+                self._on_state(old, state)
+            except Exception:
+                log.exception("stream state listener failed")
+
+    async def _session(self) -> None:
+        cfg = self.config
+        reader = self._client(socket_timeout=None)  # XREAD blocks; its own deadline below
+        control = self._client(socket_timeout=cfg.connect_timeout + cfg.health_check_timeout)
+        try:
+            self._reader_id = int(await reader.client_id())
+            await control.ping()
+            self._control = control
+            if self.state is not BrokerState.CONNECTING:
+                self.reconnects += 1
+            self._set_state(BrokerState.UP)
+            while True:
+                await self._read_once(reader, control)
+        finally:
+            self._control = None
+            self._reader_id = None
+            self._blocked = False
+            for task in (self._unblocker, self._trimmer):
+                if task is not None:
+                    task.cancel()
+            await _close(reader, control, *self._sentinels)
+            self._sentinels.clear()
+
+    async def _start(self, control: aioredis.Redis) -> None:
+        """Find where each pending stream ends (one pipelined round trip for them all)."""
+        keys = sorted(self._pending)
+        pipe = control.pipeline(transaction=False)
+        for key in keys:
+            pipe.xrevrange(key, count=max(1, self._prefill(key)))
+        replies: list[Any] = await pipe.execute()
+        for key, newest_first in zip(keys, replies, strict=True):
+            if key not in self._pending:
+                continue  # dropped while we asked
+            self._pending.discard(key)
+            entries = list(reversed(newest_first or []))
+            self.positions[key] = entries[-1][0] if entries else b"0-0"
+            self._on_start(key, entries)
+            self._waiters.wake(key)
+
+    async def _read_once(self, reader: aioredis.Redis, control: aioredis.Redis) -> None:
+        self._changed.clear()
+        if self._pending:
+            await self._start(control)
+        if not self.positions:
+            # Nothing to read: wait for a stream, and check the connection meanwhile.
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+            # that lands as the awaited call completes, and the hub's stop would hang.)
+            try:
+                async with asyncio.timeout(self.config.health_check_interval):
+                    await self._changed.wait()
+            except TimeoutError:
+                async with asyncio.timeout(self.config.health_check_timeout):
+                    await reader.ping()
+            return
+        streams: Any = dict(self.positions)
+        deadline = BLOCK_MS / 1000 + self.config.health_check_timeout
+        self._blocked = True
+        try:
+            async with asyncio.timeout(deadline):
+                reply: Any = await reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        except TimeoutError:
+            raise _SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
+        finally:
+            self._blocked = False
+        grown = []
+        for key, entries in reply or ():
+            if key not in self.positions or not entries:
+                continue  # dropped while we read
+            self.positions[key] = entries[-1][0]
+            self._on_entries(key, entries)
+            grown.append(key)
+        self._trim(control, grown)
+
+    def _trim(self, control: aioredis.Redis, keys: list[bytes]) -> None:
+        """``XTRIM key MAXLEN ~ N`` for streams that grew, at most every TRIM_EVERY s each."""
+        now = asyncio.get_running_loop().time()
+        due = [
+            (k, n)
+            for k in keys
+            if (n := self._maxlen(k)) > 0 and now - self._trimmed.get(k, 0.0) >= TRIM_EVERY
+        ]
+        if not due or self._trimmer is not None:
+            return
+        for k, _ in due:
+            self._trimmed[k] = now
+
+        async def trim() -> None:
+            try:
+                pipe = control.pipeline(transaction=False)
+                for k, n in due:
+                    pipe.xtrim(k, maxlen=n, approximate=True)
+                await pipe.execute()
+            except (RedisError, OSError) as exc:  # next time, or the next session
+                log.debug("stream trim failed", extra=fields(error=str(exc)))
+            finally:
+                self._trimmer = None
+
+        # Off the reading path: the next XREAD does not wait for the trim.
+        self._trimmer = asyncio.get_running_loop().create_task(trim())

@@ -1,0 +1,1 @@
+"""Process models: the multiprocess main, its workers, the feed between them, systemd."""

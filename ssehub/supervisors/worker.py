@@ -1,0 +1,510 @@
+"""One worker process: the HTTP app and the fan-out, fed by the node's main process.
+
+A worker subscribes to nothing and reads no stream. Its hub takes numbered entries
+from the feed (``feed.py``) instead of numbering messages itself, so ids and history
+are the node's: a browser that reconnects to another worker of the node resumes
+exactly. ``FeedBroker`` stands where the Broker stands in a single-process hub: it
+reads the feed, reports the node's Redis state, and tells streams when a new family
+member is live (main subscribes it, for the whole node). ``FeedStreams`` stands
+where the StreamReader stands: main reads the streams and says from where; the one
+Redis connection a worker may open is for clients of stream channels that resume
+from further back than the cache (``XRANGE``).
+
+Started by the supervisor as ``python -m ssehub.supervisors.worker FD``: ``FD`` is its end of a
+socketpair; the first frame on it is the snapshot (config, ids, history) it serves
+from before it accepts a single connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .. import logs
+from ..config import Config, RedisConfig
+from ..core.families import Family
+from ..core.waiters import Changes
+from ..http.metrics import Metrics
+from ..hub.channel import Channel, streams_of
+from ..hub.hub import Hub
+from ..hub.resume import split_mux_id
+from ..hub.sessions import Roster
+from ..hub.subscriber import Subscriber
+from ..redis.pubsub import Broker, BrokerState
+from ..redis.streams import StreamReplays, parse_stream_id
+from ..server import HubServer
+from . import feed
+from .feed import FrameProtocol, FrameReader, Op
+from .systemd import Notifier
+
+__all__ = ["FeedBroker", "FeedSink", "FeedStreams", "WorkerHub", "main"]
+
+log = logging.getLogger("ssehub.supervisors.worker")  # also when run as __main__
+
+# Seconds a stream whose Last-Event-ID is ahead of this worker (it was handed out by
+# a faster sibling) waits for the feed to catch up before it counts as unknown.
+_CATCH_UP = 1.0
+
+
+class WorkerHub(Hub):
+    """A hub whose positions, members and outages come from the node's feed."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.upstream: FrameProtocol | None = None
+        # Members this worker told main it holds, by token, until it lets them go.
+        self._held: dict[int, Channel] = {}
+        # Streams waiting for the feed to reach their Last-Event-ID.
+        # Resolved when the feed moves this worker's position on (see caught_up).
+        self._advanced = Changes()
+
+    def _send(self, op: Op) -> None:
+        if self.upstream is not None:
+            self.upstream.send([op])
+
+    # --- members: created and dropped by main, for the whole node ------------------
+
+    def acquire(self, names: Sequence[str]) -> tuple[Channel, ...]:
+        """As ``Hub.acquire``; the first local stream of a member tells main (one frame)."""
+        channels = super().acquire(names)
+        for channel in channels:
+            if channel.family is not None and id(channel) not in self._held:
+                self._held[id(channel)] = channel
+                self._send((feed.HOLD, channel.name, id(channel)))
+        return channels
+
+    def release(self, channels: Sequence[Channel]) -> None:
+        """No grace here: main keeps the member while any worker holds it, then the grace."""
+        for channel in channels:
+            channel.holds -= 1
+            if channel.holds == 0 and self._held.pop(id(channel), None) is not None:
+                self._send((feed.RELEASE, channel.name, id(channel)))
+
+    def add_member(self, name: str, marker: int) -> None:
+        """The node created member ``name`` at position ``marker``: keep its history here too."""
+        self.seq = max(self.seq, marker)
+        channel = self.channels.get(name)
+        if channel is not None:  # this worker's stream asked for it first
+            channel.history.evicted_seq = max(channel.history.evicted_seq, marker)
+            return
+        found = self.families.find(name)
+        if found is not None:
+            self._create_member(name, *found, marker=marker)
+
+    def _create_member(
+        self, name: str, family: Family, part: str, marker: int | None = None
+    ) -> Channel:
+        # A member a local stream asks for before main announced it: no number of its
+        # own (numbers are the node's); main's MEMBER frame brings the marker.
+        return super()._create_member(name, family, part, self.seq if marker is None else marker)
+
+    def remove_member(self, name: str, reason: str = "channel_removed") -> Channel | None:
+        """The node dropped ``name`` (or refused it): end its streams here."""
+        channel = self.channels.get(name)
+        if channel is not None and channel.family is not None:
+            self._remove_member(channel, reason)
+            return channel
+        return None
+
+    def serves(self, redis_channel: bytes) -> bool:
+        """True while a channel fed by ``redis_channel`` lives here."""
+        return redis_channel in self._by_redis
+
+    def serves_stream(self, key: bytes) -> bool:
+        """True while a stream channel of stream ``key`` lives here."""
+        return key in self._by_stream
+
+    def stream_at(self, key: bytes, position: str, started: bool) -> None:
+        """Main reads ``key`` on from ``position`` (entries it rejected move it too)."""
+        for channel in self._by_stream.get(key, ()):
+            channel.stream_pos = position
+            if started:  # as Hub.stream_started: no subscriber here has seen anything yet
+                channel.flushed_pos = position
+
+    def refused(self, token: int) -> None:
+        """Main turned a HOLD away (over ``max_members``, or unknown after a reload)."""
+        channel = self._held.pop(token, None)
+        if channel is not None and self.channels.get(channel.name) is channel:
+            self._remove_member(channel, "limit")
+
+    # --- resume across workers ------------------------------------------------------
+
+    def subscribe(
+        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
+    ) -> bool:
+        """As ``Hub.subscribe``; a stream whose member went while it waited just ends."""
+        if any(self.channels.get(c.name) is not c for c in sub.channels):
+            # The member went while the stream waited for it: the browser comes back.
+            self.stats.closed["channel_removed"] += 1
+            sub.end("channel_removed")
+            return True
+        return super().subscribe(sub, last_event_id, mux, rewind)
+
+    async def caught_up(
+        self, last_event_id: str | None, channels: Sequence[Channel] = (), mux: bool = False
+    ) -> None:
+        """Wait (at most ``_CATCH_UP`` s) until this worker's feed has reached the node
+        position ``last_event_id`` names, and each stream channel's entry id in it: a
+        client that saw it on a quicker worker must not get a gap here for what is
+        merely still on its way."""
+        if last_event_id is None:
+            return
+        await self._advanced.until(
+            lambda: not self._behind(last_event_id, channels, mux), _CATCH_UP
+        )
+
+    def _behind(self, last_event_id: str, channels: Sequence[Channel], mux: bool) -> bool:
+        if self._ahead(last_event_id) > self.seq:
+            return True
+        streams = streams_of(channels)
+        if not streams:
+            return False
+        positions: list[str] | None = [last_event_id]
+        if mux:
+            _, positions = split_mux_id(last_event_id, len(streams))
+        if positions is None or len(positions) != len(streams):
+            return False
+        for channel, position in zip(streams, positions, strict=True):
+            wanted, at = parse_stream_id(position), parse_stream_id(channel.stream_pos)
+            if wanted is not None and at is not None and wanted > at:
+                return True
+        return False
+
+    def _ahead(self, last_event_id: str | None) -> int:
+        """The position of ``last_event_id`` when it is the node's and past this worker's."""
+        if last_event_id is None:
+            return 0
+        # (an /events id may carry stream positions after a '~': the node's part first)
+        epoch, _, seq = last_event_id.split("~")[0].rpartition("-")
+        if epoch == self.epoch and seq.isdigit() and seq.isascii() and int(seq) > self.seq:
+            return int(seq)
+        return 0
+
+    def advanced(self) -> None:
+        """The feed moved this worker's position on: wake the streams waiting for it."""
+        self._advanced.changed()
+
+
+class FeedStreams(StreamReplays):
+    """The worker's stream side: main reads the streams (one reader for the node) and
+    feeds their entries in order with the rest; it tells which streams it reads, from
+    where, so that streams here wait for that as a single process waits for its
+    reader. Clients resuming from further back than the cache read ``XRANGE`` pages
+    over this worker's own replay connection (``StreamReplays``), opened on first use.
+    """
+
+    def __init__(self, config: RedisConfig, hub: WorkerHub) -> None:
+        super().__init__(config)
+        self.hub = hub
+        self.state = BrokerState.CONNECTING  # main's stream reader's
+        # Streams main reads, each from a position this worker has.
+        self.live: set[bytes] = set()
+        self._changed = Changes()
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BrokerState.UP
+
+    # Main follows the streams of the node's channels and members.
+    def want(self, keys: Iterable[bytes]) -> None:
+        pass
+
+    def drop(self, keys: Iterable[bytes]) -> None:
+        pass
+
+    def set_streams(self, keys: Iterable[bytes]) -> None:
+        pass
+
+    async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool:
+        """True once main reads every one of ``keys`` (or a stream's member is gone,
+        so that the stream ends instead of waiting); False after ``timeout``."""
+        wanted = list(keys)
+        return await self._changed.until(lambda: self._settled(wanted), timeout)
+
+    def _settled(self, keys: list[bytes]) -> bool:
+        return all(k in self.live for k in keys) or not all(self.hub.serves_stream(k) for k in keys)
+
+    def wake(self) -> None:
+        self._changed.changed()
+
+
+class FeedBroker(Broker):
+    """The worker's input: the node's feed, read like the broker reads Redis."""
+
+    def __init__(self, config: Config, hub: WorkerHub, sock: socket.socket) -> None:
+        super().__init__(config.redis, (), _no_message)
+        self.hub = hub
+        self.server: HubServer | None = None
+        self.metrics = Metrics(hub, self)
+        self._sock = sock
+        self.proto: FrameProtocol | None = None
+        # Redis channels of members main confirmed live (it subscribes for the node).
+        self.live: set[bytes] = set()
+        self._changed = Changes()
+        self.streams = FeedStreams(config.redis, hub)
+
+    # The node's broker (in main) follows members; a worker's hub asks main instead.
+    def want(self, channels: Any) -> None:
+        pass
+
+    def drop(self, channels: Any) -> None:
+        pass
+
+    def set_channels(self, channels: Any) -> None:
+        pass
+
+    async def wait_subscribed(self, channels: Any, timeout: float) -> bool:
+        """True once main reports every one of ``channels`` live (or the stream's member
+        is gone, so that the stream ends instead of waiting); False after ``timeout``."""
+        wanted = list(channels)
+        return await self._changed.until(lambda: self._settled(wanted), timeout)
+
+    def _settled(self, channels: list[bytes]) -> bool:
+        if all(c in self.live for c in channels):
+            return self.state is BrokerState.UP
+        return not all(self.hub.serves(c) for c in channels)  # refused or dropped
+
+    def _wake(self) -> None:
+        self._changed.changed()
+        self.streams.wake()
+
+    async def connect(self, reader: FrameReader) -> None:
+        """Take the feed socket over (``reader`` holds what came after the snapshot)."""
+        loop = asyncio.get_running_loop()
+        proto = FrameProtocol(self._apply, reader)
+        await loop.create_unix_connection(lambda: proto, sock=self._sock)
+        self.proto = self.hub.upstream = proto
+
+    async def run(self) -> None:
+        """Wait until main goes away, then stop this worker (SIGTERM to itself)."""
+        assert self.proto is not None
+        try:
+            await self.proto.lost
+            log.warning("feed lost: the main process is gone; stopping")
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            if self.proto.transport is not None:
+                self.proto.transport.close()
+
+    def _apply(self, ops: list[Op]) -> None:
+        hub = self.hub
+        channels = hub.channels
+        deliver = hub.deliver
+        for op in ops:
+            kind = op[0]
+            if kind == feed.ENTRY:
+                e = op[2]
+                hub.seq = e[0]
+                channel = channels.get(op[1])
+                if channel is not None:
+                    deliver(channel, e, op[3], op[4])
+            else:
+                self._control(op)
+        hub.advanced()
+
+    def _control(self, op: Op) -> None:
+        hub, kind = self.hub, op[0]
+        if kind == feed.MEMBER:
+            hub.add_member(op[1], op[2])
+        elif kind == feed.REMOVED:
+            channel = hub.remove_member(op[1])
+            if channel is not None and channel.stream:
+                if not hub.serves_stream(channel.redis):
+                    self.streams.live.discard(channel.redis)
+            elif channel is not None and not hub.serves(channel.redis):
+                self.live.discard(channel.redis)
+            self._wake()
+        elif kind == feed.STREAM:
+            hub.stream_at(op[1], op[2], op[3])
+            if op[3]:
+                self.streams.live.add(op[1])
+                self.streams.wake()
+        elif kind == feed.STREAMS:
+            self.streams.state = BrokerState(op[1])
+            self.streams.wake()
+        elif kind == feed.LIVE:
+            self.live.add(op[1])
+            self._wake()
+        elif kind == feed.OUTAGE:
+            hub.signal_outage(op[1])
+        elif kind == feed.STATE:
+            old, self.state, self.reconnects = self.state, BrokerState(op[1]), op[2]
+            if old is not self.state:
+                self._wake()
+        elif kind == feed.CONFIG:
+            hub.reload(op[1])
+            self.streams.live.intersection_update(hub.stream_keys())  # main reads them anew
+            if self.server is not None:
+                self.server.config = op[1]
+        elif kind == feed.REFUSED:
+            hub.refused(op[1])
+            self._wake()
+        elif kind == feed.PING:
+            self._reply((feed.PONG, op[1], hub.connections))
+        elif kind == feed.STATS:
+            self._reply((feed.STATS, list(self.metrics.registry.collect())))
+        else:
+            log.error("unknown feed operation kind=%r", kind)
+
+    def send_ready(self, port: int) -> None:
+        """Tell main this worker listens (and so may count towards READY=1)."""
+        self._reply((feed.READY, port))
+
+    def _reply(self, op: Op) -> None:
+        if self.proto is not None:
+            self.proto.send([op])
+
+
+class FeedSink:
+    """A worker's roster sink: its streams' joins and leaves go to the main process,
+    which writes them to Redis for the node (one frame per event-loop iteration)."""
+
+    def __init__(self, broker: FeedBroker) -> None:
+        self._broker = broker
+        self._ops: list[Op] = []
+        self._scheduled = False
+
+    def join(self, channel: str, session: str, meta: Any, presence: bool) -> None:
+        self._push((feed.JOIN, channel, session, meta, presence))
+
+    def leave(self, channel: str, session: str, meta: Any, reason: str, presence: bool) -> None:
+        self._push((feed.LEAVE, channel, session, meta, reason, presence))
+
+    def _push(self, op: Op) -> None:
+        self._ops.append(op)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._ops and self._broker.proto is not None:
+            self._broker.proto.send(self._ops)
+        self._ops = []
+
+    async def drain(self, timeout: float) -> None:
+        """Send what is queued and wait (a while) until the socket took it: at exit."""
+        self.flush()
+        proto = self._broker.proto
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A plain transport has no "all written" event to wait for; this runs once, at exit.
+        while (  # noqa: ASYNC110
+            proto is not None
+            and proto.transport is not None
+            and proto.transport.get_write_buffer_size()
+            and loop.time() < deadline
+        ):
+            await asyncio.sleep(0.01)
+
+
+def _no_message(channel: bytes, payload: bytes) -> None:  # pragma: no cover - never called
+    pass
+
+
+def _read_snapshot(sock: socket.socket) -> tuple[dict[str, Any], list[list[Op]], FrameReader]:
+    """The first frame, read before the event loop starts: nothing is served without it.
+
+    Returns the snapshot, the frames that came with it, and the reader (which may
+    hold the start of the next frame).
+    """
+    reader = FrameReader()
+    frames: list[list[Op]] = []
+    while not frames:
+        data = sock.recv(1 << 20)
+        if not data:
+            raise SystemExit("ssehub worker: the main process went away before the snapshot")
+        frames = reader.feed(data)
+    ((kind, snapshot),) = frames[0]
+    if kind != feed.SNAPSHOT:
+        raise SystemExit(f"ssehub worker: expected the snapshot first, got {kind!r}")
+    return snapshot, frames[1:], reader
+
+
+def build(snapshot: dict[str, Any]) -> WorkerHub:
+    """A worker's hub in the node's state: the same epoch, positions and history."""
+    config: Config = snapshot["config"]
+    hub = WorkerHub(config)
+    hub.epoch = snapshot["epoch"]
+    hub.seq = snapshot["seq"]
+    hub.outage_seq = snapshot["outage_seq"]
+    for name, marker in snapshot["members"]:
+        hub.add_member(name, marker)
+    for name, (history, last_seq) in snapshot["history"].items():
+        channel = hub.channels.get(name)
+        if channel is not None:
+            channel.history = history
+            channel.last_seq = last_seq
+    for name, (stream_pos, flushed_pos) in snapshot["positions"].items():
+        channel = hub.channels.get(name)
+        if channel is not None:
+            channel.stream_pos, channel.flushed_pos = stream_pos, flushed_pos
+    hub.seq = snapshot["seq"]
+    return hub
+
+
+async def serve(
+    sock: socket.socket, snapshot: dict[str, Any], later: list[list[Op]], reader: FrameReader
+) -> None:
+    """Serve until SIGTERM (forwarded by main) or until main goes away."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    config: Config = snapshot["config"]
+    hub = build(snapshot)
+    broker = FeedBroker(config, hub, sock)
+    broker.state = BrokerState(snapshot["state"])
+    broker.reconnects = snapshot["reconnects"]
+    broker.live = set(snapshot["live"])
+    broker.streams.live = set(snapshot["streams"])
+    broker.streams.state = BrokerState(snapshot["streams_state"])
+    server = HubServer(
+        config, Notifier({}), hub=hub, broker=broker, streams=broker.streams, reuse_port=True
+    )
+    broker.server = server
+    sink = FeedSink(broker)
+    hub.roster = Roster(sink, config.events.enabled)
+    for ops in later:
+        broker._apply(ops)
+    await broker.connect(reader)
+    await server.start()
+    broker.send_ready(server.port)
+    gc.collect()
+    gc.freeze()
+    try:
+        await stop.wait()
+        log.info("shutting down connections=%d", hub.connections)
+    finally:
+        await server.stop()
+        await sink.drain(1.0)  # the streams' unsubscribes, before the process ends
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ssehub.supervisors.worker FD``: read the snapshot, then serve."""
+    args = sys.argv[1:] if argv is None else argv
+    # Main forwards what it gets (SIGTERM); a terminal's Ctrl-C or a reload signal
+    # sent to the whole group must not stop or confuse a worker on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(args[0]))
+    sock.setblocking(True)
+    snapshot, later, reader = _read_snapshot(sock)
+    logs.setup(snapshot["config"].logging, level=snapshot["log_level"])
+    sock.setblocking(False)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a default dependency
+        asyncio.run(serve(sock, snapshot, later, reader))
+    else:
+        uvloop.run(serve(sock, snapshot, later, reader))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
