@@ -24,6 +24,7 @@ from ..hub.sessions import SessionIds, meta_of, session_event
 from ..hub.subscriber import Subscriber
 from ..logs import fields
 from ..redis.pubsub import Broker
+from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
 from .compat import close_connection_after, expect, stream_transport
@@ -36,6 +37,7 @@ __all__ = [
     "BUSY_EVENT",
     "HUB",
     "SESSION_IDS",
+    "TASKS",
     "create_app",
     "healthz",
     "readyz",
@@ -50,6 +52,8 @@ HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 ACCESS = web.AppKey("access", Access)
 SESSION_IDS = web.AppKey("session_ids", SessionIds)
+# The process's long-lived tasks: one that ended unexpectedly makes it unready.
+TASKS = web.AppKey("tasks", Tasks)
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -300,7 +304,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 only while the hub holds a live Redis subscription for its channels."""
+    """200 only while the hub holds a live Redis subscription for its channels (and
+    every long-lived task of the process runs)."""
+    tasks = request.app.get(TASKS)
+    if tasks is not None and tasks.failed is not None:
+        return web.Response(status=503, text=f"not ready: {tasks.failed} failed\n")
     broker = request.app[BROKER]
     if request.app[HUB].upstream_ready:
         return web.Response(text="ready\n")

@@ -43,6 +43,7 @@ from ..config import Config
 from ..hub.hub import Hub
 from ..hub.sessions import random_prefix
 from ..logs import fields
+from ..tasks import Tasks
 
 __all__ = ["PRESENCE", "PresenceReader", "Reporter", "add_presence_route", "count_key", "key"]
 
@@ -148,9 +149,9 @@ class Reporter:
 
     # --- writing ------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the writer task."""
-        self._task = asyncio.create_task(self._run(), name="ssehub-reporter")
+    def start(self, tasks: Tasks) -> None:
+        """Start the writer task, owned by the process's ``tasks``."""
+        self._task = tasks.spawn(self._run(), "ssehub-reporter")
 
     def _pending(self) -> bool:
         return bool(self._events or self._added or self._removed)
