@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ssehub.config import AuthConfig, ConfigError
-from ssehub.http.auth import CLAIM, EXPIRED_EVENT, Access, Grant, Verifier, matches, redact
+from ssehub.http.auth import CLAIM, EXPIRED_EVENT, Access, Grant, Verifier, matches
 from ssehub.server import HubServer
 
 from .conftest import StartHub, hub_config
@@ -338,18 +338,9 @@ async def test_query_token_is_absent_from_every_log_line(
     await wait_until(lambda: len(records_with(caplog, "request")) >= 5)
     lines = rendered(caplog).splitlines()
     assert any("token=REDACTED" in line for line in lines)
-    assert any("bad request" in line and "REDACTED" in line for line in lines)
+    assert any("bad request" in line and "reason=" in line for line in lines)
     for secret in (t, bad, t.split(".")[2], bad.split(".")[2]):
         assert not [line for line in lines if secret in line]
-
-
-def test_redact() -> None:
-    assert redact("/channels/a?token=abc") == "/channels/a?token=REDACTED"
-    assert redact("/e?channel=a&token=abc&channel=b") == "/e?channel=a&token=REDACTED&channel=b"
-    assert redact("/e?%74oken=abc&x=1") == "/e?%74oken=REDACTED&x=1"
-    assert redact("/e?tokens=abc&mytoken=1") == "/e?tokens=abc&mytoken=1"
-    assert redact("b'GET /c?token=a.b.c HTTP/1.1'") == "b'GET /c?token=REDACTED HTTP/1.1'"
-    assert redact("/channels/chat") == "/channels/chat"
 
 
 async def test_admin_endpoints_are_not_reachable_on_the_public_port(

@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -39,7 +38,6 @@ __all__ = [
     "Verifier",
     "issue",
     "matches",
-    "redact",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,10 +50,6 @@ EXPIRED_EVENT = "ssehub-auth-expired"
 QUERY_PARAM = "token"
 # How often the hub-wide expiry timer looks at its heap (seconds).
 TICK = 1.0
-
-_REDACTED = "REDACTED"
-# Query parameters no log line shows: the token, and the client's meta (personal data).
-_HIDDEN_PARAMS = frozenset({QUERY_PARAM, "meta"})
 
 
 class Denied(Exception):
@@ -188,25 +182,6 @@ def token_of(request: web.Request, cookie: str) -> str | None:
         if scheme.lower() == "bearer" and bearer.strip():
             return bearer.strip()
     return request.cookies.get(cookie) or request.query.get(QUERY_PARAM) or None
-
-
-# A query parameter inside any text: a request target, or an error message quoting one.
-_PARAM = re.compile(r"([?&])([^?&=\s'\"]*)=([^&\s'\"#]*)")
-
-
-def _hide(m: re.Match[str]) -> str:
-    if urllib.parse.unquote_plus(m.group(2)) not in _HIDDEN_PARAMS:
-        return m.group(0)
-    return f"{m.group(1)}{m.group(2)}={_REDACTED}"
-
-
-def redact(text: str) -> str:
-    """``text`` (a request target, or a message quoting one) with every ``token`` and
-    ``meta`` query value replaced, however its name is spelt (``%74oken`` decodes to
-    ``token`` too)."""
-    if "=" not in text:
-        return text
-    return _PARAM.sub(_hide, text)
 
 
 class Access:
