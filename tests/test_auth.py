@@ -410,8 +410,9 @@ def test_auth_keeps_the_admin_listener_on_loopback(secret_file: str) -> None:
         auth={"secret_file": secret_file},
         admin={"host": "0.0.0.0", "allow_remote": True},
     )
-    # Without auth, the operations issue's rule stands (the operator's choice).
-    hub_config("redis://x:1", admin={"host": "0.0.0.0"})
+    # Without auth too (issue 20): see tests/test_overlap.py.
+    with pytest.raises(ConfigError, match=r"admin\.host: '0\.0\.0\.0' is not a loopback"):
+        hub_config("redis://x:1", admin={"host": "0.0.0.0"})
 
 
 def test_hub_without_auth_section_serves_as_before() -> None:
