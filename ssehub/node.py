@@ -28,12 +28,12 @@ from .config import Config, ConfigError, load
 from .http.admin import create_admin_app
 from .http.app import TASKS
 from .http.metrics import Metrics
-from .http.presence import Reporter
 from .hub.hub import Hub, Tap
-from .hub.sessions import Roster, Sink
+from .hub.sessions import Roster, Sink, random_prefix
 from .logs import fields
 from .redis.cluster_streams import ClusterStreamReader
-from .redis.factory import create_broker
+from .redis.events import EventsWriter
+from .redis.factory import create_broker, create_stream_reader, create_writer
 from .redis.pubsub import Broker, BrokerState
 from .redis.streams import Entry as StreamEntry
 from .redis.streams import StreamReader, StreamSource
@@ -119,7 +119,7 @@ class Node:
         self.tasks = Tasks()
         self.hub = hub = Hub(config) if hub is None else hub
         self.listener = Listener() if listener is None else listener
-        self.reporter: Reporter | None = None
+        self.reporter: EventsWriter | None = None
         self.broker: Broker
         self.streams: StreamSource
         # The node's stream reader, where it reads Redis (not in a worker).
@@ -134,8 +134,7 @@ class Node:
             )
             # Stream channels: one reader for all of them (it connects once one is
             # wanted); with Redis Cluster, one per slot in use, on the master owning it.
-            reader = ClusterStreamReader if config.redis.cluster else StreamReader
-            self.streams = self.reader = reader(
+            self.streams = self.reader = create_stream_reader(
                 config.redis,
                 self._stream_entries,
                 self._stream_started,
@@ -143,8 +142,9 @@ class Node:
                 self._on_streams_state,
                 hub.stream_maxlen,
             )
-            # Events and presence: written by the process that owns the node's Redis side.
-            self.reporter = Reporter(config)
+            # Events and presence: written by the process that owns the node's Redis
+            # side, under a node id random per start.
+            self.reporter = create_writer(config, random_prefix())
             sink: Sink = self.reporter
         else:
             self.broker, self.streams, sink = feed.broker, feed.streams, feed.sink

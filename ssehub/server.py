@@ -17,10 +17,10 @@ from .config import Config
 from .http.app import TASKS, create_app
 from .http.compat import QuietBadRequests, connections, request_in_progress
 from .http.metrics import Metrics
-from .http.presence import Reporter
 from .hub.hub import Hub
 from .logs import enable_access_log, fields
 from .node import Listener, Node, listen_socket
+from .redis.events import EventsWriter
 from .redis.pubsub import Broker, BrokerState
 from .redis.streams import StreamSource
 from .supervisors.systemd import Notifier
@@ -104,7 +104,7 @@ class HubServer(Listener):
         return self.node.streams
 
     @property
-    def reporter(self) -> Reporter | None:
+    def reporter(self) -> EventsWriter | None:
         return self.node.reporter
 
     @property

@@ -232,7 +232,7 @@ def test_a_worker_whose_task_dies_is_restarted_by_main(
     assert f"pid={pid} code=1 " in exited
     line = p.wait_for("task failed")
     assert "task=ssehub-streams" in line
-    assert "planted failure in FeedStreams.run" in traceback_after(p.text, line)
+    assert "planted failure in StreamReplays.run" in traceback_after(p.text, line)
     restarted = p.wait_for("worker ready worker=0", timeout=20)
     assert restarted and p.proc.poll() is None  # main goes on, with a fresh worker 0
     p.proc.send_signal(signal.SIGTERM)
