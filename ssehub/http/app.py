@@ -16,11 +16,12 @@ from redis.exceptions import RedisError
 
 from ..config import ChannelConfig
 from ..core import sse
+from ..core.ids import SessionIds
 from ..core.messages import MAX_ID_LENGTH
 from ..hub.channel import Channel
 from ..hub.hub import Hub, Refused, Unknown
 from ..hub.resume import MAX_STREAMS_PER_EVENTS, resume_streams
-from ..hub.sessions import SessionIds, meta_of, session_event
+from ..hub.sessions import meta_of, session_event
 from ..hub.subscriber import Subscriber
 from ..logs import fields
 from ..redis.pubsub import Broker

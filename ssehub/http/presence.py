@@ -40,8 +40,8 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from ..config import Config
+from ..core.ids import random_prefix
 from ..hub.hub import Hub
-from ..hub.sessions import random_prefix
 from ..logs import fields
 
 __all__ = ["PRESENCE", "PresenceReader", "Reporter", "add_presence_route", "count_key", "key"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -34,12 +33,13 @@ from ..config import Config
 from ..core import sse
 from ..core.families import Families
 from ..core.history import AT, ID, RAW, SEQ, Budget, Entry, History, entry
+from ..core.ids import mux_id, new_epoch
 from ..core.messages import Event, Rejected, parse, parse_entry, parse_juggernaut
 from ..logs import fields
 from .channel import Channel, Group, MuxGroup, streams_of
 from .members import MEMBER_SWEEP, Members, Refused, Unknown
 from .replay import Replay, Resumes
-from .resume import GAP_EVENT, base36, gap_event, mux_id
+from .resume import GAP_EVENT, gap_event
 from .subscriber import Subscriber
 
 if TYPE_CHECKING:
@@ -123,13 +123,6 @@ def _send(
                 transport.write(data)
         except RuntimeError:
             continue
-
-
-def new_epoch() -> str:
-    """A process's epoch, unique without coordination: its start time in ms (base 36),
-    then 40 random bits, so that two hubs started in the same millisecond on two nodes
-    never take each other's ids for their own (8 + 8 characters)."""
-    return base36(time.time_ns() // 1_000_000) + base36(secrets.randbits(40)).rjust(8, "0")
 
 
 class Hub(Resumes, Members):

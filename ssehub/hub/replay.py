@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from ..core import sse
 from ..core.history import ID, RAW, SEQ, Entry
+from ..core.ids import just_before, mux_id, split_mux_id
 from .channel import Channel, Group, MuxGroup, streams_of
-from .resume import gap_event, just_before, mux_id, split_mux_id
+from .resume import gap_event
 from .subscriber import Subscriber
 
 if TYPE_CHECKING:

@@ -19,45 +19,24 @@ process in a worker.
 
 from __future__ import annotations
 
-import itertools
 import json
-import secrets
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from ..config import MetaConfig
 from ..core import sse
-from .resume import base36 as _base36  # the hub's epochs are spelt the same way
 
 if TYPE_CHECKING:
     from ..http.auth import Grant
     from .subscriber import Subscriber
 
-__all__ = ["SESSION_EVENT", "Roster", "SessionIds", "Sink", "meta_of", "session_event"]
+__all__ = ["SESSION_EVENT", "Roster", "Sink", "meta_of", "session_event"]
 
 # The named event carrying a stream's session id, first in the stream.
 SESSION_EVENT = "ssehub-session"
 # The query parameter a public stream's meta comes in.
 META_PARAM = "meta"
-
-
-def random_prefix() -> str:
-    """8 URL-safe characters (48 random bits): no ``:`` or ``.`` in them."""
-    return secrets.token_urlsafe(6)
-
-
-class SessionIds:
-    """Session ids of one process: its random prefix, then a counter in base 36."""
-
-    __slots__ = ("_count", "prefix")
-
-    def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = random_prefix() if prefix is None else prefix
-        self._count = itertools.count(1)
-
-    def new(self) -> str:
-        return f"{self.prefix}.{_base36(next(self._count))}"
 
 
 def session_event(session: str) -> bytes:

@@ -35,7 +35,7 @@ from ..core.waiters import Waiters
 from ..logs import fields
 from .pubsub import BrokerState
 
-__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource", "connect", "parse_stream_id"]
+__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource", "connect"]
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,6 @@ BLOCK_MS = 5000
 TRIM_EVERY = 1.0
 # XRANGE round trips in flight for all resuming clients together.
 MAX_REPLAY_READS = 16
-
-
-def parse_stream_id(value: str) -> tuple[int, int] | None:
-    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id."""
-    ms, sep, seq = value.partition("-")
-    if not sep or not (ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
-        return None
-    if len(ms) > 20 or len(seq) > 20:
-        return None
-    return int(ms), int(seq)
 
 
 class _SessionEnded(Exception):

@@ -29,15 +29,15 @@ from typing import Any
 from .. import logs
 from ..config import Config, RedisConfig
 from ..core.families import Family
+from ..core.ids import parse_stream_id, split_mux_id
 from ..core.waiters import Changes
 from ..http.metrics import Metrics
 from ..hub.channel import Channel, streams_of
 from ..hub.hub import Hub
-from ..hub.resume import split_mux_id
 from ..hub.sessions import Roster
 from ..hub.subscriber import Subscriber
 from ..redis.pubsub import Broker, BrokerState
-from ..redis.streams import StreamReplays, parse_stream_id
+from ..redis.streams import StreamReplays
 from ..server import HubServer
 from . import feed
 from .feed import FrameProtocol, FrameReader, Op
