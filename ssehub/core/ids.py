@@ -2,7 +2,7 @@
 
 - **Epochs**: a process's run, unique without coordination (``new_epoch``).
 - **Sequence ids** ``<epoch>-<seq>``: a position in one process's numbering (pub/sub
-  channels, and every ``/events`` stream). ``<epoch>`` is
+  channels, and every ``/events`` stream), which ``Numbering`` keeps. ``<epoch>`` is
   unique per process, so an id of another process or node is never taken for one of
   ours.
 - **Stream entry ids** ``1700000000000-0``: a stream channel's position, the same on
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "MAX_ENTRY_PART",
+    "Numbering",
     "SessionIds",
     "base36",
     "compact",
@@ -62,6 +63,37 @@ def new_epoch() -> str:
     then 40 random bits, so that two hubs started in the same millisecond on two nodes
     never take each other's ids for their own (8 + 8 characters)."""
     return base36(time.time_ns() // 1_000_000) + base36(secrets.randbits(40)).rjust(8, "0")
+
+
+class Numbering:
+    """One process's numbering: its epoch, the last sequence number handed out, and
+    the position of the last Redis outage (positions up to it predate the outage).
+
+    Shared by the parts of the hub; a worker takes the node's numbers from its feed.
+    """
+
+    __slots__ = ("epoch", "outage_seq", "seq")
+
+    def __init__(self, epoch: str | None = None) -> None:
+        self.epoch = new_epoch() if epoch is None else epoch
+        self.seq = 0
+        self.outage_seq = 0
+
+    def position(self) -> str:
+        """The id of the current position: everything up to now has been delivered."""
+        return f"{self.epoch}-{self.seq}"
+
+    def seq_of(self, hub_id: str) -> int | None:
+        """The seq of an ``<epoch>-<seq>`` id of this epoch (whatever its value), or None."""
+        epoch, _, seq = hub_id.rpartition("-")
+        if epoch == self.epoch and seq.isdigit() and seq.isascii():
+            return int(seq)
+        return None
+
+    def own(self, hub_id: str) -> int | None:
+        """The seq of an ``<epoch>-<seq>`` id handed out here so far, or None."""
+        n = self.seq_of(hub_id)
+        return n if n is not None and n <= self.seq else None
 
 
 # --- stream entry ids -------------------------------------------------------------

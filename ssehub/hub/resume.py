@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from ..config import Config
 from ..core import sse
 from ..core.ids import compact, just_before, parse_stream_id, split_mux_id, stream_order
 from ..core.messages import Rejected, parse_entry
-from .channel import streams_of
+from .channel import Channel, streams_of
+from .stats import Stats
 
 if TYPE_CHECKING:
     from ..redis.streams import StreamSource
-    from .channel import Channel
-    from .hub import Hub
 
 __all__ = [
     "GAP_EVENT",
     "MAX_STREAMS_PER_EVENTS",
+    "Source",
     "catch_up_from_redis",
     "gap_event",
     "resume_streams",
@@ -45,6 +46,20 @@ PAGE_BYTES = 64 * 1024
 MAX_STREAMS_PER_EVENTS = 16
 
 
+class Source(Protocol):
+    """What a catch-up from Redis needs of the hub."""
+
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def streams(self) -> StreamSource | None: ...
+    @property
+    def replay_bound(self) -> int: ...
+    def mux_event(self, channel: Channel, raw: bytes, event_id: bytes) -> bytes: ...
+
+
 def gap_event(channel: str, reason: str, last_event_id: str | None) -> bytes:
     """The ``ssehub-gap`` event: ``channel`` missed events since ``last_event_id``."""
     data = {"channel": channel, "reason": reason, "lastEventId": last_event_id}
@@ -57,7 +72,7 @@ def cached(channel: Channel, entry_id: str) -> bool:
 
 
 async def catch_up_from_redis(
-    hub: Hub,
+    hub: Source,
     streams: StreamSource,
     channel: Channel,
     position: str,
@@ -122,7 +137,7 @@ async def catch_up_from_redis(
 
 
 async def resume_streams(
-    hub: Hub,
+    hub: Source,
     channels: Sequence[Channel],
     last_event_id: str | None,
     mux: bool,
