@@ -25,11 +25,12 @@ from typing import Protocol
 from aiohttp import web
 
 from .config import Config, ConfigError, load
+from .core.ids import random_prefix
 from .http.admin import create_admin_app
 from .http.app import TASKS
 from .http.metrics import Metrics
 from .hub.hub import Hub, Tap
-from .hub.sessions import Roster, Sink, random_prefix
+from .hub.sessions import Roster, Sink
 from .logs import fields
 from .redis.cluster_streams import ClusterStreamReader
 from .redis.events import EventsWriter

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.hub.resume import compact
+from ssehub.core.ids import compact
 
 from .redis_server import RedisServer
 from .sseclient import Event, SSEClient, open_stream, wait_until

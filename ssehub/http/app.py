@@ -16,12 +16,12 @@ from redis.exceptions import RedisError
 
 from ..config import ChannelConfig
 from ..core import sse
+from ..core.ids import SessionIds
 from ..core.messages import MAX_ID_LENGTH
-from ..hub.channel import Channel
+from ..hub.channel import Channel, Subscriber
 from ..hub.hub import Hub, Refused, Unknown
 from ..hub.resume import MAX_STREAMS_PER_EVENTS, resume_streams
-from ..hub.sessions import SessionIds, meta_of, session_event
-from ..hub.subscriber import Subscriber
+from ..hub.sessions import META_PARAM, BadMeta, meta_of, session_event
 from ..logs import fields
 from ..redis.pubsub import Broker
 from ..tasks import Tasks
@@ -137,7 +137,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         grant = request.app[ACCESS].grant(request, _configs(hub, names))
     except Denied as exc:
         raise exc.response() from None
-    meta = meta_of(request, hub.config.meta, grant)
+    try:
+        meta = meta_of(grant, request.query.get(META_PARAM), hub.config.meta)
+    except BadMeta as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
     last_event_id = _last_event_id(request)
     asked_rewind = _rewind(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
