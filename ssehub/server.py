@@ -17,7 +17,12 @@ from aiohttp.web_protocol import RequestHandler
 from .config import Config, ConfigError, load
 from .http.admin import create_admin_app
 from .http.app import create_app
-from .http.compat import QuietBadRequests, connections, request_in_progress
+from .http.compat import (
+    QuietBadRequests,
+    connections,
+    headers_before_routing,
+    request_in_progress,
+)
 from .http.metrics import Metrics
 from .hub.hub import Hub
 from .hub.sessions import Roster, random_prefix
@@ -172,6 +177,7 @@ class HubServer:
         if admin is None or self._admin_runner is None:
             return
         await self._admin_runner.setup()
+        headers_before_routing(self._admin_runner)
         sock = _listen_socket(admin.host, admin.port)
         self.admin_port = sock.getsockname()[1]
         await web.SockSite(self._admin_runner, sock).start()
@@ -180,6 +186,7 @@ class HubServer:
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
         await self._runner.setup()
+        headers_before_routing(self._runner)
         listen = self.config.listen
         sock = _listen_socket(listen.host, listen.port, self._reuse_port)
         self.port = sock.getsockname()[1]

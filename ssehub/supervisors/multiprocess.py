@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from ..config import Config, Listen
 from ..core.history import Entry
 from ..http.admin import create_admin_app
+from ..http.compat import headers_before_routing
 from ..http.metrics import HubCollector, Metrics, ReporterCollector
 from ..hub.channel import Channel
 from ..hub.hub import Hub, Refused, Unknown
@@ -520,6 +521,7 @@ class Supervisor:
         self.port = self._sock.getsockname()[1]
         if self._admin_runner is not None and self.config.admin is not None:
             await self._admin_runner.setup()
+            headers_before_routing(self._admin_runner)
             sock = _listen_socket(self.config.admin.host, self.config.admin.port)
             self.admin_port = sock.getsockname()[1]
             await web.SockSite(self._admin_runner, sock).start()
