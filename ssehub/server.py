@@ -157,7 +157,7 @@ class HubServer:
         # streams that never carry an event, so systemd must not count it started.
         if self.ready and not self._ready_sent:
             self._ready_sent = True
-            log.info("ready", extra=fields(port=self.port, channels=len(self.hub.channels)))
+            log.info("ready", extra=fields(port=self.port, **self.config.counts()))
             self.notifier.notify_ready(self.status())
         else:
             self.notifier.notify_status(self.status())
@@ -298,7 +298,7 @@ def reload_hub(hub: Hub, config: Config) -> Config | None:
     log.info(
         "reloaded",
         extra=fields(
-            channels=len(new.channels),
+            **new.counts(),
             added=",".join(added) or "-",
             removed=",".join(removed) or "-",
             changed=",".join(changed) or "-",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,11 @@ from pathlib import Path
 import pytest
 
 from ssehub.config import ConfigError, load
+from ssehub.server import HubServer
+
+from .logcheck import records_with
+from .redis_server import RedisServer
+from .sseclient import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "ssehub.yaml"
@@ -121,6 +128,36 @@ def test_check_accepts_the_example_config() -> None:
     result = run_cli("--config", str(EXAMPLE), "--check")
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
+
+
+async def test_check_and_the_running_hub_count_channels_alike(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The example lists 4 channels and the family user.*: --check said "5 channels,
+    # 1 workers" where the hub logged channels=4.
+    result = run_cli("--config", str(EXAMPLE), "--check")
+    assert result.stdout == f"{EXAMPLE}: ok (4 channels, 1 family, 1 worker)\n"
+    config = load(EXAMPLE).with_listen(port=0)
+    config = dataclasses.replace(
+        config, redis=dataclasses.replace(config.redis, url=redis_server.url)
+    )
+    caplog.set_level(logging.INFO, logger="ssehub.server")
+    server = HubServer(config)
+    await server.start()
+    try:
+        await wait_until(lambda: records_with(caplog, "ready"), timeout=10)
+    finally:
+        await server.stop()
+    (ready,) = records_with(caplog, "ready")
+    assert (ready["channels"], ready["families"]) == (4, 1)
+    assert load(EXAMPLE).counts() == {"channels": 4, "families": 1}
+
+
+def test_check_says_one_of_each_in_the_singular(tmp_path: Path) -> None:
+    path = write(tmp_path, "channels:\n  chat: {}\nworkers: 2\n")
+    assert run_cli("--config", str(path), "--check").stdout == (
+        f"{path}: ok (1 channel, 0 families, 2 workers)\n"
+    )
 
 
 def test_check_rejects_with_exit_2_and_one_line(tmp_path: Path) -> None:
