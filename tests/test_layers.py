@@ -96,6 +96,7 @@ def test_logs_import_nothing_above_the_config() -> None:
         "ssehub.config.checks",
         "ssehub.config.load",
         "ssehub.config.model",
+        "ssehub.config.overlap",
     }
 
 
