@@ -19,14 +19,13 @@ from .http.admin import create_admin_app
 from .http.app import create_app
 from .http.compat import QuietBadRequests, connections, request_in_progress
 from .http.metrics import Metrics
-from .http.presence import Reporter
 from .hub.hub import Hub
-from .hub.sessions import Roster
+from .hub.sessions import Roster, random_prefix
 from .logs import enable_access_log, fields
-from .redis.cluster_streams import ClusterStreamReader
-from .redis.factory import create_broker
+from .redis.events import EventsWriter
+from .redis.factory import create_broker, create_stream_reader, create_writer
 from .redis.pubsub import Broker, BrokerState
-from .redis.streams import StreamReader, StreamSource
+from .redis.streams import StreamSource
 from .supervisors.systemd import Notifier
 
 __all__ = ["RESTART_ONLY", "HubServer", "reload_hub", "run", "serve"]
@@ -76,15 +75,14 @@ class HubServer:
         self.hub.broker = self.broker  # family members subscribe and unsubscribe through it
         # Events and presence: written by this process, unless it is a worker (whose
         # roster reports to the node's main process instead: see supervisors/worker.py).
-        self.reporter: Reporter | None = None
+        self.reporter: EventsWriter | None = None
         if hub is None:
-            self.reporter = Reporter(config)
+            self.reporter = create_writer(config, random_prefix())
             self.hub.roster = Roster(self.reporter, config.events.enabled)
         # Stream channels: one reader for all of them (it connects once one is wanted);
         # with Redis Cluster, one per slot in use, on the master owning it; a worker
         # brings its own stream side (main reads: see supervisors/worker.py).
-        reader = ClusterStreamReader if config.redis.cluster else StreamReader
-        self.streams: StreamSource = streams or reader(
+        self.streams: StreamSource = streams or create_stream_reader(
             config.redis,
             self.hub.stream_entries,
             self.hub.stream_started,

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.http.presence import count_key, key
+from ssehub.redis.events import count_key, key
 
 from .conftest import StartHub
 from .logcheck import rendered

@@ -29,6 +29,7 @@ from .checks import (
     parse_address,
 )
 from .model import AuthConfig, ChannelConfig, Config, Cors, RedisConfig, Sentinel
+from .overlap import check_private
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -307,21 +308,23 @@ def _auth_key(auth: AuthConfig, path: str, source: str) -> bytes:
 
 
 def _check_auth(config: Config, source: str) -> None:
-    """Private channels need the auth section; an auth-enabled hub keeps its admin local."""
+    """Private channels need the auth section, and no public channel may read what one
+    reads; the admin listener (every channel's presence, metrics) stays local."""
     if config.auth is None:
         for ch in config.channels.values():
             if ch.auth == "token":
                 raise ConfigError(
                     source, f"channels.{ch.name}.auth", "'token' needs a top-level auth section"
                 )
-        return
+    check_private(config, source)
     admin = config.admin
     if admin is not None and not admin.allow_remote and not _is_loopback(admin.host):
         raise ConfigError(
             source,
             "admin.host",
-            f"{admin.host!r} is not a loopback address; with auth configured the admin "
-            "listener stays local unless admin.allow_remote is true",
+            f"{admin.host!r} is not a loopback address; the admin listener serves every "
+            "channel's presence and the metrics, so it stays local unless "
+            "admin.allow_remote is true",
         )
 
 

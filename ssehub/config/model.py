@@ -158,7 +158,8 @@ class Admin:
 
     host: str = "127.0.0.1"
     port: int = field(default=9090, metadata=_check(_port))
-    # With `auth:` configured, a non-loopback host is refused unless this says so.
+    # A non-loopback host is refused unless this says so: the listener serves every
+    # channel's presence (private ones' too) and the metrics.
     allow_remote: bool = False
 
 

@@ -42,13 +42,12 @@ from ..config import Config, Listen
 from ..core.history import Entry
 from ..http.admin import create_admin_app
 from ..http.metrics import HubCollector, Metrics, ReporterCollector
-from ..http.presence import Reporter
 from ..hub.channel import Channel
 from ..hub.hub import Hub, Refused, Unknown
-from ..redis.cluster_streams import ClusterStreamReader
-from ..redis.pubsub import Broker, BrokerState
+from ..hub.sessions import random_prefix
+from ..redis.factory import create_broker, create_stream_reader, create_writer
+from ..redis.pubsub import BrokerState
 from ..redis.streams import Entry as StreamEntry
-from ..redis.streams import StreamReader
 from ..server import _cancel, _listen_socket, _raise_fd_limit, reload_hub
 from . import feed
 from .feed import FrameProtocol, Op
@@ -124,16 +123,19 @@ class Supervisor:
         self.log_level = log_level
         self.hub = Hub(config)
         self.hub.tap = self  # every numbered change goes to the workers, in order
-        self.broker = Broker(
-            config.redis, self.hub.redis_channels(), self.hub.publish, self._on_redis_state
+        self.broker = create_broker(
+            config.redis,
+            self.hub.redis_channels(),
+            self.hub.publish,
+            self._on_redis_state,
+            sharded=self.hub.sharded,
         )
         self.hub.broker = self.broker
         # The node's events and presence: workers report their streams, main writes.
-        self.reporter = Reporter(config)
+        self.reporter = create_writer(config, random_prefix())
         # Stream channels: the node's one reader, here. Its entries are numbered by
         # this hub and reach the workers through the feed, in order with the rest.
-        reader = ClusterStreamReader if config.redis.cluster else StreamReader
-        self.streams = reader(
+        self.streams = create_stream_reader(
             config.redis,
             self._stream_entries,
             self._stream_started,

@@ -36,8 +36,9 @@ from ..hub.hub import Hub
 from ..hub.resume import split_mux_id
 from ..hub.sessions import Roster
 from ..hub.subscriber import Subscriber
+from ..redis.factory import create_replays
 from ..redis.pubsub import Broker, BrokerState
-from ..redis.streams import StreamReplays, parse_stream_id
+from ..redis.streams import Entry, parse_stream_id
 from ..server import HubServer
 from . import feed
 from .feed import FrameProtocol, FrameReader, Op
@@ -191,16 +192,16 @@ class WorkerHub(Hub):
         self._advanced.changed()
 
 
-class FeedStreams(StreamReplays):
+class FeedStreams:
     """The worker's stream side: main reads the streams (one reader for the node) and
     feeds their entries in order with the rest; it tells which streams it reads, from
     where, so that streams here wait for that as a single process waits for its
     reader. Clients resuming from further back than the cache read ``XRANGE`` pages
-    over this worker's own replay connection (``StreamReplays``), opened on first use.
+    through this worker's own replay reader (the Redis layer's), opened on first use.
     """
 
     def __init__(self, config: RedisConfig, hub: WorkerHub) -> None:
-        super().__init__(config)
+        self.replays = create_replays(config)
         self.hub = hub
         self.state = BrokerState.CONNECTING  # main's stream reader's
         # Streams main reads, each from a position this worker has.
@@ -232,6 +233,18 @@ class FeedStreams(StreamReplays):
 
     def wake(self) -> None:
         self._changed.changed()
+
+    async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
+        """Entries of ``key`` after ``after`` up to ``until``, from Redis."""
+        return await self.replays.read_range(key, after, until, count)
+
+    async def first_id(self, key: bytes) -> bytes | None:
+        """The id of the oldest entry ``key`` still has."""
+        return await self.replays.first_id(key)
+
+    async def run(self) -> None:
+        """Hold the replay reader's connections until cancelled."""
+        await self.replays.run()
 
 
 class FeedBroker(Broker):
