@@ -52,23 +52,23 @@ TAG = "{mx}"
 FAILOVER_KEY = f"{TAG}:failover"
 MESSAGES = 500  # per publish check: more than a worker's every-100th could hide
 
-# Cells that fail on main (at 75e0926) because of a known defect, and why.
+# Cells that fail on main (at 63cd476) because of a known defect, and why.
 D4 = "issue 19 defect 4: "
-WORKERS_SENTINEL = D4 + "workers build a plain Broker on redis.url, never the sentinels' master"
-WORKERS_CLUSTER = D4 + "workers build a plain Broker: redis+cluster:// fails at start-up"
-PRESENCE_SENTINEL = D4 + "the events/presence writer connects to redis.url, not the sentinels'"
-PRESENCE_CLUSTER = D4 + "the events/presence writer uses Redis.from_url, dies with a cluster URL"
+WORKERS_CLUSTER = D4 + (
+    "a worker's FeedBroker is a Broker that parses redis+cluster:// as a plain URL: "
+    "every worker exits at start-up"
+)
+PRESENCE_CLUSTER = D4 + (
+    "the events/presence writer pipelines PUBLISH on a cluster client, which redis-py "
+    "refuses: the writer task dies with nothing logged and close() re-raises at stop"
+)
 
 
 def known_defect(check: str, topology: str, model: str, kind: str) -> str | None:
     """Why a cell fails on main today (None: it must pass)."""
-    if model == "workers" and topology == "sentinel":
-        return WORKERS_SENTINEL
-    if model == "workers" and topology == "cluster":
+    if topology == "cluster" and model == "workers":
         return WORKERS_CLUSTER
-    if check == "presence" and topology == "sentinel":
-        return PRESENCE_SENTINEL
-    if check == "presence" and topology == "cluster":
+    if topology == "cluster" and check == "presence":
         return PRESENCE_CLUSTER
     return None
 
