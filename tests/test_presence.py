@@ -24,13 +24,14 @@ import redis.asyncio as aioredis
 from ssehub.redis.events import count_key, key
 
 from .conftest import StartHub
+from .hubprocess import Node, write_config
 from .logcheck import rendered
 from .redis_server import RedisServer
 from .sseclient import SSEClient, http_request, open_stream, wait_until
 from .test_auth import SECRET, token
 from .test_metrics import ADMIN, one, scrape
 from .test_slow_clients import open_stuck
-from .test_workers import SPREAD, Node, write_config
+from .test_workers import SPREAD
 
 EVENTS = {"enabled": True}
 ROOMS = {"chat": {}, "room.*": {"presence": True}, "lobby": {"presence": True}}
