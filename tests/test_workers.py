@@ -210,8 +210,22 @@ async def test_limits_are_per_worker(
         node.stop()
 
 
-@pytest.mark.parametrize(("value", "expected"), [("2", "2 workers"), ("auto", " workers")])
-def test_check_reports_the_workers(tmp_path: Path, value: str, expected: str) -> None:
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("value", "cpus", "workers"),
+    [
+        ("2", CPUS, 2),
+        # The CPUs the process may use, not the machine's: pinned to one, one worker.
+        ("auto", CPUS[:1], 1),
+        ("auto", CPUS, len(CPUS)),
+    ],
+    ids=["2", "auto-pinned", "auto"],
+)
+def test_check_reports_the_workers(
+    tmp_path: Path, value: str, cpus: list[int], workers: int
+) -> None:
     config = tmp_path / "hub.yaml"
     config.write_text(f"workers: {value}\nchannels: {{chat: {{}}}}\n")
     result = subprocess.run(
@@ -219,9 +233,10 @@ def test_check_reports_the_workers(tmp_path: Path, value: str, expected: str) ->
         capture_output=True,
         text=True,
         timeout=30,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
     )
-    assert result.returncode == 0
-    assert expected in result.stdout
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{config}: ok (1 channels, {workers} workers)\n"
 
 
 @pytest.fixture
