@@ -25,11 +25,13 @@ from typing import Protocol
 from aiohttp import web
 
 from .config import Config, ConfigError, load
+from .core.ids import random_prefix
 from .http.admin import create_admin_app
 from .http.app import TASKS
+from .http.compat import headers_before_routing
 from .http.metrics import Metrics
 from .hub.hub import Hub, Tap
-from .hub.sessions import Roster, Sink, random_prefix
+from .hub.sessions import Roster, Sink
 from .logs import fields
 from .redis.cluster_streams import ClusterStreamReader
 from .redis.events import EventsWriter
@@ -210,6 +212,7 @@ class Node:
         admin = self.config.admin
         if admin is not None and self._admin_runner is not None:
             await self._admin_runner.setup()
+            headers_before_routing(self._admin_runner)
             sock = listen_socket(admin.host, admin.port)
             self.admin_port = sock.getsockname()[1]
             await web.SockSite(self._admin_runner, sock).start()
@@ -266,7 +269,7 @@ def reload_config(hub: Hub, config: Config) -> Config | None:
     log.info(
         "reloaded",
         extra=fields(
-            channels=len(new.channels),
+            **new.counts(),
             added=",".join(added) or "-",
             removed=",".join(removed) or "-",
             changed=",".join(changed) or "-",

@@ -15,7 +15,12 @@ from aiohttp.web_protocol import RequestHandler
 
 from .config import Config
 from .http.app import TASKS, create_app
-from .http.compat import QuietBadRequests, connections, request_in_progress
+from .http.compat import (
+    QuietBadRequests,
+    connections,
+    headers_before_routing,
+    request_in_progress,
+)
 from .http.metrics import Metrics
 from .hub.hub import Hub
 from .logs import enable_access_log, fields
@@ -139,7 +144,7 @@ class HubServer(Listener):
         # streams that never carry an event, so systemd must not count it started.
         if self.ready and not self._ready_sent:
             self._ready_sent = True
-            log.info("ready", extra=fields(port=self.port, channels=len(self.hub.channels)))
+            log.info("ready", extra=fields(port=self.port, **self.config.counts()))
             self.notifier.notify_ready(self.status())
         else:
             self.notifier.notify_status(self.status())
@@ -147,6 +152,7 @@ class HubServer(Listener):
     async def start(self) -> None:
         """Listen, subscribe, start the heartbeat. Returns once the socket is bound."""
         await self._runner.setup()
+        headers_before_routing(self._runner)
         listen = self.config.listen
         sock = listen_socket(listen.host, listen.port, self._reuse_port)
         self.port = sock.getsockname()[1]

@@ -21,10 +21,10 @@ from ssehub.redis.pubsub import Broker
 from ssehub.tasks import Tasks
 
 from .conftest import StartHub
+from .hubprocess import alive as _alive
 from .planted import plant
 from .redis_server import RedisServer
 from .sseclient import http_request, wait_until
-from .test_workers import _alive
 
 # --- the owner ------------------------------------------------------------------------
 

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, load the config, run the hub; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -54,7 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ssehub: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{args.config}: ok ({len(config.channels)} channels, {config.workers} workers)")
+        counts = config.counts()
+        summary = ", ".join(
+            _count(n, *words)
+            for n, words in (
+                (counts["channels"], ("channel", "channels")),
+                (counts["families"], ("family", "families")),
+                (config.workers, ("worker", "workers")),
+            )
+        )
+        print(f"{args.config}: ok ({summary})")
         return 0
 
     try:

@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..config import Config
-from ..core.families import Family
+from ..core.ids import parse_stream_id, split_mux_id
 from ..core.waiters import Changes
-from ..hub.channel import Channel, streams_of
+from ..hub.channel import Channel, Subscriber, streams_of
 from ..hub.hub import Hub
-from ..hub.resume import split_mux_id
-from ..hub.subscriber import Subscriber
-from ..redis.streams import parse_stream_id
 from .feed import FrameProtocol, Kind, Op
 
 __all__ = ["WorkerHub"]
@@ -34,6 +31,8 @@ class WorkerHub(Hub):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        # Members' markers are the node's: main's MEMBER frame brings each one.
+        self.registry.numbers = False
         self.upstream: FrameProtocol | None = None
         # Members this worker told main it holds, by token, until it lets them go.
         self._held: dict[int, Channel] = {}
@@ -72,20 +71,13 @@ class WorkerHub(Hub):
             return
         found = self.families.find(name)
         if found is not None:
-            self._create_member(name, *found, marker=marker)
-
-    def _create_member(
-        self, name: str, family: Family, part: str, marker: int | None = None
-    ) -> Channel:
-        # A member a local stream asks for before main announced it: no number of its
-        # own (numbers are the node's); main's MEMBER frame brings the marker.
-        return super()._create_member(name, family, part, self.seq if marker is None else marker)
+            self.registry.create_member(name, *found, marker=marker)
 
     def remove_member(self, name: str, reason: str = "channel_removed") -> Channel | None:
         """The node dropped ``name`` (or refused it): end its streams here."""
         channel = self.channels.get(name)
         if channel is not None and channel.family is not None:
-            self._remove_member(channel, reason)
+            self.registry.remove_member(channel, reason)
             return channel
         return None
 
@@ -108,7 +100,7 @@ class WorkerHub(Hub):
         """Main turned a HOLD away (over ``max_members``, or unknown after a reload)."""
         channel = self._held.pop(token, None)
         if channel is not None and self.channels.get(channel.name) is channel:
-            self._remove_member(channel, "limit")
+            self.registry.remove_member(channel, "limit")
 
     # --- resume across workers ------------------------------------------------------
 
@@ -158,10 +150,8 @@ class WorkerHub(Hub):
         if last_event_id is None:
             return 0
         # (an /events id may carry stream positions after a '~': the node's part first)
-        epoch, _, seq = last_event_id.split("~")[0].rpartition("-")
-        if epoch == self.epoch and seq.isdigit() and seq.isascii() and int(seq) > self.seq:
-            return int(seq)
-        return 0
+        seq = self.numbering.seq_of(last_event_id.split("~")[0])
+        return seq if seq is not None and seq > self.seq else 0
 
     def advanced(self) -> None:
         """The feed moved this worker's position on: wake the streams waiting for it."""
