@@ -173,6 +173,34 @@ async def test_classic_channels_and_members_on_demand(
             await c.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flushed_first", [False, True])
+async def test_a_member_wanted_again_in_the_batch_that_drops_it_is_subscribed(
+    cluster: RedisCluster, flushed_first: bool
+) -> None:
+    """Issue 19, defect 2, on Cluster: drop then want within one 10 ms batch."""
+    got: list[bytes] = []
+    config = parse({"channels": {"a": {}}, "redis": cluster_redis(cluster)}).redis
+    broker = ClusterBroker(config, ["keep"], lambda channel, payload: got.append(payload))
+    task = asyncio.create_task(broker.run())
+    try:
+        await wait_until(lambda: broker.ready or task.done(), timeout=10)
+        broker.want([b"member"])
+        assert await broker.wait_subscribed([b"member"], 5)
+        if flushed_first:
+            broker.want([b"other"])
+            await asyncio.sleep(0)
+        broker.drop([b"member"])
+        await asyncio.sleep(0)
+        broker.want([b"member"])
+        assert await broker.wait_subscribed([b"member"], 2)
+        assert await asyncio.to_thread(cluster.spublish, "member", "still here") == 1
+        await wait_until(lambda: b"still here" in got, timeout=5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 # --- following the cluster -----------------------------------------------------------
 
 

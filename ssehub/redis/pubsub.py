@@ -230,10 +230,19 @@ class Broker:
                 continue
             self.wanted.add(c)
             if c in self._remove:
-                self._remove.discard(c)  # still subscribed on the wire: keep it
+                self._remove.discard(c)  # never unsubscribed on the wire: keep it
+                self._kept(c)
             else:
                 self._add.add(c)
         self._schedule_flush()
+
+    def _kept(self, channel: bytes) -> None:
+        """``channel`` was dropped and wanted again before the UNSUBSCRIBE went out."""
+        # drop() took it out of `subscribed`; if Redis had confirmed it, it still is
+        # subscribed (else its confirmation, on the way, puts it back).
+        if self._live is not None and not self._unconfirmed[channel]:
+            self.subscribed.add(channel)
+            self._waiters.wake(channel)
 
     def drop(self, channels: Iterable[bytes]) -> None:
         """Unsubscribe from ``channels`` (batched like ``want``)."""
