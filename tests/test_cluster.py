@@ -323,6 +323,39 @@ async def test_stream_channels_are_read_on_the_master_owning_each_key(
 
 
 @pytest.mark.slow
+async def test_a_member_whose_key_is_no_stream_ends_alone_on_its_slot_reader(
+    cluster: RedisCluster, start_hub: StartHub
+) -> None:
+    """Issue 19, defect 1, on Cluster: the bad key shares its slot (a hash tag) with a
+    good member's key, so both would be in one XREAD; only the bad one's stream ends."""
+
+    def setup() -> None:
+        with redis.Redis(port=cluster.owner("{cs:fam}:evil"), socket_timeout=5) as r:
+            r.delete("{cs:fam}:evil", "{cs:fam}:good")
+            r.set("{cs:fam}:evil", "not a stream")
+
+    await asyncio.to_thread(setup)
+    hub = await start_stream_hub(
+        start_hub, cluster, {"fam.*": {"stream": "{cs:fam}:*"}, "news": {"stream": "cs:news"}}
+    )
+    news = await open_stream(hub.port, "/channels/news")
+    good = await open_stream(hub.port, "/channels/fam.good")
+    evil = await SSEClient.connect(hub.port, "/channels/fam.evil")
+    try:
+        await evil.read_to_eof(timeout=10)
+        assert evil.ended_cleanly
+        assert hub.hub.stats.stream_errors["fam.*"] == 1
+        sent = await asyncio.to_thread(xadd, cluster, "{cs:fam}:good", "good after")
+        await asyncio.to_thread(xadd, cluster, "cs:news", "news after")
+        assert [(e.id, e.data) for e in await good.next_events(1)] == [(sent, "good after")]
+        assert [e.data for e in await news.next_events(1)] == ["news after"]
+        assert hub.ready and hub.streams.reconnects == 0
+    finally:
+        for c in (news, good, evil):
+            await c.close()
+
+
+@pytest.mark.slow
 async def test_a_stream_resume_older_than_the_cache_reads_the_owning_master(
     cluster: RedisCluster, start_hub: StartHub
 ) -> None:

@@ -283,6 +283,17 @@ class Hub:
             channel.stream_pos = channel.flushed_pos = entries[-1][0].decode() if entries else "0-0"
         self._stream_input(key, entries, received=False)
 
+    def stream_failed(self, key: bytes, reason: str) -> None:
+        """Redis refused to read ``key`` (it holds no stream: with a family, a name a
+        client chose), and the reader dropped it: its members go, ending their streams;
+        a listed channel's streams end (its key is read again after a reload)."""
+        for channel in list(self._by_stream.get(key, ())):
+            self.stats.stream_errors[channel.label] += 1
+            if channel.family is not None:
+                self.registry.remove_member(channel, "stream_error")
+            else:
+                self._end(channel, "stream_error")
+
     def stream_entries(self, key: bytes, entries: list[StreamEntry]) -> None:
         """New entries of ``key``: each one an event whose id is its entry id."""
         self._stream_input(key, entries, received=True)

@@ -76,6 +76,7 @@ _MAIN_OWNED = frozenset(
         "ssehub_family_members_dropped",
         "ssehub_messages_received",
         "ssehub_messages_rejected",
+        "ssehub_stream_errors",
         "ssehub_redis_up",
         "ssehub_redis_state",
         "ssehub_redis_reconnects",
