@@ -19,12 +19,14 @@ from redis.crc import key_slot
 from ssehub.config import ConfigError, parse
 from ssehub.redis.cluster import ClusterBroker, slot_map
 from ssehub.redis.cluster_streams import ClusterStreamReader
+from ssehub.redis.factory import create_presence_reader, create_replays
 from ssehub.server import HubServer
 
 from .conftest import StartHub
 from .redis_topology import RedisCluster
 from .sseclient import SSEClient, open_stream, wait_until
 from .test_faults import data, gaps
+from .test_redis_events import events_config, events_heard, running_writer
 
 
 def cluster_redis(cluster: RedisCluster, **more: Any) -> dict[str, Any]:
@@ -448,3 +450,51 @@ async def test_a_manual_failover_moves_a_stream_reader_without_loss_or_gap(
         assert not gaps(client)
     finally:
         await client.close()
+
+
+# --- the other roles: events/presence writer and reader, replay reads ----------------
+
+
+@pytest.mark.slow
+async def test_events_and_presence_are_written_and_read_on_a_cluster(cluster: RedisCluster) -> None:
+    """Issue 19, defect 4: with a cluster URL the writer task died (redis-py's cluster
+    pipeline refuses PUBLISH) and the presence reader could not connect."""
+    config = events_config(cluster_redis(cluster), {"room.*": {"presence": True}})
+    rooms = await asyncio.to_thread(cluster.channels_on_each_master, "room.", 1)
+    reader = create_presence_reader(config.redis)
+    try:
+        async with (
+            events_heard(cluster.live[-1]) as heard,
+            running_writer(config, "cnode") as writer,
+        ):
+            for i, room in enumerate(rooms):
+                writer.join(room, f"s{i}", {"n": i}, True)
+            await wait_until(lambda: sorted(heard) == [f"s{i}" for i in range(len(rooms))], 10)
+            for i, room in enumerate(rooms):
+                page = await reader.page(room, 0, 10)
+                assert page["count"] == 1, page
+                member = {"session_id": f"s{i}", "node": "cnode", "meta": {"n": i}}
+                assert page["members"] == [member]
+    finally:
+        await reader.close()
+
+
+@pytest.mark.slow
+async def test_replay_reads_go_to_the_master_owning_each_key(cluster: RedisCluster) -> None:
+    """Issue 19, defect 4: a worker's replay reads (XRANGE) used a plain client on the
+    cluster URL; the factory's replay reader reads each key on its owner."""
+    config = parse({"channels": {"a": {}}, "redis": cluster_redis(cluster)}).redis
+    keys = await asyncio.to_thread(cluster.channels_on_each_master, "cs:replay:", 1)
+    sent = {
+        k: [await asyncio.to_thread(xadd, cluster, k, f"{k} {i}") for i in range(3)] for k in keys
+    }
+    replays = create_replays(config)
+    running = asyncio.create_task(replays.run())
+    try:
+        for k in keys:
+            entries = await replays.read_range(k.encode(), b"0-0", b"+", 10)
+            assert [e[0].decode() for e in entries] == sent[k]
+            assert await replays.first_id(k.encode()) == sent[k][0].encode()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
