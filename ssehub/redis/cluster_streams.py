@@ -34,14 +34,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from ..config import RedisConfig
 from ..logs import fields
 from .cluster import SlotMap, read_slot_map
 from .discovery import Address, node_url, show
 from .pubsub import BrokerState, _SessionEnded
-from .streams import MAX_REPLAY_READS, Entry, StreamReader
+from .streams import Entry, StreamReader, StreamReplays
 
 __all__ = ["ClusterStreamReader"]
 
@@ -63,11 +62,11 @@ class _SlotReader(StreamReader):
             lambda old, new: cluster._reader_state(self, new),
             cluster._maxlen,
             on_failed=lambda key, reason: cluster._failed(self, key, reason),
+            replays=cluster.replays,  # one pool (and bound) for the whole process
         )
         self.cluster = cluster
         self.slot = slot
         self.addr = addr
-        self._replays = cluster._replays  # one bound for the whole process
         self.task: asyncio.Task[None] | None = None
 
     async def _session(self) -> None:
@@ -111,7 +110,8 @@ class ClusterStreamReader:
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # the first stream wanted, or read the slot map now
-        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+        # Replay reads: one pool; redis-py's cluster client reads each key on its master.
+        self.replays = StreamReplays(config)
 
     # --- what the hub asks for ------------------------------------------------------
 
@@ -193,18 +193,12 @@ class ClusterStreamReader:
         return all(self.live(k) for k in missing)
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
-        """``XRANGE`` on the master owning ``key`` (see ``StreamReader.read_range``)."""
-        return await self._reader_of(key).read_range(key, after, until, count)
+        """``XRANGE`` on the master owning ``key`` (see ``StreamReplays.read_range``)."""
+        return await self.replays.read_range(key, after, until, count)
 
     async def first_id(self, key: bytes) -> bytes | None:
         """The id of the oldest entry ``key`` still has, asked of its master."""
-        return await self._reader_of(key).first_id(key)
-
-    def _reader_of(self, key: bytes) -> _SlotReader:
-        reader = self._readers.get(key_slot(key))
-        if reader is None:
-            raise RedisError("redis streams: no master reads this stream now")
-        return reader
+        return await self.replays.first_id(key)
 
     # --- what the readers report --------------------------------------------------------
 
@@ -384,3 +378,4 @@ class ClusterStreamReader:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.replays.aclose()

@@ -156,9 +156,13 @@ class StreamReplays:
         try:
             await asyncio.get_running_loop().create_future()
         finally:
-            client, self._client = self._client, None
-            if client is not None:
-                await close(client)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pool's connections (a later read opens new ones)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await close(client)
 
 
 class StreamReader:
@@ -174,6 +178,7 @@ class StreamReader:
         maxlen: Callable[[bytes], int] = lambda key: 0,
         *,
         on_failed: Callable[[bytes, str], None] | None = None,
+        replays: StreamReplays | None = None,
     ) -> None:
         self.config = config
         self._on_failed = on_failed
@@ -197,7 +202,10 @@ class StreamReader:
         self._reader_id: int | None = None
         self._blocked = False
         self._unblocker: asyncio.Task[None] | None = None
-        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+        # Replay reads (resuming clients' XRANGE): a pool of their own, opened on use
+        # (Cluster's slot readers share their cluster reader's, which closes it).
+        self._own_replays = replays is None
+        self.replays = StreamReplays(config) if replays is None else replays
 
     # --- what the hub asks for ------------------------------------------------------
 
@@ -275,26 +283,13 @@ class StreamReader:
         return self.state is BrokerState.UP
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
-        """Entries of ``key`` after ``after`` up to ``until`` (inclusive), oldest first.
-
-        At most ``MAX_REPLAY_READS`` of these are in flight for the whole process, and
-        a caller has one at a time: a resume storm queues here instead of loading Redis.
-        """
-        async with self._replays:
-            control = self._need_control()
-            entries: Any = await control.xrange(key, b"(" + after, until, count=count)
-            return typing.cast(list[Entry], entries)
+        """As ``StreamReplays.read_range``: on the replay reader's connections, never on
+        the reader's own (a resume storm must not delay the reading, nor share its fate)."""
+        return await self.replays.read_range(key, after, until, count)
 
     async def first_id(self, key: bytes) -> bytes | None:
-        """The id of the oldest entry ``key`` still has, or None when it is empty."""
-        async with self._replays:
-            entries: Any = await self._need_control().xrange(key, count=1)
-        return typing.cast(bytes, entries[0][0]) if entries else None
-
-    def _need_control(self) -> aioredis.Redis:
-        if self._control is None or self.state is not BrokerState.UP:
-            raise RedisError("redis streams connection is down")
-        return self._control
+        """As ``StreamReplays.first_id``."""
+        return await self.replays.first_id(key)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -327,28 +322,32 @@ class StreamReader:
 
     async def run(self) -> None:
         """Connect, read forever, reconnect with capped jittered backoff."""
-        attempt = 0
-        while True:
-            # No connection until there is a stream to read: hubs without stream
-            # channels never open one.
-            while not self.wanted:
-                self._changed.clear()
-                await self._changed.wait()
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure ends the session, never the loop
-                why = str(exc) or type(exc).__name__
-                if self.state is BrokerState.UP:
-                    attempt = 0
-                    self._set_state(BrokerState.DOWN, why)
-                elif attempt == 0:
-                    log.warning("redis streams unavailable", extra=fields(reason=why))
-            cfg = self.config
-            cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
-            attempt = min(attempt + 1, 30)
-            await asyncio.sleep(random.uniform(cfg.reconnect_min / 2, cap))
+        try:
+            attempt = 0
+            while True:
+                # No connection until there is a stream to read: hubs without stream
+                # channels never open one.
+                while not self.wanted:
+                    self._changed.clear()
+                    await self._changed.wait()
+                try:
+                    await self._session()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # any failure ends the session, never the loop
+                    why = str(exc) or type(exc).__name__
+                    if self.state is BrokerState.UP:
+                        attempt = 0
+                        self._set_state(BrokerState.DOWN, why)
+                    elif attempt == 0:
+                        log.warning("redis streams unavailable", extra=fields(reason=why))
+                cfg = self.config
+                cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
+                attempt = min(attempt + 1, 30)
+                await asyncio.sleep(random.uniform(cfg.reconnect_min / 2, cap))
+        finally:
+            if self._own_replays:
+                await self.replays.aclose()
 
     def _set_state(self, state: BrokerState, why: str = "") -> None:
         old, self.state = self.state, state
