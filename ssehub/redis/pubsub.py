@@ -37,6 +37,14 @@ from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
 from .discovery import command, node_url
+from .info import (
+    MIN_SHARDED_VERSION,
+    MIN_VERSION,
+    CloseDiagnosis,
+    RedisVersionError,
+    check_version,
+    parse_info,
+)
 
 __all__ = ["Broker", "BrokerState"]
 
@@ -91,6 +99,7 @@ class _PubSubProtocol(asyncio.Protocol):
         # Set at the first error reply, so that a wait for confirmations ends at once.
         self.error: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_rx = 0.0
+        self.closed_by_redis = False  # Redis closed the connection (not us, not the network)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; cast, don't check.
@@ -129,6 +138,9 @@ class _PubSubProtocol(asyncio.Protocol):
             if isinstance(reply, hiredis.ReplyError) and not self.error.done():
                 self.error.set_result(None)
             self._replies.put_nowait(reply)
+
+    def eof_received(self) -> None:
+        self.closed_by_redis = True  # (then connection_lost: the transport closes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -213,6 +225,9 @@ class Broker:
         self._all_confirmed: asyncio.Future[None] | None = None
         # One future per channel someone awaits (shared, never one per stream).
         self._waiters = Waiters()
+        # Why Redis closed the last connection, if it did (told at the next connect).
+        self._diagnosis = CloseDiagnosis()
+        self._closed_by_redis = False
 
     @property
     def channels(self) -> list[str]:
@@ -354,6 +369,9 @@ class Broker:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except RedisVersionError as exc:  # not a fault: retrying cannot help
+                log.error("redis too old", extra=fields(url=self._safe_url(), reason=str(exc)))
+                raise
             except Exception as exc:  # any failure of an attempt: log, back off, retry
                 why = str(exc) or type(exc).__name__
                 if not isinstance(exc, (OSError, _SessionEnded)):  # not a network fault: a bug?
@@ -397,12 +415,14 @@ class Broker:
                 username = self._params.get("username")
                 proto.send(*(("AUTH", username, password) if username else ("AUTH", password)))
                 await proto.reply(cfg.connect_timeout)
+            self._check_server(parse_info(await self._ask(proto, "INFO")))
             await self._subscribe_all(proto)
             if self.state is not BrokerState.CONNECTING:
                 self.reconnects += 1
             self._set_state(BrokerState.UP)
             await self._watch(proto)
         finally:
+            self._closed_by_redis = proto.closed_by_redis
             self._proto = None
             self._live = None
             self.subscribed.clear()
@@ -410,6 +430,26 @@ class Broker:
             self._awaiting.clear()
             if proto.transport is not None:
                 proto.transport.abort()
+
+    async def _ask(self, proto: _PubSubProtocol, *args: str) -> Any:
+        proto.send(*args)
+        return await proto.reply(self.config.connect_timeout)
+
+    def _check_server(self, info: dict[str, str]) -> None:
+        """Refuse a Redis too old; say why the last connection was closed, if Redis did."""
+        sharded = self.subscribe_command == "SSUBSCRIBE"
+        check_version(info, MIN_SHARDED_VERSION if sharded else MIN_VERSION, self._safe_url())
+        if self._closed_by_redis:
+            self._closed_by_redis = False
+            log.warning(
+                "redis had closed the subscription connection",
+                extra=fields(
+                    url=self._safe_url(),
+                    cause=self._diagnosis.cause(info),
+                    effect="what was published meanwhile is lost: streams get a gap event",
+                ),
+            )
+        self._diagnosis.seen(info)
 
     async def _subscribe_all(self, proto: _PubSubProtocol) -> None:
         """Subscribe the new connection to everything wanted; wait for Redis to confirm."""
@@ -445,7 +485,8 @@ class Broker:
         while True:
             await asyncio.wait({proto.lost}, timeout=tick)
             if proto.lost.done():
-                raise _SessionEnded("connection lost")
+                closed = "closed by redis" if proto.closed_by_redis else "lost"
+                raise _SessionEnded(f"connection {closed}")
             for reply in proto.drain_replies():
                 if isinstance(reply, hiredis.ReplyError):
                     raise _SessionEnded(f"redis error: {reply}")
