@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -508,3 +509,60 @@ async def test_rewind_on_events_and_family_members(
     finally:
         await c.close()
         await member.close()
+
+
+async def test_a_deeply_nested_entry_loses_nothing_else_live_or_on_resume(
+    start_hub: StartHub, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`[` x 5000 in one entry of a batch: rejected as invalid_json; the entries after it
+    in the same batch are delivered, and a resume over it from Redis reads past it."""
+    stream = key("deep-json")
+    hub = await start(start_hub, {"orders": {"stream": stream, "format": "json", "history": 2}})
+    first = await xadd(redis_client, stream, data='"before"')
+    c = await open_stream(hub.port, "/channels/orders", last_id=first)
+    try:
+        pipe = redis_client.pipeline(transaction=True)  # one XREAD batch for the reader
+        pipe.xadd(stream, {"data": "[" * 5000})
+        for i in range(5):
+            pipe.xadd(stream, {"data": f'"after {i}"'})
+        ids = [i.decode() for i in await pipe.execute()]
+        events = await c.next_events(5)
+        expected = [(i, f"after {n}") for n, i in enumerate(ids[1:])]
+        assert [(e.id, e.data) for e in events] == expected
+        assert hub.hub.stats.rejected[("orders", "invalid_json")] == 1
+    finally:
+        await c.close()
+    # history: 2 keeps only the last two: a resume from `first` pages through Redis.
+    back = await open_stream(hub.port, "/channels/orders", last_id=first)
+    try:
+        events = await back.next_events(5)
+        assert [e.id for e in events] == ids[1:]
+        assert not [e for e in events if e.event == "ssehub-gap"]
+    finally:
+        await back.close()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+
+
+async def test_an_unexpected_error_on_one_entry_costs_that_entry_only(
+    start_hub: StartHub, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = key("one-fails")
+    hub = await start(start_hub, {"orders": {"stream": stream}})
+    ingest = hub.hub._ingest
+
+    def failing_on_b(channel: Any, event: Any) -> None:
+        if event.data == "b":
+            raise RuntimeError("a bug")
+        ingest(channel, event)
+
+    monkeypatch.setattr(hub.hub, "_ingest", failing_on_b)
+    c = await open_stream(hub.port, "/channels/orders")
+    try:
+        pipe = redis_client.pipeline(transaction=True)  # one XREAD batch for the reader
+        for data in "abcd":
+            pipe.xadd(stream, {"data": data})
+        await pipe.execute()
+        assert [e.data for e in await c.next_events(3)] == ["a", "c", "d"]
+        assert hub.hub.stats.rejected[("orders", "internal_error")] == 1
+    finally:
+        await c.close()

@@ -276,6 +276,8 @@ class Hub:
                 self._ingest(channel, event)
             except Rejected as exc:
                 self._reject(channel.label, exc)
+            except Exception:  # a bug must cost this message only, never the next ones
+                self._failed(channel.label)
 
     def stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
         """The reader knows where ``key`` ends: keep its recent ``entries`` for resume."""
@@ -299,6 +301,8 @@ class Hub:
                     self._ingest(channel, parse_entry(fmt, eid, entry_fields, self._max_message))
                 except Rejected as exc:
                     self._reject(channel.label, exc)
+                except Exception:  # the reader moved past it: the rest of the batch goes on
+                    self._failed(channel.label)
 
     def _publish_juggernaut(self, payload: bytes) -> None:
         try:
@@ -323,8 +327,7 @@ class Hub:
             except Rejected as exc:
                 self._reject(channel.label, exc)
             except Exception:
-                self.stats.rejected[(channel.label, "internal_error")] += 1
-                log.exception("delivery failed", extra=fields(channel=channel.label))
+                self._failed(channel.label)
         if unknown:
             # One line per message however many names it lists; each one is counted.
             detail = ", ".join(unknown)
@@ -335,6 +338,10 @@ class Hub:
         log.warning(
             "message rejected", extra=fields(channel=channel, reason=exc.reason, detail=exc.detail)
         )
+
+    def _failed(self, channel: str) -> None:
+        self.stats.rejected[(channel, "internal_error")] += 1
+        log.exception("delivery failed", extra=fields(channel=channel))
 
     def _ingest(self, channel: Channel, event: Event) -> None:
         numbering = self.numbering
