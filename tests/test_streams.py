@@ -566,3 +566,28 @@ async def test_an_unexpected_error_on_one_entry_costs_that_entry_only(
         assert hub.hub.stats.rejected[("orders", "internal_error")] == 1
     finally:
         await c.close()
+
+
+@pytest.mark.parametrize("part", ["seq", "ms"])
+async def test_an_entry_id_out_of_redis_range_is_unknown_id_and_never_reaches_redis(
+    start_hub: StartHub, redis_client: aioredis.Redis, part: str
+) -> None:
+    """Each half of an entry id is a 64-bit unsigned number in Redis: a 20-digit one past
+    it is no entry id (issue 20), not a Redis error that ends the stream."""
+    stream = key(f"range-{part}")
+    first = await xadd(redis_client, stream, data="a")
+    hub = await start(start_hub, {"orders": {"stream": stream, "history": 1}})
+    for i in range(3):
+        await xadd(redis_client, stream, data=f"b {i}")
+    ms = first.split("-")[0]
+    last_id = f"{ms}-{2**64}" if part == "seq" else f"{2**64}-0"
+    back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": last_id})
+    try:
+        await back.read_until(lambda c: c.parser.last_id != last_id and c.events)
+        assert [e.event for e in back.events] == ["ssehub-gap"]
+        assert json.loads(back.events[0].data)["reason"] == "unknown_id"
+        entry = await xadd(redis_client, stream, data="live")
+        assert [e.id for e in await back.next_events(2)][1:] == [entry]
+        assert hub.hub.stats.redis_replays["orders"] == 0
+    finally:
+        await back.close()

@@ -6,7 +6,8 @@
   unique per process, so an id of another process or node is never taken for one of
   ours.
 - **Stream entry ids** ``1700000000000-0``: a stream channel's position, the same on
-  every node and after every restart (``parse_stream_id``, ``just_before``).
+  every node and after every restart (``parse_stream_id``, ``just_before``). Both
+  halves are 64-bit unsigned numbers, as in Redis: anything else is no entry id.
 - **``/events`` ids** on a stream following stream channels: ``<epoch>-<seq>``
   followed by one ``~<entry id>`` per stream channel, in the order of the channels'
   names, each entry id written compactly (milliseconds in base 36, then ``-`` and the
@@ -100,13 +101,18 @@ class Numbering:
 
 
 def parse_stream_id(value: str) -> tuple[int, int] | None:
-    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id."""
+    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id: either half
+    not a decimal number, or past Redis's 64-bit range (which Redis would answer
+    with an error: a client's id out of range is ``unknown_id`` here, at the door)."""
     ms, sep, seq = value.partition("-")
     if not sep or not (ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
         return None
     if len(ms) > 20 or len(seq) > 20:
         return None
-    return int(ms), int(seq)
+    parsed = int(ms), int(seq)
+    if parsed[0] > MAX_ENTRY_PART or parsed[1] > MAX_ENTRY_PART:
+        return None
+    return parsed
 
 
 def stream_order(entry_id: str) -> tuple[int, int]:
@@ -142,9 +148,10 @@ def expand(text: str) -> str | None:
     try:
         if not ms.isalnum() or not ms.isascii() or (sep and not (seq.isalnum() and seq.isascii())):
             return None
-        return f"{int(ms, 36)}-{int(seq, 36) if sep else 0}"
+        expanded = f"{int(ms, 36)}-{int(seq, 36) if sep else 0}"
     except ValueError:
         return None
+    return expanded if parse_stream_id(expanded) is not None else None
 
 
 def mux_id(epoch: str, seq: int, positions: Sequence[str]) -> str:
