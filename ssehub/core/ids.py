@@ -14,12 +14,12 @@
   sequence in base 36 when it is not 0): ``mx339x0v-152~lq2k3m9a~lq2k3m8z-3``. One id
   thus resumes every stream channel exactly on any node (``mux_id``, ``split_mux_id``).
 - **Session ids**: one per stream, told to the page, named by a publisher's
-  ``except``: a random prefix per process (48 bits) and a counter (``SessionIds``).
+  ``except``: 96 random bits each (``new_session_id``), so that knowing one's own id
+  says nothing about anyone else's.
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import time
 from collections.abc import Sequence
@@ -27,7 +27,6 @@ from collections.abc import Sequence
 __all__ = [
     "MAX_ENTRY_PART",
     "Numbering",
-    "SessionIds",
     "base36",
     "compact",
     "expand",
@@ -35,6 +34,7 @@ __all__ = [
     "mux_id",
     "new_epoch",
     "parse_stream_id",
+    "new_session_id",
     "random_prefix",
     "split_mux_id",
     "stream_order",
@@ -178,18 +178,14 @@ def split_mux_id(value: str, streams: int) -> tuple[str, list[str] | None]:
 
 
 def random_prefix() -> str:
-    """8 URL-safe characters (48 random bits): no ``:`` or ``.`` in them."""
+    """A node's name among the nodes sharing one Redis (events, presence entries):
+    8 URL-safe characters (48 random bits), no ``:`` or ``.`` in them."""
     return secrets.token_urlsafe(6)
 
 
-class SessionIds:
-    """Session ids of one process: its random prefix, then a counter in base 36."""
-
-    __slots__ = ("_count", "prefix")
-
-    def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = random_prefix() if prefix is None else prefix
-        self._count = itertools.count(1)
-
-    def new(self) -> str:
-        return f"{self.prefix}.{base36(next(self._count))}"
+def new_session_id() -> str:
+    """A stream's session id: 96 random bits as 16 URL-safe characters (no ``:`` or
+    ``.``). Nothing in it is shared with another id, so knowing one's own says
+    nothing about anyone else's; unique across processes and nodes by chance alone
+    (two alike among a billion ids: about one in 10**11)."""
+    return secrets.token_urlsafe(12)

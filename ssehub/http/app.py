@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from ..config import ChannelConfig
 from ..core import sse
-from ..core.ids import SessionIds
+from ..core.ids import new_session_id
 from ..core.messages import MAX_ID_LENGTH
 from ..hub.channel import Channel, Subscriber
 from ..hub.hub import Hub, Refused, Unknown
@@ -35,7 +35,6 @@ __all__ = [
     "BROKER",
     "BUSY_EVENT",
     "HUB",
-    "SESSION_IDS",
     "create_app",
     "healthz",
     "readyz",
@@ -49,7 +48,6 @@ BUSY_EVENT = "ssehub-busy"
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 ACCESS = web.AppKey("access", Access)
-SESSION_IDS = web.AppKey("session_ids", SessionIds)
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -177,7 +175,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # straight to the transport, and aiohttp's writer is not touched again
         # until the final chunk (before that, only the keepalives below use it).
         # The session id first, before any position or replay (see hub/sessions.py).
-        session = request.app[SESSION_IDS].new()
+        session = new_session_id()
         await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
@@ -329,7 +327,6 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     app[HUB] = hub
     app[BROKER] = broker
     app[ACCESS] = access = Access(lambda: hub.config)
-    app[SESSION_IDS] = SessionIds()
     app.router.add_get("/channels/{name}", stream, expect_handler=expect)
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)
