@@ -175,3 +175,16 @@ async def test_deeply_nested_json_is_rejected_counted_and_the_next_message_deliv
         assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"data": NaN}', b'{"data": [Infinity]}', b'{"data": {"x": -Infinity}}', b'{"data": 1e999}'],
+)
+def test_json_that_is_not_rfc_8259_is_invalid_json(payload: bytes) -> None:
+    """A browser's JSON.parse reads none of these back from the event's data."""
+    with pytest.raises(Rejected) as err:
+        parse("json", payload, MAX)
+    assert err.value.reason == "invalid_json"
+    with pytest.raises(Rejected):
+        parse_juggernaut(payload.replace(b"{", b'{"channel": "a", ', 1), MAX)

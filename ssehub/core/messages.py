@@ -40,6 +40,7 @@ __all__ = [
     "Rejected",
     "parse",
     "parse_entry",
+    "not_json",
     "parse_juggernaut",
 ]
 
@@ -85,25 +86,31 @@ def _decode(payload: bytes, max_bytes: int) -> str:
         raise Rejected("invalid_utf8", f"byte {exc.start}") from None
 
 
+def not_json(name: str) -> Any:
+    """``parse_constant`` for ``json.loads``: ``NaN``, ``Infinity`` and ``-Infinity``
+    are Python's extension, not JSON (RFC 8259); no browser's ``JSON.parse`` reads them."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def _loads(text: str) -> Any:
-    """A JSON value that UTF-8 can carry, or ``Rejected``.
+    """A JSON value (RFC 8259) that UTF-8 can carry, or ``Rejected``.
 
     Nesting deeper than the interpreter's recursion limit (``[`` x 5000 is 5 KB) is
     ``invalid_json`` like any other JSON this hub cannot read: never an exception
     that escapes to the reader and loses the messages behind it.
     """
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=not_json)
     except ValueError as exc:
         raise Rejected("invalid_json", str(exc)) from None
     except RecursionError:
         raise Rejected("invalid_json", "nested too deeply") from None
     if _SURROGATE_ESCAPE.search(text):  # rare: surrogate pairs (escaped emoji) or lone ones
         try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except UnicodeEncodeError:
             raise Rejected("invalid_utf8", "lone surrogate in a JSON string") from None
-        except RecursionError:
+        except (ValueError, RecursionError):
             raise Rejected("invalid_json", "nested too deeply") from None
     return value
 
@@ -125,7 +132,9 @@ def _data_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a number past a double's range (1e999) read as infinity
+        raise Rejected("invalid_json", "number out of range") from None
     except RecursionError:  # parsed at the edge of the limit, one frame deeper here
         raise Rejected("invalid_json", "nested too deeply") from None
 

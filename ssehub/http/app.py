@@ -282,7 +282,7 @@ async def _turn_away(hub: Hub, resp: web.StreamResponse, reason: str) -> web.Str
     """A full hub still answers an EventSource with 200: any other status would make
     the browser give up for good. The stream says why and when to come back, and ends."""
     retry_ms = _busy_retry_ms(hub)
-    data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"))
+    data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"), allow_nan=False)
     hub.stats.closed["limit"] += 1
     await resp.write(sse.retry(retry_ms) + sse.encode(data, event=BUSY_EVENT))
     return await _end(resp)

@@ -7,8 +7,10 @@ core/ids.py). ``Sessions`` finds a stream by its id, for a publisher's ``except`
 
 A stream's **meta** is what the application attached to the client: on a private
 channel the JWT's ``sub`` (and ``meta.claim`` when configured), otherwise the
-``meta`` query parameter (at most ``meta.max_bytes``; JSON when it parses as JSON,
-else the string), never written to a log.
+``meta`` query parameter (at most ``meta.max_bytes``; JSON when it parses as strict
+JSON (RFC 8259: no ``NaN`` or ``Infinity``, numbers within a double's range), else the
+string), never written to a log. Every event and presence answer carrying it is
+strict JSON, so one client's meta never breaks ``JSON.parse`` for anyone else.
 
 The hub tells a ``Roster`` of every stream it registers and of every one it lets go
 (exactly once each, with the reason); the roster hands the channels that need it --
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 
 from ..config import MetaConfig
 from ..core import sse
+from ..core.messages import not_json
 from .channel import Subscriber
 
 __all__ = [
@@ -70,6 +73,10 @@ def meta_of(claims: Claims | None, value: str | None, config: MetaConfig) -> Any
         meta: dict[str, Any] = {"sub": claims.sub}
         if config.claim and config.claim in claims.payload:
             meta[config.claim] = claims.payload[config.claim]
+        try:  # PyJWT reads NaN and 1e999 in a token's claims: none may reach a page
+            json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (ValueError, RecursionError):
+            raise BadMeta("the token's claims for meta are not JSON") from None
         return meta
     if value is None:
         return None
@@ -80,13 +87,14 @@ def meta_of(claims: Claims | None, value: str | None, config: MetaConfig) -> Any
     if size > config.max_bytes:
         raise BadMeta(f"meta is larger than {config.max_bytes} bytes")
     try:
-        parsed = json.loads(value)
-    except ValueError:
-        return value
-    try:  # "\ud800" in JSON text: a value no UTF-8 consumer could read back
-        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
+        parsed = json.loads(value, parse_constant=not_json)
+        # Written back as strict JSON too: a number past a double's range (1e999,
+        # read as infinity) makes this a plain string, like text that is no JSON.
+        json.dumps(parsed, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" in JSON text: no UTF-8 consumer could read it
         raise BadMeta("meta must be UTF-8 text") from None
+    except (ValueError, RecursionError):
+        return value
     return parsed
 
 
