@@ -400,7 +400,14 @@ class Hub:
 
         True when the stream is live; False while history is left to replay: the
         handler then awaits the client's reading and calls ``catch_up`` until True.
+        A stream whose channel was removed (a reload, a member's grace) while it
+        waited or caught up from Redis just ends: registered there, it would get no
+        event and no heartbeat ever again.
         """
+        if any(self.channels.get(c.name) is not c for c in sub.channels):
+            self.stats.closed["channel_removed"] += 1
+            sub.end("channel_removed")  # the browser comes back, to what is there now
+            return True
         self._connections += 1
         return self.replays.subscribe(sub, last_event_id, mux, rewind)
 

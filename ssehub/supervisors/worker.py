@@ -31,7 +31,7 @@ from ..config import Config, RedisConfig
 from ..core.ids import parse_stream_id, split_mux_id
 from ..core.waiters import Changes
 from ..http.metrics import Metrics
-from ..hub.channel import Channel, Subscriber, streams_of
+from ..hub.channel import Channel, streams_of
 from ..hub.hub import Hub
 from ..hub.sessions import Roster
 from ..redis.factory import create_replays
@@ -128,17 +128,6 @@ class WorkerHub(Hub):
             self.registry.remove_member(channel, "limit")
 
     # --- resume across workers ------------------------------------------------------
-
-    def subscribe(
-        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
-    ) -> bool:
-        """As ``Hub.subscribe``; a stream whose member went while it waited just ends."""
-        if any(self.channels.get(c.name) is not c for c in sub.channels):
-            # The member went while the stream waited for it: the browser comes back.
-            self.stats.closed["channel_removed"] += 1
-            sub.end("channel_removed")
-            return True
-        return super().subscribe(sub, last_event_id, mux, rewind)
 
     async def caught_up(
         self, last_event_id: str | None, channels: Sequence[Channel] = (), mux: bool = False
