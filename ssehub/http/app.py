@@ -151,6 +151,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             return _unavailable(hub, exc.reason)
         return await _turn_away(hub, await _prepare(request), exc.reason)
     sub: Subscriber | None = None
+    session = ""
     try:
         if mux and sum(c.stream for c in channels) > MAX_STREAMS_PER_EVENTS:
             raise web.HTTPBadRequest(
@@ -176,6 +177,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # until the final chunk (before that, only the keepalives below use it).
         # The session id first, before any position or replay (see hub/sessions.py).
         session = new_session_id()
+        # From here on the page may know it, and a publisher's except name it: even
+        # while the stream waits on Redis below, such events stay out of its replay.
+        hub.sessions.open(session)
         await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
@@ -228,6 +232,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if sub is not None:
             hub.unsubscribe(sub)
             request.app[ACCESS].forget(sub)
+        hub.sessions.close(session)
         hub.release(channels)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.

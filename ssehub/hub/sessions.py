@@ -132,34 +132,53 @@ class Roster:
 
 
 class Sessions:
-    """Registered streams by session id, for ``except``; and the roster, if any.
+    """Streams by session id, for ``except``; and the roster, if any.
 
-    A stream is registered from its subscription (live or still catching up) until it
-    is let go. An event whose ``except`` names a stream that is not live yet is kept
-    out of its replay instead (``skips``).
+    A session is **opened** when its id is issued (the page may know it from then on),
+    **registered** with its stream (``joined``: live, or still catching up) and let go
+    once (``left``, or ``close`` for one that never registered). An event whose
+    ``except`` names a session that is not live yet -- waiting on Redis before it
+    registers, or catching up -- is kept out of its replay (``skips``); one that is
+    live steps out of its group for that event (see Fanout.deliver).
     """
 
     __slots__ = ("_subs", "_waiting", "roster")
 
     def __init__(self) -> None:
         self._subs: dict[str, Subscriber] = {}
-        # Registered, not live yet: the seqs its replay must skip (None: none so far).
+        # Opened, not live yet: the seqs its replay must skip (None: none so far).
         self._waiting: dict[str, set[int] | None] = {}
         self.roster: Roster | None = None
 
     def __len__(self) -> int:
         return len(self._subs)
 
+    @property
+    def waiting(self) -> int:
+        """Sessions opened that are not live yet (waiting on Redis, or catching up)."""
+        return len(self._waiting)
+
     def get(self, session: str) -> Subscriber | None:
         """The registered stream with this session id, if any."""
         return self._subs.get(session)
+
+    def open(self, session: str) -> None:
+        """``session`` was issued to a page: from now on an ``except`` may name it."""
+        self._waiting[session] = None
+
+    def close(self, session: str) -> None:
+        """A session that never registered (or was let go already) is over."""
+        if session not in self._subs:
+            self._waiting.pop(session, None)
 
     def joined(self, sub: Subscriber, live: bool) -> None:
         """A stream registered, ``live`` or catching up: index its session, report it."""
         if sub.session:
             self._subs[sub.session] = sub
-            if not live:
-                self._waiting[sub.session] = None
+            if live:
+                self._waiting.pop(sub.session, None)
+            else:
+                self._waiting.setdefault(sub.session, None)
         if self.roster is not None:
             self.roster.joined(sub)
 
