@@ -157,11 +157,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
             raise web.HTTPBadRequest(
                 text=f"at most {MAX_STREAMS_PER_EVENTS} stream channels per /events connection\n"
             )
-        # A first connection may start with the last events (ignored on a resume).
+        # A first connection may start with the last events (ignored on a resume):
+        # ?rewind=N of every channel, else each channel's own `rewind` (None).
         rewind = asked_rewind
-        if rewind is None:
-            rewind = max(c.config.rewind for c in channels)
-        rewind = min(rewind, hub.config.limits.max_rewind) if last_event_id is None else 0
+        if rewind is not None:
+            rewind = min(rewind, hub.config.limits.max_rewind)
+        if last_event_id is not None:
+            rewind = 0
         refusal = _over_limit(hub, channels, mux)
         if refusal is not None and not wants_stream:
             return _unavailable(hub, refusal)

@@ -394,9 +394,11 @@ class Hub:
         return self.fanout.refuses_group(channels)
 
     def subscribe(
-        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
+        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int | None = None
     ) -> bool:
-        """Start ``sub``'s stream: what it missed, then live events (see ``Replays``).
+        """Start ``sub``'s stream: what it missed, then live events (see ``Replays``);
+        a first connection starts with each channel's last ``rewind`` events (None:
+        each channel's own ``rewind``).
 
         True when the stream is live; False while history is left to replay: the
         handler then awaits the client's reading and calls ``catch_up`` until True.
