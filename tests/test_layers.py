@@ -104,13 +104,12 @@ def test_no_import_circle_through(name: str) -> None:
 
 
 def test_logs_import_nothing_above_the_config() -> None:
-    assert _reaches(_graph(), "ssehub.logs") <= {
-        "ssehub.config",
-        "ssehub.config.checks",
-        "ssehub.config.load",
-        "ssehub.config.model",
-        "ssehub.config.overlap",
-    }
+    above = [
+        name
+        for name in _reaches(_graph(), "ssehub.logs")
+        if name != "ssehub.config" and not name.startswith("ssehub.config.")
+    ]
+    assert not above
 
 
 @pytest.mark.parametrize("layer", sorted(BELOW))
