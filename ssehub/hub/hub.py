@@ -377,7 +377,7 @@ class Hub:
         """Hold the channels a new stream follows, creating family members as needed.
 
         Raises ``Unknown`` for names nothing serves, ``Refused`` when new members
-        would pass ``limits.max_members``. Every successful call needs a ``release``.
+        would pass a bound. Every successful call needs a ``release``.
         """
         return self.registry.acquire(names)
 
