@@ -60,7 +60,7 @@ def assert_no_subscribers(hub: HubServer) -> None:
     """No stream is left registered anywhere in the hub."""
     assert hub.hub.connections == 0
     assert all(len(group) == 0 for group in hub.hub.groups())
-    assert not hub.hub._mux  # /events groups are dropped with their last subscriber
+    assert not hub.hub.fanout.mux  # /events groups are dropped with their last subscriber
 
 
 def handler_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

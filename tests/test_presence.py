@@ -303,6 +303,13 @@ async def test_presence_pages_through_a_large_channel(start_hub: StartHub) -> No
         assert seen == {c.session for c in clients}
         status, _, _ = await http_request(hub.admin_port, "/channels/lobby/presence?count=101")
         assert status == 400
+        # A cursor past HSCAN's 64 bits is the client's error, not Redis being away.
+        for bad in (2**64, 10**30, -1, "x"):
+            status, _, body = await http_request(
+                hub.admin_port, f"/channels/lobby/presence?cursor={bad}"
+            )
+            assert status == 400, body
+        assert (await presence(hub.admin_port, "lobby", cursor=2**64 - 1))["count"] == 250
     finally:
         for c in clients:
             await c.close()
