@@ -5,10 +5,12 @@ fields: ``log.warning("message rejected", extra=fields(channel=name, reason=reas
 Client and publisher text never goes into the message, and no field is ever parsed out
 of a formatted message (a User-Agent of ``x" status=500`` would forge one).
 
-The formatters are the one place where values are made safe: every string is cut to
-``MAX_VALUE`` characters (with a marker saying how much was dropped), and the text
-format quotes and escapes, JSON-string style, any value with whitespace, ``"``, ``=``
-or a character that is not printable, so one record is always one line.
+The formatters are the one place where values are made safe: credentials are
+redacted from every string (``redact``: a ``token``/``meta`` query value, and anything
+shaped like a JWT), every string is cut to ``MAX_VALUE`` characters (with a marker
+saying how much was dropped), and the text format quotes and escapes, JSON-string
+style, any value with whitespace, ``"``, ``=`` or a character that is not printable,
+so one record is always one line. They apply to every record, other libraries' too.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import json
 import logging
 import re
 import sys
+import urllib.parse
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from aiohttp import web
 
 from .config import LoggingConfig
-from .http.auth import redact
 
 __all__ = [
     "ACCESS_LOGGER",
@@ -32,6 +34,7 @@ __all__ = [
     "TextFormatter",
     "enable_access_log",
     "fields",
+    "redact",
     "setup",
 ]
 
@@ -49,6 +52,56 @@ _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 _NON_ASCII = re.compile(r"[^\x20-\x7e]")
 
 
+REDACTED = "REDACTED"
+# Query parameters no log line shows: the token (http/auth.py's QUERY_PARAM), and the
+# client's meta (personal data, hub/sessions.py).
+HIDDEN_PARAMS = frozenset({"token", "meta"})
+
+# A query parameter inside any text (a request target, or a message quoting one). Any of
+# ``?``, ``&`` and ``;`` starts one: ``?x=1?token=…`` or ``?x=1;token=…`` must not pass as
+# the value of ``x``. The value runs to the next ``&`` (or a space, quote or ``#``),
+# so a hidden value hides everything up to there, separators it holds included.
+_PARAM = re.compile(r"([?&;])([^?&;=\s'\"]*)=([^&\s'\"#]*)")
+# A JWT, or any part of one: base64url JSON starts with ``eyJ`` (``{"``), and its
+# segments are joined by dots. A word of its own, so that ``heyJude`` stays.
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}")
+
+
+def _hidden(name: str) -> bool:
+    return urllib.parse.unquote_plus(name).strip() in HIDDEN_PARAMS
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential replaced: a ``token`` or ``meta`` query value,
+    however its name is spelt (``%74oken`` decodes to ``token`` too) or introduced
+    (``?``, ``&``, ``;``), and any JWT-shaped word (a token in a header, a cookie, a
+    fragment of one that aiohttp quotes in an error)."""
+    if "=" in text:
+        text = _redact_params(text)
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    return text
+
+
+def _redact_params(text: str) -> str:
+    out = []
+    pos = 0
+    while True:
+        m = _PARAM.search(text, pos)
+        if m is None:
+            out.append(text[pos:])
+            return "".join(out)
+        # Up to the value: the separator, the name and "=".
+        out.append(text[pos : m.start(3)])
+        if _hidden(m.group(2)):
+            out.append(REDACTED)
+            pos = m.end()
+        else:
+            # A visible value is scanned again from its start: ``?x=1?token=…``
+            # holds a second parameter inside what looked like x's value.
+            pos = m.start(3)
+
+
 def fields(**kw: Any) -> dict[str, Any]:
     """Structured facts for a log record: pass as ``extra=fields(channel=..., reason=...)``."""
     return {"fields": kw}
@@ -56,10 +109,10 @@ def fields(**kw: Any) -> dict[str, Any]:
 
 def _bounded(value: Any) -> Any:
     """A field value fit for a log line: numbers and booleans as they are, the rest as a
-    string of at most ``MAX_VALUE`` characters."""
+    string, credentials redacted, of at most ``MAX_VALUE`` characters."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
-    text = value if isinstance(value, str) else str(value)
+    text = redact(value if isinstance(value, str) else str(value))
     if len(text) > MAX_VALUE:
         return f"{text[:MAX_VALUE]}...[{len(text) - MAX_VALUE} more chars]"
     return text
@@ -121,7 +174,12 @@ class TextFormatter(logging.Formatter):
 
     def formatException(self, ei: Any) -> str:
         """A traceback, every line indented so that none can pass for a record of its own."""
-        return "\n".join("    " + line for line in super().formatException(ei).splitlines())
+        text = redact(super().formatException(ei))
+        return "\n".join("    " + line for line in text.splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        """A stack (``stack_info=True``), redacted as everything else is."""
+        return redact(super().formatStack(stack_info))
 
 
 class JsonFormatter(logging.Formatter):
@@ -137,7 +195,7 @@ class JsonFormatter(logging.Formatter):
             **_record_fields(record),
         }
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact(self.formatException(record.exc_info))
         return _json(out)
 
 

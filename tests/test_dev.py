@@ -35,7 +35,7 @@ def test_dev_ssehub_runs_the_venv_command_from_the_caller_s_directory(tmp_path: 
     (tmp_path / "hub.yaml").write_text("channels: {chat: {}}\n")
     result = dev("ssehub", "--config", "hub.yaml", "--check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("hub.yaml: ok (1 channels")
+    assert result.stdout.startswith("hub.yaml: ok (1 channel, ")
     (tmp_path / "bad.yaml").write_text("channels: {chat: {history: -3}}\n")
     result = dev("ssehub", "--config", "bad.yaml", "--check", cwd=tmp_path)
     assert result.returncode == 2  # ssehub's own exit code comes through

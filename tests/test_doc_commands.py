@@ -219,7 +219,7 @@ def test_publish_subscribe_and_resume_as_the_first_tour_shows(desk: Desk) -> Non
     rewind.type(REWIND)
     rewind.wait_for(r"^data: fed to /channels/news$")
     for check in CHECKS:
-        assert ": ok (" in shell.run(check)
+        assert ": ok (4 channels, 1 family, 1 worker)" in shell.run(check)
     ready = shell.run(READYZ)
     assert "HTTP/1.1 200 OK" in ready and ready.rstrip().endswith("ready")
 

@@ -21,7 +21,7 @@ from markdown.extensions.toc import slugify
 
 from ssehub.cli.main import main as ssehub_main
 from ssehub.config import Config, ConfigError, parse
-from ssehub.server import RESTART_ONLY
+from ssehub.node import RESTART_ONLY
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -1,5 +1,6 @@
 """Logs cannot be forged: client and publisher text is escaped and bounded, and
-structured fields come from the record's data, never from parsing its message."""
+structured fields come from the record's data, never from parsing its message; and no
+line, at any level, carries a token or a fragment of one."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import asyncio
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
+import jwt
 import pytest
 
-from ssehub.logs import MAX_VALUE, JsonFormatter, TextFormatter, fields
+from ssehub.http import auth
+from ssehub.logs import HIDDEN_PARAMS, MAX_VALUE, JsonFormatter, TextFormatter, fields, redact
 
 from .conftest import StartHub
 from .logcheck import parse_text_line
@@ -162,3 +166,121 @@ def test_json_fields_come_from_record_data_never_from_the_message() -> None:
 
 def test_fields_helper_is_for_extra() -> None:
     assert fields(channel="chat", n=1) == {"fields": {"channel": "chat", "n": 1}}
+
+
+# --- credentials --------------------------------------------------------------------
+
+SECRET = b"a-test-secret-that-is-long-enough-for-hs256"
+JWT = jwt.encode({"exp": 1796278000, "ssehub": {"subscribe": ["user.42"]}}, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("/channels/a?token=abc", "/channels/a?token=REDACTED"),
+        ("/e?channel=a&token=abc&channel=b", "/e?channel=a&token=REDACTED&channel=b"),
+        ("/e?%74oken=abc&x=1", "/e?%74oken=REDACTED&x=1"),
+        ("/e?tokens=abc&mytoken=1", "/e?tokens=abc&mytoken=1"),
+        ("b'GET /c?token=a.b.c HTTP/1.1'", "b'GET /c?token=REDACTED HTTP/1.1'"),
+        ("/channels/chat", "/channels/chat"),
+        ("/c?meta=Ann&x=1", "/c?meta=REDACTED&x=1"),
+        # A second '?' or a ';' starts a parameter too (issue 20).
+        ("/c?x=1?token=abc", "/c?x=1?token=REDACTED"),
+        ("/c?x=1;token=abc", "/c?x=1;token=REDACTED"),
+        ("/c?x=1;%74oken=abc&y=2", "/c?x=1;%74oken=REDACTED&y=2"),
+        ("/c?x=a?b=c;token=abc", "/c?x=a?b=c;token=REDACTED"),
+        # A hidden value runs to the next '&', whatever it holds.
+        ("/c?meta=a;b?c&x=1", "/c?meta=REDACTED&x=1"),
+        # Anything shaped like a JWT, wherever it stands, and any fragment of one.
+        (f"Bearer {JWT}", "Bearer REDACTED"),
+        (f"a=1; ssehub_token={JWT}", "a=1; ssehub_token=REDACTED"),
+        (f"b'Bearer {JWT[:93]}'...", "b'Bearer REDACTED'..."),
+        (f"/c?x=1%26token={JWT}", "/c?x=1%26token=REDACTED"),
+        ("heyJude eyJ", "heyJude REDACTED"),
+    ],
+)
+def test_redact(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_the_token_query_parameter_is_one_that_logs_hide() -> None:
+    assert auth.QUERY_PARAM in HIDDEN_PARAMS
+
+
+def test_formatters_redact_every_string_the_message_fields_and_traceback() -> None:
+    try:
+        raise ValueError(f"bad token {JWT}")
+    except ValueError:
+        record = logging.LogRecord(
+            "aiohttp.x", logging.DEBUG, "f", 1, "got %s", (f"/c?x=1;token={JWT}",), True
+        )
+        record.exc_info = sys.exc_info()
+    record.fields = {"header": f"Bearer {JWT}", "cookie": f"sid=1; ssehub_token={JWT}"}
+    for formatter in (TextFormatter(), JsonFormatter()):
+        line = formatter.format(record)
+        assert "REDACTED" in line
+        for fragment in (JWT, JWT[:20], JWT.split(".")[1][:20], JWT.split(".")[2]):
+            assert fragment not in line
+
+
+@pytest.fixture(params=sorted(FORMATTERS))
+def every_line(request: pytest.FixtureRequest) -> Iterator[Captured]:
+    """Every record of every logger, down to DEBUG, through the hub's formatter."""
+    cap = Captured(request.param)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(cap.handler)
+    root.setLevel(logging.DEBUG)
+    yield cap
+    root.removeHandler(cap.handler)
+    root.setLevel(level)
+
+
+def assert_no_token(lines: list[str]) -> None:
+    for line in lines:
+        line.encode("utf-8")
+        for fragment in ("eyJ", JWT.split(".")[1][:12], JWT.split(".")[2][:12]):
+            assert fragment not in line, line
+
+
+async def test_no_query_spelling_of_a_token_reaches_a_log_line(
+    start_hub: StartHub, every_line: Captured
+) -> None:
+    hub = await start_hub(logging={"access_log": True})
+    targets = [
+        f"/channels/chat?x=1?token={JWT}",
+        f"/channels/chat?x=1;token={JWT}",
+        f"/healthz?x=1;token={JWT}&y=2",
+        f"/nope?x=1?%74oken={JWT}",
+    ]
+    for target in targets:
+        reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+        try:
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await asyncio.wait_for(reader.readline(), 5)
+        finally:
+            writer.close()
+    await wait_until(
+        lambda: sum('"request"' in ln or " request " in ln for ln in every_line.lines()) >= 4
+    )
+    assert_no_token(every_line.lines())
+    assert sum("REDACTED" in line for line in every_line.lines()) >= 4
+
+
+@pytest.mark.parametrize("header", ["Authorization: Bearer {}", "Cookie: ssehub_token={}"])
+async def test_an_oversized_credential_header_logs_no_fragment_of_it(
+    start_hub: StartHub, every_line: Captured, header: str
+) -> None:
+    hub = await start_hub(logging={"access_log": True})
+    value = header.format(JWT + "x" * 9000)  # over limits.max_field_size
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    try:
+        writer.write(f"GET /channels/chat HTTP/1.1\r\nHost: x\r\n{value}\r\n\r\n".encode())
+        status = int((await asyncio.wait_for(reader.readline(), 5)).split()[1])
+    finally:
+        writer.close()
+    assert status in (400, 431)
+    await wait_until(lambda: any("bad request" in ln for ln in every_line.lines()))
+    assert_no_token(every_line.lines())
+    (line,) = [ln for ln in every_line.lines() if "bad request" in ln]
+    assert "LineTooLong" in line

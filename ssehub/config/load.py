@@ -8,6 +8,7 @@ Unknown keys are errors: a typo must never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import types
@@ -29,6 +30,7 @@ from .checks import (
     parse_address,
 )
 from .model import AuthConfig, ChannelConfig, Config, Cors, RedisConfig, Sentinel
+from .overlap import check_private
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -107,12 +109,19 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Once per class: evaluating the annotations costs more than building an object,
+    # and a config may list thousands of channels.
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, data: Any, path: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(
             source, path or "(top level)", f"expected a mapping, got {_describe(data)}"
         )
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
@@ -307,21 +316,23 @@ def _auth_key(auth: AuthConfig, path: str, source: str) -> bytes:
 
 
 def _check_auth(config: Config, source: str) -> None:
-    """Private channels need the auth section; an auth-enabled hub keeps its admin local."""
+    """Private channels need the auth section, and no public channel may read what one
+    reads; the admin listener (every channel's presence, metrics) stays local."""
     if config.auth is None:
         for ch in config.channels.values():
             if ch.auth == "token":
                 raise ConfigError(
                     source, f"channels.{ch.name}.auth", "'token' needs a top-level auth section"
                 )
-        return
+    check_private(config, source)
     admin = config.admin
     if admin is not None and not admin.allow_remote and not _is_loopback(admin.host):
         raise ConfigError(
             source,
             "admin.host",
-            f"{admin.host!r} is not a loopback address; with auth configured the admin "
-            "listener stays local unless admin.allow_remote is true",
+            f"{admin.host!r} is not a loopback address; the admin listener serves every "
+            "channel's presence and the metrics, so it stays local unless "
+            "admin.allow_remote is true",
         )
 
 

@@ -158,7 +158,8 @@ class Admin:
 
     host: str = "127.0.0.1"
     port: int = field(default=9090, metadata=_check(_port))
-    # With `auth:` configured, a non-loopback host is refused unless this says so.
+    # A non-loopback host is refused unless this says so: the listener serves every
+    # channel's presence (private ones' too) and the metrics.
     allow_remote: bool = False
 
 
@@ -271,6 +272,12 @@ class Config:
     # whole hub in one process; more run a supervisor that feeds them (supervisors/multiprocess.py).
     workers: int = field(default=1, metadata={"parse": _workers})
     source: str = field(default="<config>", metadata={"internal": True})
+
+    def counts(self) -> dict[str, int]:
+        """The listed channels and the families (``user.*``), as ``--check`` says them
+        and the hub logs them: a family is not a channel until a member is asked for."""
+        families = sum(ch.family for ch in self.channels.values())
+        return {"channels": len(self.channels) - families, "families": families}
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:
         """Return a copy with the listener overridden (CLI ``--host``/``--port``)."""

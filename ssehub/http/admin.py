@@ -12,6 +12,7 @@ from aiohttp import web
 from ..hub.hub import Hub
 from ..redis.pubsub import Broker
 from .app import BROKER, HUB, healthz, readyz
+from .headers import add_response_headers
 from .metrics import Metrics
 from .presence import add_presence_route
 
@@ -36,4 +37,5 @@ def create_admin_app(hub: Hub, broker: Broker, metrics_: Metrics) -> web.Applica
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_presence_route(app, hub)  # GET /channels/<name>/presence, answered from Redis
+    add_response_headers(app)
     return app

@@ -16,18 +16,20 @@ from redis.exceptions import RedisError
 
 from ..config import ChannelConfig
 from ..core import sse
+from ..core.ids import SessionIds
 from ..core.messages import MAX_ID_LENGTH
-from ..hub.channel import Channel
+from ..hub.channel import Channel, Subscriber
 from ..hub.hub import Hub, Refused, Unknown
 from ..hub.resume import MAX_STREAMS_PER_EVENTS, resume_streams
-from ..hub.sessions import SessionIds, meta_of, session_event
-from ..hub.subscriber import Subscriber
+from ..hub.sessions import META_PARAM, BadMeta, meta_of, session_event
 from ..logs import fields
 from ..redis.pubsub import Broker
+from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
 from .compat import close_connection_after, expect, stream_transport
 from .cors import add_cors
+from .headers import add_response_headers
 from .presence import add_presence_route
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "BUSY_EVENT",
     "HUB",
     "SESSION_IDS",
+    "TASKS",
     "create_app",
     "healthz",
     "readyz",
@@ -50,6 +53,8 @@ HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 ACCESS = web.AppKey("access", Access)
 SESSION_IDS = web.AppKey("session_ids", SessionIds)
+# The process's long-lived tasks: one that ended unexpectedly makes it unready.
+TASKS = web.AppKey("tasks", Tasks)
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -74,10 +79,17 @@ def _last_event_id(request: web.Request) -> str | None:
     return value
 
 
-def _shown(name: str) -> str:
-    """A client-supplied name made safe to echo: percent-decoded invalid UTF-8
-    arrives as lone surrogates, which cannot be encoded as they are."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+# Characters of the names a 404 echoes, at most (a valid name has at most 200).
+MAX_SHOWN = 200
+
+
+def _shown(names: Sequence[str]) -> str:
+    """Client-supplied names made safe to echo: bounded, and encodable (percent-decoded
+    invalid UTF-8 arrives as lone surrogates, which cannot be encoded as they are)."""
+    text = ", ".join(names)
+    if len(text) > MAX_SHOWN:
+        text = text[:MAX_SHOWN] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _rewind(request: web.Request) -> int | None:
@@ -133,7 +145,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         grant = request.app[ACCESS].grant(request, _configs(hub, names))
     except Denied as exc:
         raise exc.response() from None
-    meta = meta_of(request, hub.config.meta, grant)
+    try:
+        meta = meta_of(grant, request.query.get(META_PARAM), hub.config.meta)
+    except BadMeta as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
     last_event_id = _last_event_id(request)
     asked_rewind = _rewind(request)
     wants_stream = "text/event-stream" in request.headers.get("Accept", "")
@@ -144,7 +159,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # Held from here to the end: a family member lives while a stream holds it.
         channels = hub.acquire(names)
     except Unknown as exc:
-        raise web.HTTPNotFound(text=f"unknown channel: {_shown(', '.join(exc.names))}\n") from None
+        raise web.HTTPNotFound(text=f"unknown channel: {_shown(exc.names)}\n") from None
     except Refused as exc:
         if not wants_stream:
             return _unavailable(hub, exc.reason)
@@ -300,7 +315,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 only while the hub holds a live Redis subscription for its channels."""
+    """200 only while the hub holds a live Redis subscription for its channels (and
+    every long-lived task of the process runs)."""
+    tasks = request.app.get(TASKS)
+    if tasks is not None and tasks.failed is not None:
+        return web.Response(status=503, text=f"not ready: {tasks.failed} failed\n")
     broker = request.app[BROKER]
     if request.app[HUB].upstream_ready:
         return web.Response(text="ready\n")
@@ -354,6 +373,7 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
         close_connection_after(response)
 
     app.on_response_prepare.append(close_after)
+    add_response_headers(app)
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")

@@ -17,9 +17,9 @@ import contextlib
 import heapq
 import json
 import logging
+import math
 import re
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ..config import AuthConfig, ChannelConfig, Config
 from ..core import sse
-from ..hub.subscriber import Subscriber
+from ..hub.channel import Subscriber
 
 __all__ = [
     "CLAIM",
@@ -39,7 +39,6 @@ __all__ = [
     "Verifier",
     "issue",
     "matches",
-    "redact",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,10 +51,6 @@ EXPIRED_EVENT = "ssehub-auth-expired"
 QUERY_PARAM = "token"
 # How often the hub-wide expiry timer looks at its heap (seconds).
 TICK = 1.0
-
-_REDACTED = "REDACTED"
-# Query parameters no log line shows: the token, and the client's meta (personal data).
-_HIDDEN_PARAMS = frozenset({QUERY_PARAM, "meta"})
 
 
 class Denied(Exception):
@@ -89,6 +84,11 @@ def matches(claims: Iterable[re.Pattern[str] | str], name: str) -> bool:
     return any(name == c if isinstance(c, str) else c.fullmatch(name) for c in claims)
 
 
+def _numeric_date(value: Any) -> bool:
+    """A JSON number of seconds (RFC 7519 NumericDate): not a string, a boolean, NaN."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class Grant:
     """What one verified token allows: the channels it names, until when."""
 
@@ -97,8 +97,12 @@ class Grant:
     def __init__(self, token: str, payload: dict[str, Any]) -> None:
         self.token = token
         self.payload = payload  # for the claim a client's meta may carry (hub/sessions.py)
-        exp = payload.get("exp")
-        self.exp = float(exp) if isinstance(exp, int | float) else 0.0  # 0: never
+        # PyJWT takes "exp": "1796278000" (it int()s the value); a grant that read such
+        # an exp as "never" would outlive it, so RFC 7519's NumericDate is enforced.
+        for claim in ("exp", "nbf"):
+            if claim in payload and not _numeric_date(payload[claim]):
+                raise Denied(401, f"malformed token: {claim} is not a number")
+        self.exp = float(payload.get("exp") or 0.0)  # 0: never
         self.sub = payload.get("sub")
         claim = payload.get(CLAIM, {})
         subscribe = claim.get("subscribe", []) if isinstance(claim, dict) else None
@@ -117,7 +121,6 @@ _REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ImmatureSignatureError, "token not yet valid"),
     (jwt.InvalidAudienceError, "wrong audience"),
     (jwt.InvalidIssuerError, "wrong issuer"),
-    (jwt.MissingRequiredClaimError, "token lacks a required claim (exp)"),
     (jwt.InvalidAlgorithmError, "algorithm not allowed"),
     (jwt.InvalidSignatureError, "bad signature"),
 )
@@ -161,6 +164,10 @@ class Verifier:
 
     def _decode(self, token: str) -> dict[str, Any]:
         c = self.config
+        if not token.isascii():
+            # A JWT is base64url and dots; PyJWT would fail to encode anything else
+            # (bytes that are not UTF-8 arrive as lone surrogates) with a traceback.
+            raise Denied(401, "malformed token")
         try:
             payload: dict[str, Any] = jwt.decode(
                 token,
@@ -172,6 +179,9 @@ class Verifier:
                 options=self._options,  # type: ignore[arg-type]
             )
         except jwt.InvalidTokenError as exc:
+            if isinstance(exc, jwt.MissingRequiredClaimError):
+                # The claim's name is ours (exp) or PyJWT's (aud, iss), never the client's.
+                raise Denied(401, f"token lacks a required claim ({exc.claim})") from None
             for kind, reason in _REASONS:
                 if isinstance(exc, kind):
                     raise Denied(401, reason) from None
@@ -188,25 +198,6 @@ def token_of(request: web.Request, cookie: str) -> str | None:
         if scheme.lower() == "bearer" and bearer.strip():
             return bearer.strip()
     return request.cookies.get(cookie) or request.query.get(QUERY_PARAM) or None
-
-
-# A query parameter inside any text: a request target, or an error message quoting one.
-_PARAM = re.compile(r"([?&])([^?&=\s'\"]*)=([^&\s'\"#]*)")
-
-
-def _hide(m: re.Match[str]) -> str:
-    if urllib.parse.unquote_plus(m.group(2)) not in _HIDDEN_PARAMS:
-        return m.group(0)
-    return f"{m.group(1)}{m.group(2)}={_REDACTED}"
-
-
-def redact(text: str) -> str:
-    """``text`` (a request target, or a message quoting one) with every ``token`` and
-    ``meta`` query value replaced, however its name is spelt (``%74oken`` decodes to
-    ``token`` too)."""
-    if "=" not in text:
-        return text
-    return _PARAM.sub(_hide, text)
 
 
 class Access:

@@ -11,6 +11,7 @@ upgrade that breaks one fails a test instead of silently turning a protection of
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from aiohttp import web
@@ -19,13 +20,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from ..logs import fields
-from .auth import redact
+from .headers import RESPONSE_HEADERS
 
 __all__ = [
     "QuietBadRequests",
     "close_connection_after",
     "connections",
     "expect",
+    "headers_before_routing",
     "request_in_progress",
     "stream_transport",
 ]
@@ -76,6 +78,30 @@ def request_in_progress(handler: RequestHandler) -> bool:
     return handler._current_request is not None
 
 
+class _Request(web.Request):
+    """A request whose answer gets ``RESPONSE_HEADERS`` even when no route was found."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        if self._match_info is None:  # aiohttp's own answer: no app signal runs for it
+            response.headers.update(RESPONSE_HEADERS)
+        await super()._prepare_hook(response)
+
+
+def headers_before_routing(runner: web.AppRunner) -> None:
+    """Give ``RESPONSE_HEADERS`` to the answers aiohttp sends before routing (a request
+    it cannot parse gets its 400 there), which no ``on_response_prepare`` sees; call
+    after ``runner.setup()``, before a site starts.
+
+    Relies on: ``Server.request_factory`` (a public attribute) builds every request
+    of a connection, parsed or not; ``Application._make_request`` takes the class to
+    build (``_cls``); and ``Request._prepare_hook`` runs for every response before its
+    headers are serialised, with ``_match_info`` None when nothing was routed.
+    """
+    server = runner.server
+    assert server is not None, "call after runner.setup()"
+    server.request_factory = functools.partial(runner.app._make_request, _cls=_Request)
+
+
 async def expect(request: web.Request) -> None:
     """The ``Expect:`` header, as each route's ``expect_handler``.
 
@@ -105,8 +131,9 @@ class QuietBadRequests(logging.Filter):
         """Drop aiohttp's record of a malformed request, after one line of our own."""
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            # The message may quote the request line, and with it a ?token=.
-            reason = redact(exc.message)
-            self.log.debug("bad request", extra=fields(status=exc.code, reason=reason))
+            # The kind of error only: aiohttp's message quotes what the client sent (the
+            # request line, or the first 100 bytes of an oversized Authorization or
+            # Cookie header), and any of it may be a credential.
+            self.log.debug("bad request", extra=fields(status=exc.code, reason=type(exc).__name__))
             return False
         return True

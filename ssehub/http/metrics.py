@@ -28,7 +28,7 @@ from ..hub.hub import Hub
 from ..redis.pubsub import Broker, BrokerState
 
 if TYPE_CHECKING:
-    from .presence import Reporter
+    from ..redis.events import EventsWriter
 
 __all__ = ["CLOSE_REASONS", "DELAY_BUCKETS", "HubCollector", "Metrics", "ReporterCollector"]
 
@@ -214,7 +214,7 @@ def _per_channel(
 class ReporterCollector(Collector):
     """The subscribe/unsubscribe events and presence writer's counters (issue 16)."""
 
-    def __init__(self, reporter: Reporter) -> None:
+    def __init__(self, reporter: EventsWriter) -> None:
         self.reporter = reporter
 
     def collect(self) -> Iterable[Metric]:
@@ -237,7 +237,7 @@ class ReporterCollector(Collector):
 class Metrics:
     """One hub's registry: the scrape-time collector plus the delivery-delay histogram."""
 
-    def __init__(self, hub: Hub, broker: Broker, reporter: Reporter | None = None) -> None:
+    def __init__(self, hub: Hub, broker: Broker, reporter: EventsWriter | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(HubCollector(hub, broker))
         if reporter is not None:

@@ -82,7 +82,9 @@ class _Node(Broker):
     """One subscription connection to one cluster node, with its own reconnect loop."""
 
     def __init__(self, cluster: ClusterBroker, addr: Address, sharded: bool) -> None:
-        config = dataclasses.replace(cluster.config, url=node_url(cluster.config, addr))
+        config = dataclasses.replace(
+            cluster.config, url=node_url(cluster.config, addr), cluster=False
+        )
         super().__init__(config, (), cluster._on_message, self._state_changed)
         self.cluster = cluster
         self.addr = addr

@@ -52,7 +52,9 @@ class _SlotReader(StreamReader):
     """The reader of one slot's streams, on the master that owns the slot."""
 
     def __init__(self, cluster: ClusterStreamReader, slot: int, addr: Address) -> None:
-        config = dataclasses.replace(cluster.config, url=node_url(cluster.config, addr))
+        config = dataclasses.replace(
+            cluster.config, url=node_url(cluster.config, addr), cluster=False
+        )
         super().__init__(
             config,
             lambda key, entries: cluster._entries(self, key, entries),

@@ -24,18 +24,17 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import NoBackoff
-from redis.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
+from .clients import Client, close, command_client
 from .pubsub import BrokerState
 
-__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource", "connect", "parse_stream_id"]
+__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource"]
 
 log = logging.getLogger(__name__)
 
@@ -53,61 +52,8 @@ TRIM_EVERY = 1.0
 MAX_REPLAY_READS = 16
 
 
-def parse_stream_id(value: str) -> tuple[int, int] | None:
-    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id."""
-    ms, sep, seq = value.partition("-")
-    if not sep or not (ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
-        return None
-    if len(ms) > 20 or len(seq) > 20:
-        return None
-    return int(ms), int(seq)
-
-
 class _SessionEnded(Exception):
     pass
-
-
-async def _close(*clients: aioredis.Redis) -> None:
-    """Close ``clients`` for sure: a cancel (the hub stopping) waits for the closing
-    to finish, so no socket outlives the session."""
-    closing = asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
-    try:
-        await asyncio.shield(closing)
-    except asyncio.CancelledError:
-        await closing
-        raise
-
-
-def connect(
-    config: RedisConfig, socket_timeout: float | None, sentinels: list[aioredis.Redis]
-) -> aioredis.Redis:
-    """A single-connection client to the Redis that holds the streams (with Sentinel:
-    the master as the sentinels name it now; their connections go to ``sentinels``,
-    for the caller to close with the client)."""
-    options: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": config.connect_timeout,
-        "retry": Retry(NoBackoff(), 0),  # reconnects are the caller's job, with backoff
-    }
-    sentinel = config.sentinel
-    if sentinel is None:
-        client: aioredis.Redis = aioredis.Redis.from_url(
-            config.url, single_connection_client=True, **options
-        )
-        return client
-    # The master as the sentinels name it now: after a failover the session ends
-    # (the old master is gone or read-only) and the next one asks them again. The
-    # credentials and db of redis.url, if any, are the master's.
-    params = parse_url(config.url)  # type: ignore[no-untyped-call]
-    options.update({k: params[k] for k in ("username", "password", "db") if k in params})
-    finder = Sentinel(  # type: ignore[no-untyped-call]
-        sentinel.addresses(), socket_timeout=config.connect_timeout
-    )
-    sentinels.extend(finder.sentinels)
-    pool = SentinelConnectionPool(sentinel.master, finder, **options)  # type: ignore[no-untyped-call]
-    client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
-    client.auto_close_connection_pool = True  # aclose() closes the pool it owns
-    return client
 
 
 class StreamSource(Protocol):
@@ -128,94 +74,83 @@ class StreamSource(Protocol):
 
 
 class StreamReplays:
-    """``XRANGE`` for resuming clients, without reading any stream (a worker's: its
-    node's main process reads the streams and feeds it the entries).
+    """``XRANGE`` for resuming clients: the replay reader of every topology (with
+    Cluster each read goes to the master owning its key), separate from the reading
+    of streams (in a worker: its node's main process reads them).
 
-    One connection, opened by the first replay that needs it and kept. A kept one
-    that fails is tried again once on a fresh connection (Redis restarted while it
-    idled); a failed connect makes replays fail at once for ``reconnect_min`` seconds
-    rather than each trying Redis again (their clients come back later). At most
-    ``MAX_REPLAY_READS`` round trips in flight, as a ``StreamReader``'s. Cancel
-    ``run()`` to close it.
+    A pool of up to ``MAX_REPLAY_READS`` connections, opened as reads need them: that
+    many reads really are in flight at once, each on a connection of its own, so a read
+    that fails (an error reply, a connection cut) fails alone and never touches another
+    client's. A read whose connection turns out dead (Redis restarted while it idled) is
+    tried once more; a read that cannot reach Redis makes the next ones fail at once for
+    ``reconnect_min`` seconds rather than each trying Redis again (their clients come
+    back later). Cancel ``run()`` to close the pool.
     """
 
     def __init__(self, config: RedisConfig) -> None:
         self.config = config
-        self._client: aioredis.Redis | None = None
-        self._sentinels: list[aioredis.Redis] = []
-        self._opening = asyncio.Lock()
+        self._client: Client | None = None
         self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
         self._failed_until = 0.0
+        self._down = False
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
-        """As ``StreamReader.read_range``."""
-        async with self._replays:
-            entries = await self._xrange(key, b"(" + after, until, count)
+        """Entries of ``key`` after ``after`` up to ``until`` (inclusive), oldest first.
+
+        At most ``MAX_REPLAY_READS`` of these are in flight for the whole process, and
+        a caller has one at a time: a resume storm queues here instead of loading Redis.
+        """
+        entries = await self._xrange(key, b"(" + after, until, count)
         return typing.cast(list[Entry], entries)
 
     async def first_id(self, key: bytes) -> bytes | None:
-        """As ``StreamReader.first_id``."""
-        async with self._replays:
-            entries = await self._xrange(key, b"-", b"+", 1)
+        """The id of the oldest entry ``key`` still has, or None when it is empty."""
+        entries = await self._xrange(key, b"-", b"+", 1)
         return typing.cast(bytes, entries[0][0]) if entries else None
 
     async def _xrange(self, key: bytes, start: bytes, end: bytes, count: int) -> Any:
-        retry = True
-        while True:
-            client, fresh = await self._connection()
-            try:
-                return await client.xrange(key, start, end, count=count)
-            except (RedisError, OSError) as exc:
-                await self._drop(client, str(exc) or type(exc).__name__)
-                if fresh or not retry:
+        async with self._replays:
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._failed_until:
+                raise RedisError("redis replay connection is down")
+            client = self._pool()
+            for attempt in (1, 2):
+                try:
+                    entries = await client.xrange(key, start, end, count=count)
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    if attempt == 1:
+                        continue  # a pooled connection that died idle: once more
+                    self._failed_until = loop.time() + self.config.reconnect_min
+                    if not self._down:
+                        self._down = True
+                        why = str(exc) or type(exc).__name__
+                        log.warning("redis replays unavailable", extra=fields(reason=why))
                     raise RedisError(f"stream replay failed: {exc}") from exc
-                retry = False  # a kept connection that died idle: once more, on a new one
+                # (an error reply, RedisError, is this read's alone: it propagates)
+                if self._down:
+                    self._down = False
+                    log.info("redis replays connected")
+                return entries
+        raise AssertionError("unreachable")
 
-    async def _connection(self) -> tuple[aioredis.Redis, bool]:
-        """The connection, and whether it was opened just now."""
-        if self._client is not None:
-            return self._client, False
-        async with self._opening:  # one connect at a time; the others use its result
-            return await self._open()
-
-    async def _open(self) -> tuple[aioredis.Redis, bool]:
-        if self._client is not None:
-            return self._client, False
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._failed_until:
-            raise RedisError("redis replay connection is down")
-        cfg = self.config
-        client = connect(cfg, cfg.connect_timeout + cfg.health_check_timeout, self._sentinels)
-        try:
-            await client.ping()
-        except (RedisError, OSError) as exc:
-            self._failed_until = loop.time() + cfg.reconnect_min
-            sentinels, self._sentinels = self._sentinels, []
-            await _close(client, *sentinels)
-            why = str(exc) or type(exc).__name__
-            log.warning("redis replays unavailable", extra=fields(reason=why))
-            raise RedisError(f"redis replay connection failed: {exc}") from exc
-        self._client = client
-        log.info("redis replays connected")
-        return client, True
-
-    async def _drop(self, client: aioredis.Redis, why: str) -> None:
-        if self._client is not client:
-            return  # another replay dropped it already
-        self._client = None
-        log.warning("redis replays connection lost", extra=fields(reason=why))
-        sentinels, self._sentinels = self._sentinels, []
-        await _close(client, *sentinels)
+    def _pool(self) -> Client:
+        if self._client is None:
+            cfg = self.config
+            self._client = command_client(
+                cfg,
+                socket_timeout=cfg.connect_timeout + cfg.health_check_timeout,
+                max_connections=MAX_REPLAY_READS,
+            )
+        return self._client
 
     async def run(self) -> None:
-        """Hold the connection until cancelled, then close it."""
+        """Hold the pool until cancelled, then close it."""
         try:
             await asyncio.get_running_loop().create_future()
         finally:
             client, self._client = self._client, None
-            sentinels, self._sentinels = self._sentinels, []
             if client is not None:
-                await _close(client, *sentinels)
+                await close(client)
 
 
 class StreamReader:
@@ -251,8 +186,6 @@ class StreamReader:
         self._reader_id: int | None = None
         self._blocked = False
         self._unblocker: asyncio.Task[None] | None = None
-        # With Sentinel: this session's connections to the sentinels.
-        self._sentinels: list[aioredis.Redis] = []
         self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
 
     # --- what the hub asks for ------------------------------------------------------
@@ -362,7 +295,9 @@ class StreamReader:
             self._unblocker = None
 
     def _client(self, socket_timeout: float | None) -> aioredis.Redis:
-        return connect(self.config, socket_timeout, self._sentinels)
+        client = command_client(self.config, socket_timeout=socket_timeout, single=True)
+        assert isinstance(client, aioredis.Redis)  # one node: never a cluster client
+        return client
 
     async def run(self) -> None:
         """Connect, read forever, reconnect with capped jittered backoff."""
@@ -423,8 +358,7 @@ class StreamReader:
             for task in (self._unblocker, self._trimmer):
                 if task is not None:
                     task.cancel()
-            await _close(reader, control, *self._sentinels)
-            self._sentinels.clear()
+            await close(reader, control)
 
     async def _start(self, control: aioredis.Redis) -> None:
         """Find where each pending stream ends (one pipelined round trip for them all)."""
