@@ -59,6 +59,8 @@ class Desk:
         wrapper = bin_dir / "redis-cli"
         wrapper.write_text(f'#!/bin/sh\nexec {real} -p {redis_port} "$@"\n')
         wrapper.chmod(0o755)
+        # curl shows no progress meter on a terminal; here its output is a file.
+        (tmp / ".curlrc").write_text("no-progress-meter\n")
         self.configs: dict[str, Path] = {}
         for name in ["config/ssehub.yaml", *self._examples()]:
             self.configs[name] = self._copy(name)
@@ -70,6 +72,7 @@ class Desk:
             "SSEHUB_CONFIG": str(self.configs["config/ssehub.yaml"]),
             "DEV_RUN_DIR": str(self.run_dir),
             "TERM": "dumb",
+            "CURL_HOME": str(tmp),
         }
         self.env.pop("SSEHUB_JWT_SECRET", None)
         self.terminals: list[Terminal] = []
