@@ -236,7 +236,8 @@ def test_check_reports_the_workers(
         preexec_fn=lambda: os.sched_setaffinity(0, cpus),
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{config}: ok (1 channels, {workers} workers)\n"
+    noun = "worker" if workers == 1 else "workers"
+    assert result.stdout == f"{config}: ok (1 channel, 0 families, {workers} {noun})\n"
 
 
 @pytest.fixture
