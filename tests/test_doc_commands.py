@@ -88,7 +88,7 @@ JUGGERNAUT_START = "SSEHUB_CONFIG=config/examples/juggernaut.yaml ./dev run"
 ROSTER = "redis-cli SUBSCRIBE juggernaut:subscribe juggernaut:unsubscribe"
 JUGGERNAUT_PUBLISH = """redis-cli PUBLISH juggernaut '{"channels": ["chat"], "data": "hi"}'"""
 EXCEPT = (
-    """redis-cli PUBLISH chat '{"data": "hi", "except": "Xk3v_9aQ.1c"}'""",
+    """redis-cli PUBLISH chat '{"data": "hi", "except": "Xk3v_9aQ1cZ0mPq7w"}'""",
     """redis-cli PUBLISH juggernaut '{"channels": ["chat"], "data": "hi", """
     """"except": ["a.1", "b.7"]}'""",
 )
