@@ -417,10 +417,17 @@ async def test_killing_a_master_loses_no_stream_entry_and_signals_no_gap(
             assert [e.id for e in events] == sent[k], k
         await wait_until(lambda: streams.ready and streams.reconnects >= 1, timeout=10)
         assert streams._readers[key_slot(keys[0].encode())].addr[1] == promoted
-        await asyncio.sleep(0.3)  # nothing more arrives: no gap, no duplicate
+        # Nothing more arrives, no gap, no duplicate: an entry added last on each key is
+        # the next event, and the only one, after those sent; and after it, reading on
+        # for a while, nothing at all.
+        for k in keys:
+            sent[k].append(await asyncio.to_thread(xadd, cluster, k, "last"))
         for k, client in clients.items():
-            assert [e.id for e in client.events] == sent[k]
-            assert not gaps(client)
+            await client.next_events(len(sent[k]))
+        late = await asyncio.gather(*(c.read_for(0.3) for c in clients.values()))
+        for (k, client), after in zip(clients.items(), late, strict=True):
+            assert [(e.event, e.id) for e in client.events] == [("message", i) for i in sent[k]]
+            assert after == []
     finally:
         for c in clients.values():
             await c.close()

@@ -100,7 +100,7 @@ def _client(config: RedisConfig) -> Client:
 
 def dumps(value: Any) -> str:
     """Compact JSON, as events and presence entries are written."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 class EventsWriter:
@@ -391,7 +391,7 @@ class PresenceReader:
             "channel": channel,
             "count": sum(v for n, v in per_node.items() if n in alive),
             "members": [
-                {"session_id": s, "node": n, "meta": json.loads(m)}
+                {"session_id": s, "node": n, "meta": json.loads(m, parse_constant=str)}
                 for n, s, m in page
                 if n in alive
             ],
