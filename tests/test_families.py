@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 from ssehub.config import ConfigError, Limits, load, parse
 from ssehub.core.families import Families
 from ssehub.http.auth import CLAIM
+from ssehub.hub.registry import MEMBER_SWEEP
 from ssehub.server import HubServer
 
 from .conftest import StartHub
@@ -155,6 +157,32 @@ async def test_a_browser_returning_within_grace_keeps_the_subscription(
     assert await command_calls(redis_client, "subscribe") - subscribes == 1
     assert await command_calls(redis_client, "unsubscribe") == unsubscribes
     assert await redis_channels(redis_client) == {"app:user:7"}
+
+
+async def test_a_member_outlives_its_last_browser_by_its_grace_and_no_longer(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """The grace deadline both ways: a member whose last browser left stays, subscribed,
+    through the sweeps that come while its grace runs (every MEMBER_SWEEP), and goes at
+    the first sweep after it."""
+    grace = 1.5
+    hub = await start_hub({"user.*": {"redis_channel": "app:user:*", "grace": grace}})
+    c = await open_stream(hub.port, "/channels/user.g")
+    await c.close()
+    await wait_until(lambda: hub.hub.channels["user.g"].holds == 0)
+    left = time.monotonic()
+    assert await redis_channels(redis_client) == {"app:user:g"}
+    await wait_until(lambda: "user.g" not in hub.hub.channels, timeout=grace + 3, interval=0.01)
+    gone = time.monotonic() - left
+    # Kept at least its grace (less the 10 ms this test may have seen the leave late),
+    # and dropped within a sweep after it (plus slack for a loaded machine).
+    assert grace - 0.1 <= gone <= grace + MEMBER_SWEEP + 1.0, gone
+    assert hub.hub.stats.members_dropped["user.*"] == 1
+
+    async def unsubscribed() -> bool:
+        return await redis_channels(redis_client) == set()
+
+    await wait_until(unsubscribed, timeout=3)
 
 
 async def test_a_message_published_right_after_the_position_line_arrives(

@@ -14,15 +14,10 @@ The hub is composed of the parts it holds, each in its own module:
   reports comings and goings.
 
 This module wires them together, keeps the hub's timers (one heartbeat, one history
-expiry, one member sweep for the whole hub) and applies reloads.
-
-Ids: every event carries one. The hub numbers events with one sequence for the whole
-process and prefixes a per-run epoch (``<epoch>-<seq>``: see core/ids.py), so ids
-from an earlier run are recognised as unknown instead of matching another message. A
-publisher-given id (``json`` format) is sent as is on ``/channels`` streams and
-resolved through the history. ``/events`` streams always carry hub ids: one number is
-a position in every channel at once, so one ``Last-Event-ID`` resumes them all (with
-each stream channel's entry id after it). Stream channels' events carry their entry ids.
+expiry, one member sweep for the whole hub) and applies reloads. Ids (core/ids.py):
+``<epoch>-<seq>`` from one sequence per process, a publisher's own id as is on
+``/channels``, one position in every channel on ``/events`` (with each stream
+channel's entry id), entry ids on stream channels.
 """
 
 from __future__ import annotations
@@ -252,6 +247,17 @@ class Hub:
         if self._streams is not None:
             self._streams.set_streams(self._by_stream)
         return changes
+
+    def stream_failed(self, key: bytes, reason: str) -> None:
+        """Redis refused to read ``key`` (it holds no stream: with a family, a name a
+        client chose), and the reader dropped it: its members go, ending their streams;
+        a listed channel's streams end (its key is read again after a reload)."""
+        for channel in list(self._by_stream.get(key, ())):
+            self.stats.stream_errors[channel.label] += 1
+            if channel.family is not None:
+                self.registry.remove_member(channel, "stream_error")
+            else:
+                self._end(channel, "stream_error")
 
     def signal_outage(self, seq: int | None = None) -> None:
         """After a Redis outage: tell every stream that events may have been lost.
