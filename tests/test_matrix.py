@@ -52,25 +52,11 @@ TAG = "{mx}"
 FAILOVER_KEY = f"{TAG}:failover"
 MESSAGES = 500  # per publish check: more than a worker's every-100th could hide
 
-# Cells that fail on main (at 63cd476) because of a known defect, and why.
-D4 = "issue 19 defect 4: "
-WORKERS_CLUSTER = D4 + (
-    "a worker's FeedBroker is a Broker that parses redis+cluster:// as a plain URL: "
-    "every worker exits at start-up"
-)
-PRESENCE_CLUSTER = D4 + (
-    "the events/presence writer pipelines PUBLISH on a cluster client, which redis-py "
-    "refuses: the writer task dies, and since every task is owned (ssehub/tasks.py) its "
-    "death ends the hub, so no check of a single-process hub on a cluster can pass"
-)
 
-
+# Cells that fail because of a known defect, and why (none now: issue 19's defect 4,
+# Cluster with workers and Cluster presence, is fixed by the Redis layer's factory).
 def known_defect(check: str, topology: str, model: str, kind: str) -> str | None:
     """Why a cell fails on main today (None: it must pass)."""
-    if topology == "cluster" and model == "workers":
-        return WORKERS_CLUSTER
-    if topology == "cluster":
-        return PRESENCE_CLUSTER
     return None
 
 

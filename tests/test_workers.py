@@ -152,6 +152,10 @@ async def test_a_killed_worker_is_replaced_and_resumes_from_the_snapshot(
     after = await scrape(node.admin_port)
     assert one(after, "ssehub_workers") == WORKERS
     assert one(after, "ssehub_worker_restarts_total") == 1
+    # The new worker's history counts in its hub's budget, as its sibling's does (the
+    # node's gauge sums them): a reload of history_bytes and age expiry apply to it.
+    kept = one(before, "ssehub_history_bytes")
+    assert kept > 0 and one(after, "ssehub_history_bytes") == kept
     # The dead worker held streams and had delivered: its counters stay in the node's
     # totals, exactly; its gauges went with it.
     for name, labels in [
