@@ -174,6 +174,20 @@ def test_every_command_shown_is_run() -> None:
     assert not stale, f"no longer shown in the docs: {stale}"
 
 
+def _output_shown(page: str, first_line: str) -> str:
+    """The ``text`` block of ``page`` that starts with ``first_line``."""
+    for block in re.findall(r"^```text\n(.*?)^```", (ROOT / page).read_text(), re.M | re.S):
+        if block.startswith(first_line):
+            return str(block)
+    raise AssertionError(f"{page}: no text block starting {first_line!r}")
+
+
+def _shape(stream: str) -> str:
+    """A stream with its session id and event ids replaced: the same on every run."""
+    stream = re.sub(r"(?m)^(event: ssehub-session\ndata: )\S+$", r"\1SESSION", stream)
+    return re.sub(r"(?m)^id: \S+$", "id: ID", stream).strip()
+
+
 # --- the scenarios -----------------------------------------------------------------------
 
 
@@ -201,7 +215,10 @@ def test_publish_subscribe_and_resume_as_the_first_tour_shows(desk: Desk) -> Non
     chat.type(SUBSCRIBE)
     chat.wait_for(POSITION)
     assert shell.run(PUBLISH).strip() == "1"
-    chat.wait_for(r"^data: hello$")
+    shown = chat.wait_for(r"^data: hello\n\n")
+    # What README and getting-started show the first terminal printing, ids aside.
+    for page in ("README.md", "docs/getting-started.md"):
+        assert _shape(shown) == _shape(_output_shown(page, "retry: 3000")), page
 
     for subscribe, publish, data in (
         (*NEWS, "fed to /channels/news"),
