@@ -89,7 +89,7 @@ JUGGERNAUT_START = "SSEHUB_CONFIG=config/examples/juggernaut.yaml ./dev run"
 ROSTER = "redis-cli SUBSCRIBE juggernaut:subscribe juggernaut:unsubscribe"
 JUGGERNAUT_PUBLISH = """redis-cli PUBLISH juggernaut '{"channels": ["chat"], "data": "hi"}'"""
 EXCEPT = (
-    """redis-cli PUBLISH chat '{"data": "hi", "except": "Xk3v_9aQ.1c"}'""",
+    """redis-cli PUBLISH chat '{"data": "hi", "except": "Xk3v_9aQ1cZ0mPq7"}'""",
     """redis-cli PUBLISH juggernaut '{"channels": ["chat"], "data": "hi", """
     """"except": ["a.1", "b.7"]}'""",
 )
@@ -184,9 +184,17 @@ def _output_shown(page: str, first_line: str) -> str:
 
 
 def _shape(stream: str) -> str:
-    """A stream with its session id and event ids replaced: the same on every run."""
-    stream = re.sub(r"(?m)^(event: ssehub-session\ndata: )\S+$", r"\1SESSION", stream)
-    return re.sub(r"(?m)^id: \S+$", "id: ID", stream).strip()
+    """A stream with its session id and event ids replaced by their shape: the same on
+    every run, and different for an id of another form."""
+
+    def session(m: re.Match[str]) -> str:  # URL-safe characters, any of them anywhere
+        return re.sub(r"[A-Za-z0-9_-]", "x", m.group(0))
+
+    def event_id(m: re.Match[str]) -> str:  # <epoch>-<n>: base 36 around one dash
+        return re.sub(r"[a-z0-9]", "x", m.group(0))
+
+    stream = re.sub(r"(?m)(?<=^event: ssehub-session\ndata: )\S+$", session, stream)
+    return re.sub(r"(?m)(?<=^id: )\S+$", event_id, stream).strip()
 
 
 # --- the scenarios -----------------------------------------------------------------------
