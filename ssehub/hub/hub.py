@@ -12,17 +12,10 @@ The hub is composed of the parts it holds, each in its own module:
   reports comings and goings.
 
 This module takes input (pub/sub messages, stream entries, Juggernaut's format),
-validates, numbers and encodes each message once, and hands it to the fan-out. It
-also keeps the hub's timers (one heartbeat, one history expiry, one member sweep for
-the whole hub) and applies reloads.
-
-Ids: every event carries one. The hub numbers events with one sequence for the whole
-process and prefixes a per-run epoch (``<epoch>-<seq>``: see core/ids.py), so ids
-from an earlier run are recognised as unknown instead of matching another message. A
-publisher-given id (``json`` format) is sent as is on ``/channels`` streams and
-resolved through the history. ``/events`` streams always carry hub ids: one number is
-a position in every channel at once, so one ``Last-Event-ID`` resumes them all (with
-each stream channel's entry id after it). Stream channels' events carry their entry ids.
+validates, numbers and encodes each message once, and hands it to the fan-out; it keeps
+the hub's timers and applies reloads. Ids (core/ids.py): ``<epoch>-<seq>`` from one
+sequence per process, a publisher's own id as is on ``/channels``, one position in every
+channel on ``/events`` (with each stream channel's entry id), entry ids on stream channels.
 """
 
 from __future__ import annotations
