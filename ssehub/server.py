@@ -18,12 +18,14 @@ from .config import Config, ConfigError, load
 from .http.admin import create_admin_app
 from .http.app import create_app
 from .http.compat import QuietBadRequests, connections, request_in_progress
+from .http.control import CONTROL, ControlCollector
 from .http.metrics import Metrics
 from .hub.hub import Hub
 from .hub.sessions import Roster, random_prefix
 from .logs import enable_access_log, fields
+from .redis.control import ControlPlane
 from .redis.events import EventsWriter
-from .redis.factory import create_broker, create_stream_reader, create_writer
+from .redis.factory import create_broker, create_control, create_stream_reader, create_writer
 from .redis.pubsub import Broker, BrokerState
 from .redis.streams import StreamSource
 from .supervisors.systemd import Notifier
@@ -96,6 +98,13 @@ class HubServer:
         self.notifier = Notifier() if notifier is None else notifier
         self._ready_sent = False
         self.app = create_app(self.hub, self.broker)
+        # The control channel (disconnects, refusals): one listener per node, here
+        # unless this is a worker (main listens and feeds it the commands).
+        self.control = self.app[CONTROL]
+        self.plane: ControlPlane | None = None
+        if hub is None:
+            self.plane = create_control(config, self.control)
+            self.control.on_refuse = self.plane.refuse
         if config.logging.access_log:  # off by default: a line per request is noise at scale
             enable_access_log(self.app)
         server_log = logging.getLogger("aiohttp.server")
@@ -118,6 +127,7 @@ class HubServer:
         )
         self._broker_task: asyncio.Task[None] | None = None
         self._streams_task: asyncio.Task[None] | None = None
+        self._control_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._unfinished: set[RequestHandler] = set()
         self.port = 0
@@ -128,8 +138,9 @@ class HubServer:
         self.admin_port = 0
         if config.admin is not None:
             self.metrics = Metrics(self.hub, self.broker, self.reporter)
+            self.metrics.registry.register(ControlCollector(self.control, self.plane))
             self._admin_runner = web.AppRunner(
-                create_admin_app(self.hub, self.broker, self.metrics),
+                create_admin_app(self.hub, self.broker, self.metrics, self.control, self.plane),
                 access_log=None,
                 shutdown_timeout=config.shutdown_timeout,
             )
@@ -189,6 +200,8 @@ class HubServer:
         await self._start_admin()
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self._streams_task = asyncio.create_task(self.streams.run(), name="ssehub-streams")
+        if self.plane is not None:
+            self._control_task = asyncio.create_task(self.plane.run(), name="ssehub-control")
         self.hub.start_heartbeat()
         if self.reporter is not None:
             self.reporter.start()
@@ -248,10 +261,10 @@ class HubServer:
         # After the public side: metrics and readiness stay readable while streams drain.
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        for task in (self._broker_task, self._streams_task):
+        for task in (self._broker_task, self._streams_task, self._control_task):
             if task is not None:
                 await _cancel(task)
-        self._broker_task = self._streams_task = None
+        self._broker_task = self._streams_task = self._control_task = None
         self.notifier.close()
         log.info("stopped")
 
@@ -266,6 +279,7 @@ RESTART_ONLY = (
     "workers",
     "events",
     "presence",
+    "control",
 )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ssehub.config import parse
+from ssehub.hub.control import Control
 from ssehub.redis import factory
 from ssehub.redis.cluster import ClusterBroker
 from ssehub.redis.cluster_streams import ClusterStreamReader
@@ -45,6 +46,8 @@ ROLES = {
     "StreamReplays",
     "EventsWriter",
     "PresenceReader",
+    "Publisher",
+    "ControlPlane",
 }
 # Modules whose import outside the Redis layer means a client is made there.
 CLIENT_MODULES = ("hiredis", "redis.asyncio", "redis.client", "redis.cluster", "redis.sentinel")
@@ -135,3 +138,6 @@ async def test_the_factory_builds_every_role_for_every_topology(topology: str) -
     assert writer.node == "node1"
     presence = factory.create_presence_reader(config)
     assert presence.config is config
+    assert factory.create_publisher(config).config is config
+    plane = factory.create_control(full, Control(lambda: full))
+    assert type(plane.listener) is type(broker)

@@ -96,9 +96,9 @@ def _reads(ch: ChannelConfig) -> tuple[str, Names]:
 
 def _pairs(config: Config) -> Iterator[tuple[ChannelConfig, ChannelConfig]]:
     channels = list(config.channels.values())
-    private = [ch for ch in channels if ch.auth == "token"]
+    private = [ch for ch in channels if ch.auth != "public"]
     for public in channels:
-        if public.auth != "token":
+        if public.auth == "public":
             for ch in private:
                 yield public, ch
 

@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "CONFIG",
+    "CONTROL",
     "ENTRY",
     "HOLD",
     "JOIN",
@@ -36,6 +37,8 @@ __all__ = [
     "PING",
     "PONG",
     "READY",
+    "REFUSALS",
+    "REFUSE",
     "REFUSED",
     "RELEASE",
     "REMOVED",
@@ -68,6 +71,8 @@ STREAM = "v"
 STREAMS = "w"  # (STREAMS, BrokerState value): the state of main's stream reader
 SNAPSHOT = "n"  # (SNAPSHOT, dict): the node's state, first frame to a new worker
 REFUSED = "r"  # (REFUSED, token): a HOLD the node turned away
+CONTROL = "k"  # (CONTROL, Command): a control message (core/control.py) for the streams
+REFUSALS = "f"  # (REFUSALS, [Refuse]): refused reconnects read from Redis
 PING = "p"  # (PING, n)
 STATS = "t"  # main: (STATS,) asks; worker: (STATS, [Metric, ...]) answers
 # worker -> main
@@ -77,6 +82,7 @@ HOLD = "h"  # (HOLD, name, token): a stream on this worker holds the member
 RELEASE = "x"  # (RELEASE, name, token): no stream on this worker holds it any more
 JOIN = "j"  # (JOIN, channel, session, meta, presence): a stream registered
 LEAVE = "v"  # (LEAVE, channel, session, meta, reason, presence): a stream ended
+REFUSE = "u"  # (REFUSE, Refuse): a session here was refused by its credential
 
 _LEN = struct.Struct("!I")
 

@@ -39,13 +39,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..config import Config, Listen
+from ..core.control import Command, Refuse
 from ..core.history import Entry
 from ..http.admin import create_admin_app
+from ..http.control import ControlCollector
 from ..http.metrics import HubCollector, Metrics, ReporterCollector
 from ..hub.channel import Channel
+from ..hub.control import Control
 from ..hub.hub import Hub, Refused, Unknown
 from ..hub.sessions import random_prefix
-from ..redis.factory import create_broker, create_stream_reader, create_writer
+from ..redis.factory import create_broker, create_control, create_stream_reader, create_writer
 from ..redis.pubsub import BrokerState
 from ..redis.streams import Entry as StreamEntry
 from ..server import _cancel, _listen_socket, _raise_fd_limit, reload_hub
@@ -146,6 +149,11 @@ class Supervisor:
         self.streams.want(self.hub.stream_keys())
         self.hub.streams = self.streams
         self._streams_task: asyncio.Task[None] | None = None
+        # The node's control channel: commands go to every worker (their streams) and
+        # main keeps the refusals (a new worker's snapshot carries them).
+        self.control = Control(lambda: self.config)
+        self.plane = create_control(config, self)
+        self._control_task: asyncio.Task[None] | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.port = 0
@@ -168,7 +176,7 @@ class Supervisor:
         self._admin_runner: web.AppRunner | None = None
         if config.admin is not None:
             self.metrics = NodeMetrics(self)
-            app = create_admin_app(self.hub, self.broker, self.metrics)
+            app = create_admin_app(self.hub, self.broker, self.metrics, self.control, self.plane)
             app.middlewares.append(self._fresh_metrics)
             self._admin_runner = web.AppRunner(
                 app, access_log=None, shutdown_timeout=config.shutdown_timeout
@@ -191,6 +199,17 @@ class Supervisor:
 
     def outage(self, seq: int) -> None:
         self._push((feed.OUTAGE, seq))
+
+    # --- the control plane's target: the workers hold the streams ---------------------
+
+    def apply(self, command: Command) -> int:
+        self.control.apply(command)  # (no streams here: it keeps the refusals)
+        self._push((feed.CONTROL, command))
+        return 0
+
+    def load(self, refusals: list[Refuse]) -> None:
+        self.control.load(refusals)
+        self._push((feed.REFUSALS, refusals))
 
     def _stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
         """The reader knows where ``key`` ends: the workers get its recent entries, then
@@ -266,6 +285,7 @@ class Supervisor:
             "positions": {
                 name: (c.stream_pos, c.flushed_pos) for name, c in hub.channels.items() if c.stream
             },
+            "refusals": [Refuse(k, u) for k, u in self.control.refusals.items()],
         }
 
     def _worker_config(self, config: Config) -> Config:
@@ -289,6 +309,9 @@ class Supervisor:
                 _, channel, session, meta, reason, presence = op
                 if slot.sessions.pop((channel, session), None) is not None:
                     self.reporter.leave(channel, session, meta, reason, presence)
+            elif kind == feed.REFUSE:
+                self.control.apply(op[1])
+                self.plane.refuse(op[1])  # stored, and told to every node (workers too)
             elif kind == feed.HOLD:
                 self._hold(slot, op[1], op[2])
             elif kind == feed.RELEASE:
@@ -494,6 +517,10 @@ class Supervisor:
         sums: dict[str, tuple[str, str, dict[SampleKey, float]]] = {
             name: (doc, kind, dict(samples)) for name, (doc, kind, samples) in self._dead.items()
         }
+        # Main's own control-plane counters (POST /publish, /disconnect) add to the workers'.
+        for metric in ControlCollector(self.control, self.plane).collect():
+            _, _, acc = sums.setdefault(metric.name, (metric.documentation, metric.type, {}))
+            _add_samples(acc, metric)
         for slot in self.slots:
             if slot.link is None:
                 continue
@@ -527,6 +554,7 @@ class Supervisor:
         self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
         self.reporter.start()
         self._streams_task = asyncio.create_task(self.streams.run(), name="ssehub-streams")
+        self._control_task = asyncio.create_task(self.plane.run(), name="ssehub-control")
         self.hub.start_heartbeat()  # in main: the members' grace sweeps
         self._boot = loop.create_future()
         for slot in self.slots:
@@ -589,8 +617,9 @@ class Supervisor:
             self._broker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._broker_task
-        if self._streams_task is not None:
-            await _cancel(self._streams_task)
+        for reader in (self._streams_task, self._control_task):
+            if reader is not None:
+                await _cancel(reader)
         if self._sock is not None:
             self._sock.close()
         self.notifier.close()

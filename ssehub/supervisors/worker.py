@@ -30,6 +30,7 @@ from .. import logs
 from ..config import Config, RedisConfig
 from ..core.families import Family
 from ..core.waiters import Changes
+from ..http.control import ControlCollector
 from ..http.metrics import Metrics
 from ..hub.channel import Channel, streams_of
 from ..hub.hub import Hub
@@ -355,6 +356,12 @@ class FeedBroker(Broker):
             self.streams.live.intersection_update(hub.stream_keys())  # main reads them anew
             if self.server is not None:
                 self.server.config = op[1]
+        elif kind == feed.CONTROL:
+            if self.server is not None:
+                self.server.control.apply(op[1])
+        elif kind == feed.REFUSALS:
+            if self.server is not None:
+                self.server.control.load(op[1])
         elif kind == feed.REFUSED:
             hub.refused(op[1])
             self._wake()
@@ -481,6 +488,12 @@ async def serve(
         config, Notifier({}), hub=hub, broker=broker, streams=broker.streams, reuse_port=True
     )
     broker.server = server
+    # The node's control plane is main's: commands and refusals come in the feed, a
+    # session refused here by its credential goes to main (which tells every node).
+    control = server.control
+    control.load(snapshot["refusals"])
+    control.on_refuse = lambda refusal: broker._reply((feed.REFUSE, refusal))
+    broker.metrics.registry.register(ControlCollector(control))
     sink = FeedSink(broker)
     hub.roster = Roster(sink, config.events.enabled)
     for ops in later:
