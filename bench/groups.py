@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from ssehub.config import Limits, parse
+from ssehub.hub.channel import Subscriber
 from ssehub.hub.hub import Hub
-from ssehub.hub.subscriber import Subscriber
 
 CHANNELS = 32
 
@@ -78,7 +78,7 @@ def time_flush(hub: Hub, channels: list[str], rounds: int) -> float:
         for name in channels:
             hub.publish(name.encode(), payload)
         start = time.perf_counter()
-        hub._flush()
+        hub.flush()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

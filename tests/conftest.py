@@ -14,7 +14,8 @@ from ssehub.config import parse
 from ssehub.server import HubServer
 
 from .redis_server import RedisServer, free_port
-from .sseclient import wait_until
+from .sseclient import SSEClient, wait_until
+from .topologies import ClusterTopology, OneRedis, SentinelTopology
 
 StartHub = Callable[..., Awaitable[HubServer]]
 
@@ -39,6 +40,35 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# The test matrix's topologies (tests/test_matrix.py): each started on first use, once
+# per session, and stopped at its end. A test that fails a master leaves the topology
+# usable; the next failover heals it first.
+
+
+@pytest.fixture(scope="session")
+def one_topology() -> Iterator[OneRedis]:
+    topology = OneRedis()
+    topology.start()
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_topology() -> Iterator[SentinelTopology]:
+    topology = SentinelTopology()
+    topology.start()
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_topology() -> Iterator[ClusterTopology]:
+    topology = ClusterTopology()
+    topology.start()
+    yield topology
+    topology.stop()
 
 
 @pytest.fixture
@@ -82,6 +112,15 @@ async def start_hub(redis_server: RedisServer) -> AsyncIterator[StartHub]:
     yield factory
     for server in servers:
         await server.stop()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[SSEClient]]:
+    """Streams a test opens (append them): each is closed at the end."""
+    opened: list[SSEClient] = []
+    yield opened
+    for c in opened:
+        await c.close()
 
 
 @pytest.fixture

@@ -20,9 +20,11 @@ from ssehub.http.compat import (
     close_connection_after,
     connections,
     expect,
+    headers_before_routing,
     request_in_progress,
     stream_transport,
 )
+from ssehub.http.headers import RESPONSE_HEADERS
 
 from .conftest import StartHub
 from .sseclient import SSEClient, http_request, wait_until
@@ -199,3 +201,32 @@ async def test_the_slowloris_sweep_goes_on_after_a_failure(start_hub: StartHub) 
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by a later sweep
     finally:
         writer.close()
+
+
+async def test_answers_before_routing_get_the_response_headers(serve: Serve) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=request.match_info.route.resource.canonical)
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    runner, port = await serve(app)
+    headers_before_routing(runner)  # read by each new connection
+
+    async def exchange(raw: bytes) -> tuple[dict[str, str], bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(raw)
+            head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+        finally:
+            writer.close()
+        lines = head.decode().split("\r\n")
+        fields = (line.partition(":") for line in lines[1:])
+        return {"status": lines[0].split()[1], **{k: v.strip() for k, _, v in fields}}, body
+
+    headers, _ = await exchange(b"\x16\x03\x01garbage\r\n\r\n")
+    assert headers["status"] == "400"
+    assert {k: headers[k] for k in RESPONSE_HEADERS} == RESPONSE_HEADERS
+    # A routed request is untouched by it (its app's own signals decide), and routed.
+    headers, body = await exchange(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (headers["status"], body) == ("200", b"/hello")
+    assert "X-Content-Type-Options" not in headers

@@ -163,6 +163,63 @@ async def test_unknown_channel_is_404(start_hub: StartHub) -> None:
     assert b"unknown channel: nope" in body
 
 
+async def test_a_404_echoes_at_most_200_characters_of_the_names(start_hub: StartHub) -> None:
+    hub = await start_hub()
+    status, _, body = await http_request(hub.port, "/channels/" + "n" * 5000)
+    assert (status, body) == (404, b"unknown channel: " + b"n" * 200 + b"...\n")
+    many = "&".join(f"channel={'m' * 150}{i}" for i in range(30))
+    status, _, body = await http_request(hub.port, f"/events?{many}")
+    assert status == 404 and len(body) == len("unknown channel: ...\n") + 200
+
+
+async def test_every_response_says_nosniff_and_names_no_version(start_hub: StartHub) -> None:
+    hub = await start_hub(
+        {"chat": {}, "room.*": {"presence": True}},
+        admin={"host": "127.0.0.1", "port": 0},
+        presence={"public": True},
+        cors={"allow_origins": ["https://app.example"]},
+    )
+    answers = [
+        await http_request(hub.port, path, method=method, headers=headers)
+        for path, method, headers in [
+            ("/channels/chat", "HEAD", None),
+            ("/channels/nope", "GET", None),
+            ("/nowhere", "GET", None),
+            ("/channels/chat", "POST", None),
+            ("/channels/chat?rewind=x", "GET", None),
+            ("/healthz", "GET", None),
+            ("/readyz", "GET", None),
+            ("/", "GET", None),
+            ("/channels/room.1/presence", "GET", None),
+            (
+                "/channels/chat",
+                "OPTIONS",
+                {"Origin": "https://app.example", "Access-Control-Request-Method": "GET"},
+            ),
+        ]
+    ]
+    answers += [
+        await http_request(hub.admin_port, path) for path in ("/metrics", "/healthz", "/nowhere")
+    ]
+    stream = await open_stream(hub.port, "/channels/chat")
+    await stream.close()
+    # aiohttp's own answer to a request it cannot parse, before any route.
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    try:
+        writer.write(b"GET /channels/chat HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n")
+        head = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")[0]
+    finally:
+        writer.close()
+    lines = head.decode().split("\r\n")
+    assert lines[0].split()[1] == "400"
+    unparsed = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    heads = [headers for _, headers, _ in answers] + [stream.headers, unparsed]
+    assert {s for s, _, _ in answers} >= {200, 204, 400, 404, 405}
+    for headers in heads:
+        assert headers["x-content-type-options"] == "nosniff", headers
+        assert headers["server"] == "ssehub", headers
+
+
 async def test_traversal_and_encoded_slash_are_404(start_hub: StartHub) -> None:
     hub = await start_hub()
     for path in ["/channels/..%2Fchat", "/channels/chat%2F", "/channels/../channels/x"]:

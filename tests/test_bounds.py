@@ -183,7 +183,7 @@ async def test_resumers_that_never_read_keep_memory_bounded(
             growth = rss() - base
             # Checked as they come: unbounded replays would take the machine's memory.
             assert growth < bound, f"{len(silent)} resumers: RSS +{growth / 2**20:.0f} MB"
-        assert len(hub.hub._catching_up) == resumers
+        assert len(hub.hub.replays.catching_up) == resumers
 
         # Nobody else waits for them: live events and a reading resumer get through.
         reader = await open_stream(hub.port, "/events?channel=a&channel=b", origin)
@@ -202,8 +202,8 @@ async def test_resumers_that_never_read_keep_memory_bounded(
             sock.close()
         await healthy.close()
     await wait_until(lambda: hub.hub.connections == 0, timeout=10)
-    assert hub.hub._catching_up == {}
-    assert hub.hub._mux == {}
+    assert hub.hub.replays.catching_up == {}
+    assert hub.hub.fanout.mux == {}
 
 
 @pytest.mark.parametrize("path", ["/channels/a", "/events?channel=a&channel=b"])
@@ -253,8 +253,8 @@ async def test_history_evicted_under_a_paced_replay_is_signalled_at_that_point(
     sock = await open_silent(hub.port, "/channels/a", origin)
     client: SSEClient | None = None
     try:
-        await wait_until(lambda: len(hub.hub._catching_up) == 1)
-        (replay,) = hub.hub._catching_up.values()
+        await wait_until(lambda: len(hub.hub.replays.catching_up) == 1)
+        (replay,) = hub.hub.replays.catching_up.values()
         # The replay waits for a client that reads nothing (the kernel's buffers
         # took what they could): the history moves on meanwhile.
         await wait_until(lambda: replay.sub.transport.get_write_buffer_size() > 0)
@@ -293,11 +293,11 @@ async def test_a_resumer_that_stops_reading_is_cut_as_slow(
     await wait_until(lambda: hub.hub.seq == 100)
     sock = await open_silent(hub.port, "/channels/a", f"{hub.hub.epoch}-0")
     try:
-        await wait_until(lambda: len(hub.hub._catching_up) == 1)
+        await wait_until(lambda: len(hub.hub.replays.catching_up) == 1)
         await wait_until(lambda: hub.hub.stats.closed["slow"] == 1, timeout=5)
         assert hub.hub.stats.slow_cut == 1
         assert hub.hub.connections == 0
-        assert hub.hub._catching_up == {}
+        assert hub.hub.replays.catching_up == {}
     finally:
         sock.close()
 
@@ -328,13 +328,13 @@ async def test_new_channel_sets_past_max_event_groups_are_turned_away_as_busy(
         # An existing set still gets in, and so does a direct channel stream.
         same = await open_stream(hub.port, "/events?channel=b&channel=a")
         held += [same, await open_stream(hub.port, "/channels/a")]
-        assert len(hub.hub._mux) == 2
+        assert len(hub.hub.fanout.mux) == 2
         await redis_client.publish("a", "x")
         assert [e.data for e in await same.next_events(1)] == ["x"]
     finally:
         for c in [*held, turned]:
             await c.close()
-    await wait_until(lambda: hub.hub._mux == {})
+    await wait_until(lambda: hub.hub.fanout.mux == {})
     again = await open_stream(hub.port, "/events?channel=a&channel=c")
     await again.close()
 

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ssehub.config import ConfigError, load
+from ssehub.config import (
+    AuthConfig,
+    ChannelConfig,
+    ConfigError,
+    Limits,
+    MetaConfig,
+    PresenceConfig,
+    load,
+)
+from ssehub.core.messages import MAX_ID_LENGTH
+from ssehub.http.app import MAX_SHOWN
+from ssehub.hub.resume import MAX_STREAMS_PER_EVENTS
+from ssehub.logs import MAX_VALUE
+from ssehub.server import HubServer
+
+from .logcheck import records_with
+from .redis_server import RedisServer
+from .sseclient import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "ssehub.yaml"
@@ -123,6 +143,36 @@ def test_check_accepts_the_example_config() -> None:
     assert "ok" in result.stdout
 
 
+async def test_check_and_the_running_hub_count_channels_alike(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The example lists 4 channels and the family user.*: --check said "5 channels,
+    # 1 workers" where the hub logged channels=4.
+    result = run_cli("--config", str(EXAMPLE), "--check")
+    assert result.stdout == f"{EXAMPLE}: ok (4 channels, 1 family, 1 worker)\n"
+    config = load(EXAMPLE).with_listen(port=0)
+    config = dataclasses.replace(
+        config, redis=dataclasses.replace(config.redis, url=redis_server.url)
+    )
+    caplog.set_level(logging.INFO, logger="ssehub.server")
+    server = HubServer(config)
+    await server.start()
+    try:
+        await wait_until(lambda: records_with(caplog, "ready"), timeout=10)
+    finally:
+        await server.stop()
+    (ready,) = records_with(caplog, "ready")
+    assert (ready["channels"], ready["families"]) == (4, 1)
+    assert load(EXAMPLE).counts() == {"channels": 4, "families": 1}
+
+
+def test_check_says_one_of_each_in_the_singular(tmp_path: Path) -> None:
+    path = write(tmp_path, "channels:\n  chat: {}\nworkers: 2\n")
+    assert run_cli("--config", str(path), "--check").stdout == (
+        f"{path}: ok (1 channel, 0 families, 2 workers)\n"
+    )
+
+
 def test_check_rejects_with_exit_2_and_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "channels:\n  news: {redis_channel: 5}\n")
     result = run_cli("--config", str(path), "--check")
@@ -138,3 +188,52 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
     result = run_cli("--check", env={**os.environ, "SSEHUB_CONFIG": str(path)})
     assert result.returncode == 2
     assert "listen.port: expected a port number 0-65535, got 99999" in result.stderr
+
+
+def _security_rows() -> dict[str, str]:
+    """The bounds table of the security section (README, or docs/ once it lives there):
+    the first column's key -> the default column."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+    for page in pages:
+        if not page.exists():
+            continue
+        text = page.read_text(encoding="utf-8")
+        match = re.search(r"^#+ Security\n(.*?)(?=^#+ |\Z)", text, re.M | re.S)
+        if match:
+            rows = re.findall(r"^\| (.+?) \| (.+?) \|", match.group(1), re.M)
+            return {key.replace("`", ""): default for key, default in rows}
+    raise AssertionError("no Security section")
+
+
+def _shown_default(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and value >= 1024 * 1024 and value % (1024 * 1024) == 0:
+        return f"{value // (1024 * 1024)} MiB"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def test_the_security_section_lists_each_bound_with_its_default() -> None:
+    rows = {k: v.replace(",", "") for k, v in _security_rows().items()}
+    wanted: dict[str, object] = {f"limits.{f.name}": f.default for f in dataclasses.fields(Limits)}
+    channel, meta, presence, auth = ChannelConfig(), MetaConfig(), PresenceConfig(), AuthConfig()
+    wanted.update(
+        {
+            "channels.<name>.history": channel.history,
+            "channels.<name>.history_bytes": channel.history_bytes,
+            "meta.max_bytes": meta.max_bytes,
+            "presence.max_page": presence.max_page,
+            "auth.cache_size": auth.cache_size,
+            "auth.require_exp": auth.require_exp,
+            "auth.leeway": auth.leeway,
+            "Last-Event-ID": MAX_ID_LENGTH,
+            "stream channels per /events": MAX_STREAMS_PER_EVENTS,
+            "logged value": MAX_VALUE,
+            "echoed name": MAX_SHOWN,
+        }
+    )
+    for key, default in wanted.items():
+        assert key in rows, f"{key} is not in the security section"
+        assert rows[key] == _shown_default(default), (key, rows[key], default)

@@ -54,7 +54,7 @@ async def test_same_bytes_for_clients_following_the_same_channels(
             two.session.encode(), b""
         )
         assert [e.data for e in solo.events] == ["x0", "x2", "x4"]
-        assert len(hub.hub._mux) == 2
+        assert len(hub.hub.fanout.mux) == 2
     finally:
         for c in (one, two, solo):
             await c.close()
@@ -134,5 +134,5 @@ async def test_mux_disconnect_cleans_up_groups(start_hub: StartHub) -> None:
     from .sseclient import wait_until
 
     await wait_until(lambda: hub.hub.connections == 0)
-    assert hub.hub._mux == {}
+    assert hub.hub.fanout.mux == {}
     assert not hub.hub.channels["a"].mux_groups

@@ -1,5 +1,5 @@
-"""The package shows its layers: the HTTP, config, CLI and logging modules import no
-module that imports them back (at run time, inside a function or under
+"""The package shows its layers: the HTTP, hub, core, config, CLI and logging modules
+import no module that imports them back (at run time, inside a function or under
 ``TYPE_CHECKING`` alike), and none is over 500 lines."""
 
 from __future__ import annotations
@@ -14,7 +14,20 @@ import ssehub
 
 ROOT = Path(ssehub.__file__).parent
 # The layers this test holds to the rule (others have theirs).
-CHECKED = ("ssehub.http", "ssehub.config", "ssehub.cli", "ssehub.logs")
+CHECKED = (
+    "ssehub.http",
+    "ssehub.hub",
+    "ssehub.core",
+    "ssehub.config",
+    "ssehub.cli",
+    "ssehub.logs",
+)
+# What the hub and its pure core may import from the package (besides themselves):
+# only the layers below them, never http/, the server, node or supervisors.
+BELOW = {
+    "ssehub.core": ("ssehub.core", "ssehub.config"),
+    "ssehub.hub": ("ssehub.hub", "ssehub.core", "ssehub.config", "ssehub.redis", "ssehub.logs"),
+}
 MAX_LINES = 500
 
 
@@ -91,13 +104,24 @@ def test_no_import_circle_through(name: str) -> None:
 
 
 def test_logs_import_nothing_above_the_config() -> None:
-    assert _reaches(_graph(), "ssehub.logs") <= {
-        "ssehub.config",
-        "ssehub.config.checks",
-        "ssehub.config.load",
-        "ssehub.config.model",
-        "ssehub.config.overlap",
-    }
+    above = [
+        name
+        for name in _reaches(_graph(), "ssehub.logs")
+        if name != "ssehub.config" and not name.startswith("ssehub.config.")
+    ]
+    assert not above
+
+
+@pytest.mark.parametrize("layer", sorted(BELOW))
+def test_hub_and_core_import_only_the_layers_below(layer: str) -> None:
+    wrong = [
+        f"{name} -> {dep}"
+        for name, deps in _graph().items()
+        if name == layer or name.startswith(layer + ".")
+        for dep in sorted(deps)
+        if not any(dep == ok or dep.startswith(ok + ".") for ok in BELOW[layer])
+    ]
+    assert not wrong
 
 
 @pytest.mark.parametrize("name", sorted(n for n in _modules() if _checked(n)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,11 @@ def test_the_admin_listener_stays_on_loopback_unless_allowed(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"admin\.host: '0\.0\.0\.0' is not a loopback"):
         load(path)
     load(write(tmp_path, "channels: {chat: {}}\nadmin: {host: 0.0.0.0, allow_remote: true}\n"))
+
+
+def test_thousands_of_channels_are_checked_by_lookup_not_pairs(tmp_path: Path) -> None:
+    lines = [f"  p{i}: {{}}\n  s{i}: {{auth: token}}\n" for i in range(3000)]
+    started = time.monotonic()
+    msg = leak_error(tmp_path, "".join(lines) + "  x: {redis_channel: s17}\n")
+    assert msg.startswith("channels.x.redis_channel: public 'x'") and "private 's17'" in msg
+    assert time.monotonic() - started < 5  # 9 million pairs would take minutes

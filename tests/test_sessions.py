@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from ssehub.core.ids import SessionIds
 from ssehub.core.messages import Rejected, parse, parse_juggernaut
-from ssehub.hub.sessions import SessionIds
 
 from .conftest import StartHub
 from .sseclient import SSEClient, open_stream, wait_until

@@ -5,21 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.hub.resume import compact
+from ssehub.core.ids import compact
 
+from .hubprocess import WORKERS, Node, alive, write_config
 from .redis_server import RedisServer
 from .sseclient import Event, SSEClient, open_stream, wait_until
 from .test_metrics import one, scrape
@@ -27,93 +26,9 @@ from .test_systemd import FakeSystemd
 
 pytestmark = pytest.mark.slow
 
-WORKERS = 2
 # Streams opened to reach every worker: SO_REUSEPORT spreads connections by a hash of
 # their addresses, so 12 all landing on one of two workers has odds of 1 in 2,048.
 SPREAD = 12
-
-
-class Node:
-    """``python -m ssehub`` with ``workers:``; its log lines collected by a reader thread."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ssehub", "--config", str(config)],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = int(self.wait_for(r"listening host=\S+ port=(\d+) workers=")[1])
-        admin = [
-            m for line in self.lines if (m := re.search(r"admin listening .*port=(\d+)", line))
-        ]
-        self.admin_port = int(admin[0][1]) if admin else 0
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, start: int = 0, timeout: float = 20.0) -> re.Match[str]:
-        """The first log line from ``start`` on that matches ``pattern`` (polled)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.lines[start:]:
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            assert self.proc.poll() is None or time.monotonic() < deadline, (
-                f"node exited without {pattern!r}:\n{''.join(self.lines)}"
-            )
-            assert time.monotonic() < deadline, f"no {pattern!r}:\n{''.join(self.lines)}"
-            time.sleep(0.02)
-
-    def count(self, pattern: str) -> int:
-        return sum(1 for line in self.lines if re.search(pattern, line))
-
-    def worker_pids(self) -> dict[int, int]:
-        """The current pid of each worker, from the start lines."""
-        pids = {}
-        for line in self.lines:
-            match = re.search(r"worker started worker=(\d+) pid=(\d+)", line)
-            if match:
-                pids[int(match[1])] = int(match[2])
-        return pids
-
-    def stop(self) -> None:
-        """Kill what a test left running (main and workers) and close the pipe."""
-        pids = self.worker_pids()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        for pid in pids.values():
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        self._reader.join(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def write_config(path: Path, redis_url: str, channels: str = "{chat: {}}", extra: str = "") -> Path:
-    path.write_text(
-        f"listen: {{host: 127.0.0.1, port: 0}}\nredis: {{url: '{redis_url}'}}\n"
-        f"workers: {WORKERS}\nadmin: {{port: 0}}\nshutdown_timeout: 3\n{extra}"
-        f"channels: {channels}\n"
-    )
-    return path
 
 
 @pytest.fixture
@@ -126,14 +41,6 @@ def node(node_config: Path) -> Iterator[Node]:
     n = Node(node_config)
     yield n
     n.stop()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[SSEClient]]:
-    opened: list[SSEClient] = []
-    yield opened
-    for c in opened:
-        await c.close()
 
 
 async def spread(node: Node, clients: list[SSEClient], path: str, **kw: str) -> list[SSEClient]:
@@ -273,7 +180,7 @@ async def test_sigterm_drains_every_worker(node: Node, clients: list[SSEClient])
         assert c.ended_cleanly
     assert await asyncio.to_thread(node.proc.wait, 10) == 0
     assert time.monotonic() - started < 3 + 2
-    assert not any(_alive(pid) for pid in pids.values())
+    assert not any(alive(pid) for pid in pids.values())
 
 
 async def test_limits_are_per_worker(
@@ -303,8 +210,22 @@ async def test_limits_are_per_worker(
         node.stop()
 
 
-@pytest.mark.parametrize(("value", "expected"), [("2", "2 workers"), ("auto", " workers")])
-def test_check_reports_the_workers(tmp_path: Path, value: str, expected: str) -> None:
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("value", "cpus", "workers"),
+    [
+        ("2", CPUS, 2),
+        # The CPUs the process may use, not the machine's: pinned to one, one worker.
+        ("auto", CPUS[:1], 1),
+        ("auto", CPUS, len(CPUS)),
+    ],
+    ids=["2", "auto-pinned", "auto"],
+)
+def test_check_reports_the_workers(
+    tmp_path: Path, value: str, cpus: list[int], workers: int
+) -> None:
     config = tmp_path / "hub.yaml"
     config.write_text(f"workers: {value}\nchannels: {{chat: {{}}}}\n")
     result = subprocess.run(
@@ -312,9 +233,11 @@ def test_check_reports_the_workers(tmp_path: Path, value: str, expected: str) ->
         capture_output=True,
         text=True,
         timeout=30,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
     )
-    assert result.returncode == 0
-    assert expected in result.stdout
+    assert result.returncode == 0, result.stderr
+    noun = "worker" if workers == 1 else "workers"
+    assert result.stdout == f"{config}: ok (1 channel, 0 families, {workers} {noun})\n"
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Command line: arguments to a validated Config to ``server.run()``; exit codes."""
+"""Command line: arguments to a validated Config to a supervisor's ``run()``; exit codes."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ __all__ = ["main", "EXIT_CONFIG", "EXIT_STARTUP"]
 
 EXIT_CONFIG = 2  # the config file is missing or invalid
 EXIT_STARTUP = 3  # valid config, but the hub could not start (e.g. port in use)
+# (1, EXIT_FAILED in supervisors/process.py: a long-lived task ended while running)
 
 DEFAULT_CONFIG = "/etc/ssehub/ssehub.yaml"
 
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, load the config, run the hub; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -53,7 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ssehub: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{args.config}: ok ({len(config.channels)} channels, {config.workers} workers)")
+        counts = config.counts()
+        summary = ", ".join(
+            _count(n, *words)
+            for n, words in (
+                (counts["channels"], ("channel", "channels")),
+                (counts["families"], ("family", "families")),
+                (config.workers, ("worker", "workers")),
+            )
+        )
+        print(f"{args.config}: ok ({summary})")
         return 0
 
     try:
@@ -65,11 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.workers > 1:
             from ..supervisors.multiprocess import run as run_node
 
-            run_node(config, args.log_level)
-        else:
-            from ..server import run
+            return run_node(config, args.log_level)
+        from ..supervisors.single import run
 
-            run(config)
+        return run(config)
     except OSError as exc:
         logging.getLogger("ssehub").error("cannot start", extra=logs.fields(error=str(exc)))
         return EXIT_STARTUP

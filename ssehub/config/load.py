@@ -8,6 +8,7 @@ Unknown keys are errors: a typo must never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import types
@@ -116,12 +117,19 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Once per class: evaluating the annotations costs more than building an object,
+    # and a config may list thousands of channels.
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, data: Any, path: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(
             source, path or "(top level)", f"expected a mapping, got {_describe(data)}"
         )
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:

@@ -332,6 +332,12 @@ class Config:
     workers: int = field(default=1, metadata={"parse": _workers})
     source: str = field(default="<config>", metadata={"internal": True})
 
+    def counts(self) -> dict[str, int]:
+        """The listed channels and the families (``user.*``), as ``--check`` says them
+        and the hub logs them: a family is not a channel until a member is asked for."""
+        families = sum(ch.family for ch in self.channels.values())
+        return {"channels": len(self.channels) - families, "families": families}
+
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:
         """Return a copy with the listener overridden (CLI ``--host``/``--port``)."""
         listen = Listen(

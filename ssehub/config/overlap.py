@@ -94,27 +94,44 @@ def _reads(ch: ChannelConfig) -> tuple[str, Names]:
     return field, Names.of(pattern, ch.name if ch.family else "")
 
 
-def _pairs(config: Config) -> Iterator[tuple[ChannelConfig, ChannelConfig]]:
-    channels = list(config.channels.values())
-    private = [ch for ch in channels if ch.auth != "public"]
-    for public in channels:
-        if public.auth == "public":
-            for ch in private:
-                yield public, ch
+def _leaks(config: Config) -> Iterator[tuple[ChannelConfig, ChannelConfig, str]]:
+    """Each public channel that can read what a private one reads, with that private
+    channel (the first found) and the key both read by (``redis_channel``/``stream``).
+
+    A config may list thousands of channels: one name against another is a lookup,
+    and only a family (a pattern) is compared with every channel of the other side.
+    """
+    reads = {ch.name: _reads(ch) for ch in config.channels.values()}
+    private = [ch for ch in config.channels.values() if ch.auth != "public"]
+    exact: dict[tuple[str, str], ChannelConfig] = {}
+    for ch in private:
+        field, names = reads[ch.name]
+        if not ch.family:
+            exact.setdefault((field, names.prefix), ch)
+    families = [ch for ch in private if ch.family]
+    for public in config.channels.values():
+        if public.auth != "public" or not private:
+            continue
+        field, names = reads[public.name]
+        hit = None if public.family else exact.get((field, names.prefix))
+        # A name is looked up, then met by the private families; a family meets all.
+        others = [hit] if hit is not None else private if public.family else families
+        for ch in others:
+            other_field, other = reads[ch.name]
+            if field == other_field and overlaps(names, other):
+                yield public, ch, field
+                break
 
 
 def check_private(config: Config, source: str) -> None:
     """ConfigError when a public channel or family can read a private one's messages."""
-    for public, private in _pairs(config):
-        field, names = _reads(public)
-        other_field, other = _reads(private)
-        if field == other_field and overlaps(names, other):
-            mine = getattr(public, field)
-            theirs = getattr(private, field)
-            raise ConfigError(
-                source,
-                f"channels.{public.name}.{field}",
-                f"public {public.name!r} ({field} {mine!r}) can read what private "
-                f"{private.name!r} ({field} {theirs!r}) reads: a client without a token "
-                "would get its messages; give them Redis names that cannot meet",
-            )
+    for public, private, field in _leaks(config):
+        mine = getattr(public, field)
+        theirs = getattr(private, field)
+        raise ConfigError(
+            source,
+            f"channels.{public.name}.{field}",
+            f"public {public.name!r} ({field} {mine!r}) can read what private "
+            f"{private.name!r} ({field} {theirs!r}) reads: a client without a token "
+            "would get its messages; give them Redis names that cannot meet",
+        )

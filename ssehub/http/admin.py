@@ -16,6 +16,7 @@ from ..redis.control import ControlPlane
 from ..redis.pubsub import Broker
 from .app import BROKER, HUB, healthz, readyz
 from .control import add_disconnect_route
+from .headers import add_response_headers
 from .metrics import Metrics
 from .presence import add_presence_route
 from .publish import add_publish_route
@@ -51,4 +52,5 @@ def create_admin_app(
     if hub.config.publish is not None and control is not None and plane is not None:
         add_publish_route(app, control, lambda: hub.config)
         add_disconnect_route(app, plane, control, lambda: hub.config)
+    add_response_headers(app)
     return app

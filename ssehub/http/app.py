@@ -16,20 +16,22 @@ from redis.exceptions import RedisError
 
 from ..config import ChannelConfig
 from ..core import sse
+from ..core.ids import SessionIds
 from ..core.messages import MAX_ID_LENGTH
-from ..hub.channel import Channel
+from ..hub.channel import Channel, Subscriber
 from ..hub.control import Control
 from ..hub.hub import Hub, Refused, Unknown
 from ..hub.resume import MAX_STREAMS_PER_EVENTS, resume_streams
-from ..hub.sessions import SessionIds, meta_of, session_event
-from ..hub.subscriber import Subscriber
+from ..hub.sessions import META_PARAM, BadMeta, meta_of, session_event
 from ..logs import fields
 from ..redis.pubsub import Broker
+from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
 from .compat import close_connection_after, expect, stream_transport
 from .control import CONTROL, refused
 from .cors import add_cors
+from .headers import add_response_headers
 from .presence import add_presence_route
 from .proxy_auth import PROXY, ProxyAuth, Unavailable, add_proxy_auth
 from .publish import add_publish_route
@@ -41,6 +43,7 @@ __all__ = [
     "CONTROL",
     "HUB",
     "SESSION_IDS",
+    "TASKS",
     "create_app",
     "healthz",
     "readyz",
@@ -55,6 +58,8 @@ HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 ACCESS = web.AppKey("access", Access)
 SESSION_IDS = web.AppKey("session_ids", SessionIds)
+# The process's long-lived tasks: one that ended unexpectedly makes it unready.
+TASKS = web.AppKey("tasks", Tasks)
 
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -79,10 +84,17 @@ def _last_event_id(request: web.Request) -> str | None:
     return value
 
 
-def _shown(name: str) -> str:
-    """A client-supplied name made safe to echo: percent-decoded invalid UTF-8
-    arrives as lone surrogates, which cannot be encoded as they are."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+# Characters of the names a 404 echoes, at most (a valid name has at most 200).
+MAX_SHOWN = 200
+
+
+def _shown(names: Sequence[str]) -> str:
+    """Client-supplied names made safe to echo: bounded, and encodable (percent-decoded
+    invalid UTF-8 arrives as lone surrogates, which cannot be encoded as they are)."""
+    text = ", ".join(names)
+    if len(text) > MAX_SHOWN:
+        text = text[:MAX_SHOWN] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _rewind(request: web.Request) -> int | None:
@@ -159,7 +171,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if until:
         control.stats.refused += 1
         return refused(until)
-    meta = meta_of(request, hub.config.meta, grant)
+    try:
+        meta = meta_of(grant, request.query.get(META_PARAM), hub.config.meta)
+    except BadMeta as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
     if proxied is not None and grant is None:
         meta = proxied.meta
     last_event_id = _last_event_id(request)
@@ -171,7 +186,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # Held from here to the end: a family member lives while a stream holds it.
         channels = hub.acquire(names)
     except Unknown as exc:
-        raise web.HTTPNotFound(text=f"unknown channel: {_shown(', '.join(exc.names))}\n") from None
+        raise web.HTTPNotFound(text=f"unknown channel: {_shown(exc.names)}\n") from None
     except Refused as exc:
         if not wants_stream:
             return _unavailable(hub, exc.reason)
@@ -344,7 +359,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 only while the hub holds a live Redis subscription for its channels."""
+    """200 only while the hub holds a live Redis subscription for its channels (and
+    every long-lived task of the process runs)."""
+    tasks = request.app.get(TASKS)
+    if tasks is not None and tasks.failed is not None:
+        return web.Response(status=503, text=f"not ready: {tasks.failed} failed\n")
     broker = request.app[BROKER]
     if request.app[HUB].upstream_ready:
         return web.Response(text="ready\n")
@@ -364,16 +383,15 @@ async def not_routed(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-def create_app(hub: Hub, broker: Broker) -> web.Application:
-    """The public application; streams end cleanly on shutdown."""
+def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
+    """The public application; streams end cleanly on shutdown. ``control``: the
+    process's streams by session and user (its node's, hub/control.py)."""
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
     app[ACCESS] = access = Access(lambda: hub.config)
     app[SESSION_IDS] = SessionIds()
-    # Disconnects, refusals, streams per user, lifetimes (hub/control.py); the node's
-    # control channel reaches it (redis/control.py, wired by the server).
-    app[CONTROL] = control = Control(lambda: hub.config)
+    app[CONTROL] = control
     add_proxy_auth(app, ProxyAuth(lambda: hub.config, control.stats))
     if hub.config.publish is not None and hub.config.publish.public:
         add_publish_route(app, control, lambda: hub.config)
@@ -404,6 +422,7 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
         close_connection_after(response)
 
     app.on_response_prepare.append(close_after)
+    add_response_headers(app)
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")
@@ -413,10 +432,8 @@ def create_app(hub: Hub, broker: Broker) -> web.Application:
     # The expiry timer runs while the app does (one for all streams, see auth.Access).
     async def expiry_timer(app: web.Application) -> AsyncIterator[None]:
         access.start()
-        control.start()
         yield
         access.stop()
-        control.stop()
 
     app.cleanup_ctx.append(expiry_timer)
     return app

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ..config import AuthConfig, ChannelConfig, Config
 from ..core import sse
-from ..hub.subscriber import Subscriber
+from ..hub.channel import Subscriber
 
 __all__ = [
     "CLAIM",

@@ -11,6 +11,7 @@ upgrade that breaks one fails a test instead of silently turning a protection of
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from aiohttp import web
@@ -19,12 +20,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from ..logs import fields
+from .headers import RESPONSE_HEADERS
 
 __all__ = [
     "QuietBadRequests",
     "close_connection_after",
     "connections",
     "expect",
+    "headers_before_routing",
     "request_in_progress",
     "stream_transport",
 ]
@@ -73,6 +76,30 @@ def request_in_progress(handler: RequestHandler) -> bool:
     The idle-connection sweep (slowloris) reads it; aiohttp has no header-read timeout.
     """
     return handler._current_request is not None
+
+
+class _Request(web.Request):
+    """A request whose answer gets ``RESPONSE_HEADERS`` even when no route was found."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        if self._match_info is None:  # aiohttp's own answer: no app signal runs for it
+            response.headers.update(RESPONSE_HEADERS)
+        await super()._prepare_hook(response)
+
+
+def headers_before_routing(runner: web.AppRunner) -> None:
+    """Give ``RESPONSE_HEADERS`` to the answers aiohttp sends before routing (a request
+    it cannot parse gets its 400 there), which no ``on_response_prepare`` sees; call
+    after ``runner.setup()``, before a site starts.
+
+    Relies on: ``Server.request_factory`` (a public attribute) builds every request
+    of a connection, parsed or not; ``Application._make_request`` takes the class to
+    build (``_cls``); and ``Request._prepare_hook`` runs for every response before its
+    headers are serialised, with ``_match_info`` None when nothing was routed.
+    """
+    server = runner.server
+    assert server is not None, "call after runner.setup()"
+    server.request_factory = functools.partial(runner.app._make_request, _cls=_Request)
 
 
 async def expect(request: web.Request) -> None:

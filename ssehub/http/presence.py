@@ -47,8 +47,10 @@ async def presence(request: web.Request) -> web.Response:
         count = int(request.query.get("count", str(min(100, limit))))
     except ValueError:
         raise web.HTTPBadRequest(text="cursor and count are integers\n") from None
-    if cursor < 0 or not 1 <= count <= limit:
-        raise web.HTTPBadRequest(text=f"cursor >= 0, count 1-{limit}\n")
+    # HSCAN's cursor is an unsigned 64-bit number: Redis refuses a larger one, and the
+    # client's mistake must not read as "redis unavailable".
+    if not 0 <= cursor < 2**64 or not 1 <= count <= limit:
+        raise web.HTTPBadRequest(text=f"cursor 0 to 2**64-1, count 1-{limit}\n")
     try:
         answer = await request.app[PRESENCE].page(name, cursor, count)
     except (RedisError, OSError):

@@ -1,21 +1,84 @@
-"""A channel and the groups of subscribers that receive the same bytes."""
+"""The hub's model: a channel, the streams that follow it (``Subscriber``), the groups
+of streams that receive the same bytes, and who is told of each change (``Tap``).
+
+One module because they refer to one another: a channel has its groups, a group its
+subscribers, a subscriber its channels and its group.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Protocol
 
 from ..config import ChannelConfig
 from ..core.families import Family
-from ..core.history import Budget, History
-from .subscriber import Subscriber
+from ..core.history import Budget, Entry, History
 
-__all__ = ["Channel", "Group", "MuxGroup", "streams_of"]
+__all__ = ["Channel", "Group", "MuxGroup", "Subscriber", "Tap", "streams_of"]
 
 
 def streams_of(channels: Sequence[Channel]) -> tuple[Channel, ...]:
     """The stream channels among ``channels``, in the order /events ids list them."""
     return tuple(sorted((c for c in channels if c.stream), key=lambda c: c.name))
+
+
+class Subscriber:
+    """One streaming connection, as the hub sees it: a transport, a framing mode and a
+    way to end it. Kept small and flat: tens of thousands of these live at once.
+
+    The hub writes event bytes straight to ``transport``; the request handler awaits
+    ``waiter``, which resolves with the reason when the hub ends the stream cleanly.
+    A client that goes away cancels the handler instead (``handler_cancellation``).
+    """
+
+    __slots__ = (
+        "channels",
+        "chunked",
+        "expires",
+        "group",
+        "meta",
+        "reason",
+        "session",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        chunked: bool,
+        waiter: asyncio.Future[str],
+        channels: Sequence[Channel],
+    ) -> None:
+        self.transport = transport
+        self.channels = channels
+        # The hub's group this stream receives bytes with (set on subscribe).
+        self.group: Group | None = None
+        # HTTP/1.1 bodies are chunked; HTTP/1.0 ones (nginx's default upstream
+        # protocol) are raw bytes delimited by the connection's close.
+        self.chunked = chunked
+        self.waiter = waiter
+        self.reason = ""
+        # When its token expires (Unix time; 0: public, never): see auth.Access.
+        self.expires = 0.0
+        # Its session id (told to the page in-band) and what the application attached
+        # to it (``sessions.meta_of``): see sessions.py.
+        self.session = ""
+        self.meta: object = None
+
+    def end(self, reason: str) -> None:
+        """End the stream cleanly: the handler writes the last chunk and returns."""
+        if not self.reason:
+            self.reason = reason
+        if not self.waiter.done():
+            self.waiter.set_result(reason)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, discarding unsent bytes (for stuck clients)."""
+        if not self.reason:
+            self.reason = reason
+        self.transport.abort()
 
 
 class Group:
@@ -121,3 +184,14 @@ class Channel:
     def __len__(self) -> int:
         """Open streams receiving this channel (direct and through /events)."""
         return len(self.subs) + sum(len(g) for g in self.mux_groups)
+
+
+class Tap(Protocol):
+    """Told of every change to the node's numbered state, in order (the workers' feed)."""
+
+    def entry(
+        self, channel: Channel, e: Entry, publisher_id: bool, exclude: tuple[str, ...]
+    ) -> None: ...
+    def member(self, channel: Channel) -> None: ...
+    def removed(self, channel: Channel) -> None: ...
+    def outage(self, seq: int) -> None: ...

@@ -36,7 +36,7 @@ from ..core.control import (
 )
 
 if TYPE_CHECKING:
-    from .subscriber import Subscriber
+    from .channel import Subscriber
 
 __all__ = ["Control", "ControlStats"]
 

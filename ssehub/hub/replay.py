@@ -8,8 +8,8 @@ never a copy, and its handler waits on the transport (``drain``) between parts. 
 part, the position marker and the registration in the live group are one synchronous
 step, after a flush, so every event is either in the replay or arrives live behind it.
 
-``Resumes`` is the part of ``Hub`` that does this; it is a mixin only to keep hub.py
-about channels and the hot path.
+``Replays`` does this for the hub; it writes through the hub's ``Fanout`` (whose
+flush and groups it shares) and registers streams with its ``Sessions``.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
+from ..config import Config
 from ..core import sse
 from ..core.history import ID, RAW, SEQ, Entry
-from .channel import Channel, Group, MuxGroup, streams_of
-from .resume import gap_event, just_before, mux_id, split_mux_id
-from .subscriber import Subscriber
+from ..core.ids import Numbering, just_before, mux_id, split_mux_id
+from .channel import Channel, MuxGroup, Subscriber, streams_of
+from .fanout import Fanout
+from .resume import gap_event
+from .sessions import Sessions
+from .stats import Stats
 
-if TYPE_CHECKING:
-    from .hub import Stats
-
-__all__ = ["Replay", "Resumes"]
+__all__ = ["Replay", "Replays"]
 
 
 def _entry_seq(tagged: tuple[Channel, Entry]) -> int:
@@ -49,7 +49,6 @@ class Replay:
         "positions",
         "reported",
         "seen",
-        "skip",
         "sub",
     )
 
@@ -65,36 +64,32 @@ class Replay:
         # Per channel, the newest eviction already signalled: each loss is told once.
         self.reported: dict[Channel, int] = {}
         self.seen = -1  # pos at the previous heartbeat: unchanged for a whole beat = stuck
-        # Seqs of events published with ``except`` naming this stream's session.
-        self.skip: set[int] | None = None
 
 
-class Resumes:
-    """Resolving positions, replaying what was missed, going live (part of ``Hub``)."""
+class Replays:
+    """Resolving positions, replaying what was missed, going live."""
 
-    # What the hub provides (see Hub.__init__).
-    stats: Stats
-    epoch: str
-    seq: int
-    outage_seq: int
-    _connections: int
-    _catching_up: dict[Subscriber, Replay]
-    _replay_bound: int
+    def __init__(
+        self,
+        config: Config,
+        stats: Stats,
+        numbering: Numbering,
+        fanout: Fanout,
+        sessions: Sessions,
+    ) -> None:
+        self.stats = stats
+        self.numbering = numbering
+        self.fanout = fanout
+        self.sessions = sessions
+        # Streams still replaying what they missed (not yet live).
+        self.catching_up: dict[Subscriber, Replay] = {}
+        self.apply(config)
 
-    def _flush(self) -> None:
-        raise NotImplementedError
-
-    def _group(self, channels: Sequence[Channel], mux: bool) -> Group:
-        raise NotImplementedError
-
-    def _joined(self, sub: Subscriber) -> None:
-        raise NotImplementedError
-
-    def _position(self, channels: Sequence[Channel], mux: bool) -> str:
-        raise NotImplementedError
-
-    def _mux_bytes(self, channel: Channel, e: Entry, event_id: bytes | None = None) -> bytes:
-        raise NotImplementedError
+    def apply(self, config: Config) -> None:
+        """Take the replay bound from ``config``."""
+        # A replay fills at most half the bound (plus one event), so the stream goes
+        # live with room for the live events behind it before it would count as slow.
+        self.bound = max(config.limits.max_buffer_bytes // 2, 1)
 
     def subscribe(
         self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
@@ -111,9 +106,8 @@ class Resumes:
         registration happen in one synchronous step, so every event is either in the
         replay or arrives live behind it.
         """
-        self._flush()  # events already taken in reach current subscribers first
-        sub.group = self._group(sub.channels, mux)
-        self._connections += 1
+        self.fanout.flush()  # events already taken in reach current subscribers first
+        sub.group = self.fanout.group(sub.channels, mux)
         for channel in sub.channels:
             self.stats.opened[channel.label] += 1
         if last_event_id is None and rewind > 0:
@@ -127,7 +121,7 @@ class Resumes:
                 for channel in sub.channels:
                     self.stats.gaps[channel.label] += 1
                     unknown += gap_event(channel.name, "unknown_id", last_event_id)
-            self._joined(sub)
+            self.sessions.joined(sub, live=True)
             self._go_live(sub, unknown)
             return True
         replay = Replay(sub, last_event_id, mux)
@@ -136,7 +130,7 @@ class Resumes:
             resolved = found[channel]
             if resolved is None:
                 # This channel's position is not ours (another node's, say): live only.
-                replay.floors[channel] = self.seq
+                replay.floors[channel] = self.numbering.seq
                 replay.positions[channel] = channel.stream_pos
                 self.stats.gaps[channel.label] += 1
                 gaps.append(gap_event(channel.name, "unknown_id", last_event_id))
@@ -154,7 +148,7 @@ class Resumes:
                 replay.reported[channel] = history.evicted_seq
             if n < channel.last_seq and history.has_after(n):
                 self.stats.replays[channel.label] += 1
-            if reason is None and n < self.outage_seq and not channel.stream:
+            if reason is None and n < self.numbering.outage_seq and not channel.stream:
                 reason = "redis_outage"  # (a stream reader's outage loses nothing)
             if reason is not None:
                 self.stats.gaps[channel.label] += 1
@@ -163,13 +157,13 @@ class Resumes:
 
     def _start_replay(self, replay: Replay, head: bytes) -> bool:
         sub = replay.sub
-        self._catching_up[sub] = replay
-        self._joined(sub)
+        self.catching_up[sub] = replay
+        self.sessions.joined(sub, live=False)
         if isinstance(sub.group, MuxGroup):
             sub.group.joining += 1
         # The transport pauses (and drain() waits) once the replay has put more than
         # the bound into its buffer.
-        sub.transport.set_write_buffer_limits(high=self._replay_bound)
+        sub.transport.set_write_buffer_limits(high=self.bound)
         return self._catch_up(replay, head)
 
     def _rewind(self, sub: Subscriber, mux: bool, rewind: int) -> bool:
@@ -178,7 +172,7 @@ class Resumes:
         for channel in sub.channels:
             start = channel.history.nth_last(rewind)
             if start is None:  # nothing kept: live only
-                replay.floors[channel] = self.seq
+                replay.floors[channel] = self.numbering.seq
                 replay.positions[channel] = channel.flushed_pos
                 continue
             replay.floors[channel] = start[SEQ] - 1
@@ -186,19 +180,13 @@ class Resumes:
             # just before the first one rewound (a resume from it reads on from there).
             before = channel.history.id_at(start[SEQ] - 1)
             replay.positions[channel] = before or just_before(start[ID])
-        replay.last_id = self._position(sub.channels, mux)
+        replay.last_id = self.fanout.position(sub.channels, mux)
         return self._start_replay(replay, b"")
-
-    async def caught_up(
-        self, last_event_id: str | None, channels: Sequence[Channel] = (), mux: bool = False
-    ) -> None:
-        """Returns once this hub has taken in everything up to ``last_event_id``
-        (at once here; a worker may still be receiving it from its node's feed)."""
 
     def catch_up(self, sub: Subscriber) -> bool:
         """Write the next part of ``sub``'s replay, as much as the bound allows;
         True once the stream is live (or was ended meanwhile)."""
-        replay = self._catching_up.get(sub)
+        replay = self.catching_up.get(sub)
         return True if replay is None else self._catch_up(replay, b"")
 
     def _catch_up(self, r: Replay, head: bytes) -> bool:
@@ -216,19 +204,21 @@ class Resumes:
                 self.stats.gaps[channel.label] += 1
                 parts.append(gap_event(channel.name, "expired", r.last_id))
         # Write while the buffer is under the bound: at most the bound plus one event.
-        room = self._replay_bound - transport.get_write_buffer_size()
+        room = self.bound - transport.get_write_buffer_size()
         last: Entry | None = None
         streams = streams_of(sub.channels) if r.mux else ()
+        epoch = self.numbering.epoch
+        skip = self.sessions.skips(sub.session)
         for channel, e in self._after(sub.channels, r):
             if room < 0:
                 break
             if r.mux and channel.stream:
                 r.positions[channel] = e[ID]
-            if r.skip is not None and e[SEQ] in r.skip:
+            if skip is not None and e[SEQ] in skip:
                 continue  # excepted for this stream (its session was excluded)
             if r.mux:
-                event_id = mux_id(self.epoch, e[SEQ], [r.positions[c] for c in streams])
-                data = self._mux_bytes(channel, e, event_id.encode())
+                event_id = mux_id(epoch, e[SEQ], [r.positions[c] for c in streams])
+                data = self.fanout.mux_bytes(channel, e, event_id.encode())
             else:
                 data = e[RAW]
             parts.append(data)
@@ -236,7 +226,7 @@ class Resumes:
             last = e
         else:
             if room >= 0:
-                del self._catching_up[sub]
+                del self.catching_up[sub]
                 self._go_live(sub, b"".join(parts))
                 if isinstance(sub.group, MuxGroup):  # only now: _go_live may cut others
                     sub.group.joining -= 1
@@ -244,7 +234,7 @@ class Resumes:
         if last is not None:
             r.pos = last[SEQ]
             r.last_id = (
-                mux_id(self.epoch, r.pos, [r.positions[c] for c in streams]) if r.mux else last[ID]
+                mux_id(epoch, r.pos, [r.positions[c] for c in streams]) if r.mux else last[ID]
             )
         raw = b"".join(parts)
         if raw:
@@ -265,14 +255,13 @@ class Resumes:
     def _go_live(self, sub: Subscriber, head: bytes) -> None:
         """Write the last of the replay and the position marker, and register ``sub``:
         one synchronous step, after the events taken in so far were flushed."""
-        self._flush()
-        raw = (
-            head
-            + b"id: %s\n\n" % self._position(sub.channels, isinstance(sub.group, MuxGroup)).encode()
-        )
+        self.fanout.flush()
+        position = self.fanout.position(sub.channels, isinstance(sub.group, MuxGroup))
+        raw = head + b"id: %s\n\n" % position.encode()
         sub.transport.write(sse.chunk(raw) if sub.chunked else raw)
         assert sub.group is not None
         sub.group.add(sub)
+        self.sessions.went_live(sub)
 
     def _resolve(
         self, last_event_id: str, channels: Sequence[Channel], mux: bool
@@ -283,13 +272,13 @@ class Resumes:
             (channel,) = channels
             if channel.stream:
                 return {channel: self._stream_floor(channel, last_event_id)}
-            n = self._own(last_event_id)
+            n = self.numbering.own(last_event_id)
             if n is None:
                 n = channel.history.seq_of(last_event_id)  # a publisher-given id
             return {channel: None if n is None else (n, "")}
         streams = streams_of(channels)
         hub_part, positions = split_mux_id(last_event_id, len(streams))
-        n = self._own(hub_part)
+        n = self.numbering.own(hub_part)
         out: dict[Channel, tuple[int, str] | None] = {}
         for channel in channels:
             if not channel.stream:
@@ -307,18 +296,34 @@ class Resumes:
                 out[channel] = None
         return out
 
-    def _own(self, hub_id: str) -> int | None:
-        """The seq of an ``<epoch>-<seq>`` id of this process, or None."""
-        epoch, _, seq = hub_id.rpartition("-")
-        if epoch == self.epoch and seq.isdigit() and seq.isascii():
-            n = int(seq)
-            if n <= self.seq:
-                return n
-        return None
-
     def _stream_floor(self, channel: Channel, entry_id: str) -> tuple[int, str] | None:
         """Where a stream channel's client at ``entry_id`` resumes from memory, or None."""
         if entry_id == channel.stream_pos:
-            return self.seq, entry_id  # at the newest entry (its id may be a start marker)
+            return (
+                self.numbering.seq,
+                entry_id,
+            )  # at the newest entry (its id may be a start marker)
         n = channel.history.seq_of(entry_id)
         return None if n is None else (n, entry_id)
+
+    def forget(self, sub: Subscriber) -> bool:
+        """``sub`` was still catching up: it is not any more (it went away)."""
+        if self.catching_up.pop(sub, None) is None:
+            return False
+        if isinstance(sub.group, MuxGroup):
+            sub.group.joining -= 1
+        return True
+
+    def end(self, channel: Channel | None, reason: str) -> None:
+        """End the streams catching up (with ``channel``, or all of them) cleanly."""
+        for sub in list(self.catching_up):
+            if channel is None or channel in sub.channels:
+                sub.end(reason)
+
+    def beat(self) -> None:
+        """At each heartbeat: a resumer whose replay did not move for a whole interval
+        does not read; cut it."""
+        for replay in list(self.catching_up.values()):
+            if replay.pos == replay.seen:
+                self.fanout.cut(replay.sub, self.bound)
+            replay.seen = replay.pos

@@ -1,18 +1,9 @@
 """Positions: what an ``id:`` says about where a client is, and catching up from Redis.
 
-Three kinds of id reach the hub as ``Last-Event-ID``:
-
-- ``<epoch>-<seq>``: a position in this process's numbering (pub/sub channels, and
-  every ``/events`` stream). ``<epoch>`` is unique per process, so an id of another
-  process or node is never taken for one of ours.
-- a Redis Stream entry id (``1700000000000-0``) on a stream channel: the same on every
-  node and after every restart.
-- on ``/events`` following stream channels: ``<epoch>-<seq>`` followed by one
-  ``~<entry id>`` per stream channel, in the order of the channels' names, each
-  entry id written compactly (milliseconds in base 36, then ``-`` and the sequence in
-  base 36 when it is not 0): ``mx339x0v-152~lq2k3m9a~lq2k3m8z-3``. One id thus
-  resumes every stream channel exactly on any node. At most ``MAX_STREAMS_PER_EVENTS``
-  stream channels per ``/events`` connection keep it under 256 characters.
+Three kinds of id reach the hub as ``Last-Event-ID`` (see core/ids.py): a position
+in this process's numbering, a Redis Stream entry id on a stream channel, and an
+``/events`` id carrying both. At most ``MAX_STREAMS_PER_EVENTS`` stream channels per
+``/events`` connection keep the last under 256 characters.
 
 ``catch_up_from_redis`` serves a stream channel's client whose position is older than
 the hub's cache: it pages through ``XRANGE`` (one round trip in flight per client, a
@@ -24,30 +15,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from ..config import Config
 from ..core import sse
+from ..core.ids import compact, just_before, parse_stream_id, split_mux_id, stream_order
 from ..core.messages import Rejected, parse_entry
-from ..redis.streams import parse_stream_id
-from .channel import streams_of
+from .channel import Channel, streams_of
+from .stats import Stats
 
 if TYPE_CHECKING:
     from ..redis.streams import StreamSource
-    from .channel import Channel
-    from .hub import Hub
 
 __all__ = [
     "GAP_EVENT",
     "MAX_STREAMS_PER_EVENTS",
-    "base36",
+    "Source",
     "catch_up_from_redis",
-    "compact",
-    "expand",
     "gap_event",
-    "just_before",
-    "mux_id",
     "resume_streams",
-    "split_mux_id",
 ]
 
 # The named event that tells a client it missed events it cannot get back.
@@ -59,57 +45,19 @@ PAGE_BYTES = 64 * 1024
 # Stream channels one /events connection may follow (the id carries each position).
 MAX_STREAMS_PER_EVENTS = 16
 
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
+class Source(Protocol):
+    """What a catch-up from Redis needs of the hub."""
 
-def base36(n: int) -> str:
-    """``n`` (>= 0) in base 36, lower case."""
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = _DIGITS[r] + out
-        if n == 0:
-            return out
-
-
-def compact(entry_id: str) -> str:
-    """A stream entry id as it stands in an ``/events`` id (``0-0`` for an empty stream)."""
-    parsed = parse_stream_id(entry_id)
-    if parsed is None:
-        return "0"
-    ms, seq = parsed
-    return base36(ms) + (f"-{base36(seq)}" if seq else "")
-
-
-def expand(text: str) -> str | None:
-    """The entry id ``compact`` wrote, or None when ``text`` is not one."""
-    ms, sep, seq = text.partition("-")
-    try:
-        if not ms.isalnum() or not ms.isascii() or (sep and not (seq.isalnum() and seq.isascii())):
-            return None
-        return f"{int(ms, 36)}-{int(seq, 36) if sep else 0}"
-    except ValueError:
-        return None
-
-
-def mux_id(epoch: str, seq: int, positions: Sequence[str]) -> str:
-    """An ``/events`` id: the hub position, then each stream channel's entry id."""
-    hub = f"{epoch}-{seq}"
-    if not positions:
-        return hub
-    return hub + "".join("~" + compact(p) for p in positions)
-
-
-def split_mux_id(value: str, streams: int) -> tuple[str, list[str] | None]:
-    """An ``/events`` id as its hub part and its ``streams`` entry ids (None when it
-    does not carry exactly that many, e.g. the channel list changed)."""
-    hub, *rest = value.split("~")
-    if len(rest) != streams:
-        return hub, None
-    positions = [expand(p) for p in rest]
-    if any(p is None for p in positions):
-        return hub, None
-    return hub, [p for p in positions if p is not None]
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def streams(self) -> StreamSource | None: ...
+    @property
+    def replay_bound(self) -> int: ...
+    def mux_event(self, channel: Channel, raw: bytes, event_id: bytes) -> bytes: ...
 
 
 def gap_event(channel: str, reason: str, last_event_id: str | None) -> bytes:
@@ -118,18 +66,13 @@ def gap_event(channel: str, reason: str, last_event_id: str | None) -> bytes:
     return sse.encode(json.dumps(data, separators=(",", ":")), event=GAP_EVENT)
 
 
-def _key(entry_id: str) -> tuple[int, int]:
-    parsed = parse_stream_id(entry_id)
-    return (-1, -1) if parsed is None else parsed
-
-
 def cached(channel: Channel, entry_id: str) -> bool:
     """True when the hub can resume ``channel`` from ``entry_id`` out of memory."""
     return entry_id == channel.stream_pos or channel.history.seq_of(entry_id) is not None
 
 
 async def catch_up_from_redis(
-    hub: Hub,
+    hub: Source,
     streams: StreamSource,
     channel: Channel,
     position: str,
@@ -149,16 +92,16 @@ async def catch_up_from_redis(
     """
     if cached(channel, position) or parse_stream_id(position) is None:
         return position
-    if _key(position) > _key(channel.stream_pos):
+    if stream_order(position) > stream_order(channel.stream_pos):
         return position  # from the future here: another stream's, or a foreign id
     key = channel.redis
     first = await streams.first_id(key)
     if first is None:
         return position  # the stream is empty: nothing to catch up with
     reason = None
-    if _key(position) < _key(first.decode()):
+    if stream_order(position) < stream_order(first.decode()):
         reason = "expired"
-    elif not await streams.read_range(key, _before(position), position.encode(), 1):
+    elif not await streams.read_range(key, just_before(position).encode(), position.encode(), 1):
         reason = "unknown_id"
     if reason is not None:
         hub.stats.gaps[channel.label] += 1
@@ -194,7 +137,7 @@ async def catch_up_from_redis(
 
 
 async def resume_streams(
-    hub: Hub,
+    hub: Source,
     channels: Sequence[Channel],
     last_event_id: str | None,
     mux: bool,
@@ -246,16 +189,3 @@ async def resume_streams(
             hub, streams, channel, positions[i], write_mux, last_event_id, page
         )
     return hub_part + "".join("~" + compact(p) for p in positions)
-
-
-def just_before(entry_id: str) -> str:
-    """The greatest possible entry id below ``entry_id`` (an exclusive start that
-    includes ``entry_id`` itself)."""
-    ms, seq = _key(entry_id)
-    if seq > 0:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-{2**64 - 1}" if ms > 0 else "0-0"
-
-
-def _before(entry_id: str) -> bytes:
-    return just_before(entry_id).encode()

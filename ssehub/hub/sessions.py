@@ -2,8 +2,8 @@
 
 Every stream gets a **session id**, told to the page first thing in its stream as the
 named event ``ssehub-session`` (no ``id:`` field, so ``Last-Event-ID`` is untouched).
-Ids are unique across processes, nodes and restarts without any coordination: a
-random prefix per process (48 bits) and a counter, e.g. ``Xk3v_9aQ.1c``.
+Ids are unique across processes, nodes and restarts without any coordination (see
+core/ids.py). ``Sessions`` finds a stream by its id, for a publisher's ``except``.
 
 A stream's **meta** is what the application attached to the client: on a private
 channel the JWT's ``sub`` (and ``meta.claim`` when configured), otherwise the
@@ -19,22 +19,24 @@ process in a worker.
 
 from __future__ import annotations
 
-import itertools
 import json
-import secrets
-from typing import TYPE_CHECKING, Any, Protocol
-
-from aiohttp import web
+from typing import Any, Protocol
 
 from ..config import MetaConfig
 from ..core import sse
-from .resume import base36 as _base36  # the hub's epochs are spelt the same way
+from .channel import Subscriber
 
-if TYPE_CHECKING:
-    from ..http.auth import Grant
-    from .subscriber import Subscriber
-
-__all__ = ["SESSION_EVENT", "Roster", "SessionIds", "Sink", "meta_of", "session_event"]
+__all__ = [
+    "META_PARAM",
+    "SESSION_EVENT",
+    "BadMeta",
+    "Claims",
+    "Roster",
+    "Sessions",
+    "Sink",
+    "meta_of",
+    "session_event",
+]
 
 # The named event carrying a stream's session id, first in the stream.
 SESSION_EVENT = "ssehub-session"
@@ -42,49 +44,41 @@ SESSION_EVENT = "ssehub-session"
 META_PARAM = "meta"
 
 
-def random_prefix() -> str:
-    """8 URL-safe characters (48 random bits): no ``:`` or ``.`` in them."""
-    return secrets.token_urlsafe(6)
-
-
-class SessionIds:
-    """Session ids of one process: its random prefix, then a counter in base 36."""
-
-    __slots__ = ("_count", "prefix")
-
-    def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = random_prefix() if prefix is None else prefix
-        self._count = itertools.count(1)
-
-    def new(self) -> str:
-        return f"{self.prefix}.{_base36(next(self._count))}"
-
-
 def session_event(session: str) -> bytes:
     """The stream's first event: its session id, with no id of its own."""
     return sse.encode(session, event=SESSION_EVENT)
 
 
-def meta_of(request: web.Request, config: MetaConfig, grant: Grant | None) -> Any:
-    """What rides along with this client's events: from its token, else from ``?meta=``.
+class Claims(Protocol):
+    """A verified token, as far as meta goes: its ``sub`` and every claim."""
 
-    Raises 400 for a ``meta`` parameter over ``config.max_bytes`` or not valid text;
-    the answer never quotes it.
+    sub: Any
+    payload: dict[str, Any]
+
+
+class BadMeta(ValueError):
+    """A ``meta`` parameter the hub will not carry; the message says why (never quoting it)."""
+
+
+def meta_of(claims: Claims | None, value: str | None, config: MetaConfig) -> Any:
+    """What rides along with this client's events: from its token, else from ``value``
+    (the ``meta`` query parameter).
+
+    Raises ``BadMeta`` for a ``meta`` parameter over ``config.max_bytes`` or not valid text.
     """
-    if grant is not None:
-        meta: dict[str, Any] = {"sub": grant.sub}
-        if config.claim and config.claim in grant.payload:
-            meta[config.claim] = grant.payload[config.claim]
+    if claims is not None:
+        meta: dict[str, Any] = {"sub": claims.sub}
+        if config.claim and config.claim in claims.payload:
+            meta[config.claim] = claims.payload[config.claim]
         return meta
-    value = request.query.get(META_PARAM)
     if value is None:
         return None
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:  # percent-encoded bytes that are not UTF-8
-        raise web.HTTPBadRequest(text="meta must be UTF-8 text\n") from None
+        raise BadMeta("meta must be UTF-8 text") from None
     if size > config.max_bytes:
-        raise web.HTTPBadRequest(text=f"meta is larger than {config.max_bytes} bytes\n")
+        raise BadMeta(f"meta is larger than {config.max_bytes} bytes")
     try:
         parsed = json.loads(value)
     except ValueError:
@@ -92,7 +86,7 @@ def meta_of(request: web.Request, config: MetaConfig, grant: Grant | None) -> An
     try:  # "\ud800" in JSON text: a value no UTF-8 consumer could read back
         json.dumps(parsed, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise web.HTTPBadRequest(text="meta must be UTF-8 text\n") from None
+        raise BadMeta("meta must be UTF-8 text") from None
     return parsed
 
 
@@ -127,3 +121,68 @@ class Roster:
             presence = channel.config.presence
             if self.events or presence:
                 self.sink.leave(channel.name, sub.session, sub.meta, reason, presence)
+
+
+class Sessions:
+    """Registered streams by session id, for ``except``; and the roster, if any.
+
+    A stream is registered from its subscription (live or still catching up) until it
+    is let go. An event whose ``except`` names a stream that is not live yet is kept
+    out of its replay instead (``skips``).
+    """
+
+    __slots__ = ("_subs", "_waiting", "roster")
+
+    def __init__(self) -> None:
+        self._subs: dict[str, Subscriber] = {}
+        # Registered, not live yet: the seqs its replay must skip (None: none so far).
+        self._waiting: dict[str, set[int] | None] = {}
+        self.roster: Roster | None = None
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def get(self, session: str) -> Subscriber | None:
+        """The registered stream with this session id, if any."""
+        return self._subs.get(session)
+
+    def joined(self, sub: Subscriber, live: bool) -> None:
+        """A stream registered, ``live`` or catching up: index its session, report it."""
+        if sub.session:
+            self._subs[sub.session] = sub
+            if not live:
+                self._waiting[sub.session] = None
+        if self.roster is not None:
+            self.roster.joined(sub)
+
+    def went_live(self, sub: Subscriber) -> None:
+        """``sub`` caught up: events that except it now step it out of its group."""
+        self._waiting.pop(sub.session, None)
+
+    def skips(self, session: str) -> set[int] | None:
+        """The seqs of events that excepted ``session`` while it was not live yet."""
+        return self._waiting.get(session)
+
+    def left(self, sub: Subscriber, reason: str) -> None:
+        """A registered stream was let go (``reason``), exactly once."""
+        if sub.session:
+            self._subs.pop(sub.session, None)
+            self._waiting.pop(sub.session, None)
+        if self.roster is not None:
+            self.roster.left(sub, reason)
+
+    def exclude(self, sessions: tuple[str, ...], seq: int) -> list[Subscriber]:
+        """The live streams an event (``seq``) excepting ``sessions`` must skip; those
+        not live yet note it, to skip it in their replay."""
+        out = []
+        for session in sessions:
+            if session in self._waiting:
+                skip = self._waiting[session]
+                if skip is None:
+                    skip = self._waiting[session] = set()
+                skip.add(seq)
+            else:
+                sub = self._subs.get(session)
+                if sub is not None:
+                    out.append(sub)
+        return out

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from ..config import Config, RedisConfig
 from ..logs import fields
+from ..tasks import Tasks
 from .clients import Client, close, command_client
 
 __all__ = ["EventsWriter", "PresenceReader", "count_key", "dumps", "key", "node_key"]
@@ -141,9 +142,9 @@ class EventsWriter:
 
     # --- writing ------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the writer task."""
-        self._task = asyncio.create_task(self._run(), name="ssehub-events-writer")
+    def start(self, tasks: Tasks) -> None:
+        """Start the writer task, owned by the process's ``tasks``."""
+        self._task = tasks.spawn(self._run(), "ssehub-events-writer")
 
     def _pending(self) -> bool:
         return bool(self._events or self._added or self._removed)

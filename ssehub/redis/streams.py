@@ -34,7 +34,7 @@ from ..logs import fields
 from .clients import Client, close, command_client
 from .pubsub import BrokerState
 
-__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource", "parse_stream_id"]
+__all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource"]
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,6 @@ BLOCK_MS = 5000
 TRIM_EVERY = 1.0
 # XRANGE round trips in flight for all resuming clients together.
 MAX_REPLAY_READS = 16
-
-
-def parse_stream_id(value: str) -> tuple[int, int] | None:
-    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id."""
-    ms, sep, seq = value.partition("-")
-    if not sep or not (ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
-        return None
-    if len(ms) > 20 or len(seq) > 20:
-        return None
-    return int(ms), int(seq)
 
 
 class _SessionEnded(Exception):

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from functools import partial
 from typing import Any
 
@@ -41,19 +41,17 @@ from prometheus_client.registry import Collector
 from ..config import Config, Listen
 from ..core.control import Command, Refuse
 from ..core.history import Entry
-from ..http.admin import create_admin_app
 from ..http.control import ControlCollector
 from ..http.metrics import HubCollector, Metrics, ReporterCollector
 from ..hub.channel import Channel
-from ..hub.control import Control
-from ..hub.hub import Hub, Refused, Unknown
-from ..hub.sessions import random_prefix
-from ..redis.factory import create_broker, create_control, create_stream_reader, create_writer
+from ..hub.hub import Refused, Unknown
+from ..logs import fields
+from ..node import Listener, Node, listen_socket
 from ..redis.pubsub import BrokerState
-from ..redis.streams import Entry as StreamEntry
-from ..server import _cancel, _listen_socket, _raise_fd_limit, reload_hub
 from . import feed
 from .feed import FrameProtocol, Op
+from .process import EXIT_FAILED, capture_signals, raise_fd_limit
+from .process import run as run_loop
 from .systemd import Notifier
 
 __all__ = ["NodeCollector", "Supervisor", "run", "supervise"]
@@ -116,48 +114,28 @@ class _Slot:
         self.sessions: dict[tuple[str, str], tuple[Any, bool]] = {}
 
 
-class Supervisor:
-    """The node's main process: broker + ingest hub + workers + admin + systemd."""
+class Supervisor(Listener):
+    """The node's main process: the node (sources, ingest hub, writer, admin) + workers
+    + systemd."""
 
     def __init__(
         self, config: Config, log_level: str | None = None, notifier: Notifier | None = None
     ) -> None:
-        self.config = config
         self.log_level = log_level
-        self.hub = Hub(config)
-        self.hub.tap = self  # every numbered change goes to the workers, in order
-        self.broker = create_broker(
-            config.redis,
-            self.hub.redis_channels(),
-            self.hub.publish,
-            self._on_redis_state,
-            sharded=self.hub.sharded,
-        )
-        self.hub.broker = self.broker
-        # The node's events and presence: workers report their streams, main writes.
-        self.reporter = create_writer(config, random_prefix())
-        # Stream channels: the node's one reader, here. Its entries are numbered by
-        # this hub and reach the workers through the feed, in order with the rest.
-        self.streams = create_stream_reader(
-            config.redis,
-            self._stream_entries,
-            self._stream_started,
-            self.hub.stream_prefill,
-            self._on_streams_state,
-            self.hub.stream_maxlen,
-        )
-        self.streams.want(self.hub.stream_keys())
-        self.hub.streams = self.streams
-        self._streams_task: asyncio.Task[None] | None = None
-        # The node's control channel: commands go to every worker (their streams) and
-        # main keeps the refusals (a new worker's snapshot carries them).
-        self.control = Control(lambda: self.config)
-        self.plane = create_control(config, self)
-        self._control_task: asyncio.Task[None] | None = None
+        # The node, as one process builds it; every numbered change goes to the workers,
+        # in order (the hub's tap), and so do the sources' states and stream positions
+        # (the node's listener). Stream channels: the node's one reader, here. The
+        # node's events and presence: workers report their streams, main writes.
+        self.node = Node(config, listener=self, tap=self, metrics=partial(NodeMetrics, self))
+        self.hub = self.node.hub
+        self.broker = self.node.broker
+        assert self.node.reader is not None
+        self.streams = self.node.reader
+        assert self.node.reporter is not None
+        self.reporter = self.node.reporter
         self.notifier = Notifier() if notifier is None else notifier
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.port = 0
-        self.admin_port = 0
         self._sock: socket.socket | None = None
         self._ops: list[Op] = []
         self._flush_scheduled = False
@@ -165,22 +143,22 @@ class Supervisor:
         self._ready_sent = False
         self._booted = False
         self._boot: asyncio.Future[None] | None = None
-        self._broker_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_n = 0
         wd = self.notifier.watchdog_interval
         self._ping_interval = _PING if wd is None else min(_PING, wd)
         # Counters of workers that died, so that the node's totals never go back.
         self._dead: dict[str, tuple[str, str, dict[SampleKey, float]]] = {}
-        self._admin_runner: web.AppRunner | None = None
-        if config.admin is not None:
-            self.metrics = NodeMetrics(self)
-            app = create_admin_app(self.hub, self.broker, self.metrics, self.control, self.plane)
-            app.middlewares.append(self._fresh_metrics)
-            self._admin_runner = web.AppRunner(
-                app, access_log=None, shutdown_timeout=config.shutdown_timeout
-            )
+        if self.node.admin is not None:
+            self.node.admin.middlewares.append(self._fresh_metrics)
+
+    @property
+    def config(self) -> Config:
+        return self.node.config
+
+    @property
+    def admin_port(self) -> int:
+        return self.node.admin_port
 
     # --- the feed: the hub's tap ------------------------------------------------------
 
@@ -192,7 +170,7 @@ class Supervisor:
     def member(self, channel: Channel) -> None:
         self._push((feed.MEMBER, channel.name, channel.history.evicted_seq))
         if not channel.stream:  # (a stream member is live once the reader starts it)
-            self._spawn_task(self._announce_live(channel))
+            self._spawn_task(self._announce_live(channel), "ssehub-announce")
 
     def removed(self, channel: Channel) -> None:
         self._push((feed.REMOVED, channel.name))
@@ -200,31 +178,30 @@ class Supervisor:
     def outage(self, seq: int) -> None:
         self._push((feed.OUTAGE, seq))
 
-    # --- the control plane's target: the workers hold the streams ---------------------
+    # --- the control plane: the workers hold the streams --------------------------------
 
-    def apply(self, command: Command) -> int:
-        self.control.apply(command)  # (no streams here: it keeps the refusals)
+    def control_message(self, command: Command) -> None:
+        """Every worker carries a control message out (main keeps the refusals)."""
         self._push((feed.CONTROL, command))
-        return 0
 
-    def load(self, refusals: list[Refuse]) -> None:
-        self.control.load(refusals)
+    def refusals_read(self, refusals: list[Refuse]) -> None:
         self._push((feed.REFUSALS, refusals))
 
-    def _stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
-        """The reader knows where ``key`` ends: the workers get its recent entries, then
-        its position, and from then on its streams there are live."""
-        self.hub.stream_started(key, entries)
-        self._push((feed.STREAM, key, entries[-1][0].decode() if entries else "0-0", True))
+    # --- the feed: the node's listener --------------------------------------------------
 
-    def _stream_entries(self, key: bytes, entries: list[StreamEntry]) -> None:
-        self.hub.stream_entries(key, entries)
-        # The stream's position, also past entries the hub rejected (one op per batch).
-        self._push((feed.STREAM, key, entries[-1][0].decode(), False))
+    def stream_at(self, key: bytes, position: str, started: bool) -> None:
+        """The workers get a stream's entries, then its position (``started``: from then
+        on its streams there are live)."""
+        self._push((feed.STREAM, key, position, started))
 
-    def _on_streams_state(self, old: BrokerState, new: BrokerState) -> None:
+    def streams_state(self, old: BrokerState, new: BrokerState) -> None:
         # Nothing is lost on stream channels: the reader goes on from its positions.
         self._push((feed.STREAMS, new.value))
+        self._check_ready()
+
+    def redis_state(self, old: BrokerState, new: BrokerState) -> None:
+        # (The node dropped idle members, and numbered an outage, before this.)
+        self._push((feed.STATE, new.value, self.broker.reconnects))
         self._check_ready()
 
     def _push(self, op: Op) -> None:
@@ -282,10 +259,10 @@ class Supervisor:
             "history": {name: (c.history, c.last_seq) for name, c in hub.channels.items()},
             "streams": [k for k in hub.stream_keys() if self.streams.live(k)],
             "streams_state": self.streams.state.value,
+            "refusals": [Refuse(k, u) for k, u in self.node.control.refusals.items()],
             "positions": {
                 name: (c.stream_pos, c.flushed_pos) for name, c in hub.channels.items() if c.stream
             },
-            "refusals": [Refuse(k, u) for k, u in self.control.refusals.items()],
         }
 
     def _worker_config(self, config: Config) -> Config:
@@ -310,8 +287,11 @@ class Supervisor:
                 if slot.sessions.pop((channel, session), None) is not None:
                     self.reporter.leave(channel, session, meta, reason, presence)
             elif kind == feed.REFUSE:
-                self.control.apply(op[1])
-                self.plane.refuse(op[1])  # stored, and told to every node (workers too)
+                # A worker refused a session by its credential: main keeps it, stores it
+                # and tells every node (whose workers, this one's siblings too, hear it).
+                self.node.control.apply(op[1])
+                if self.node.plane is not None:
+                    self.node.plane.refuse(op[1])
             elif kind == feed.HOLD:
                 self._hold(slot, op[1], op[2])
             elif kind == feed.RELEASE:
@@ -349,10 +329,8 @@ class Supervisor:
 
     # --- workers' lives -----------------------------------------------------------------
 
-    def _spawn_task(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self.node.tasks.spawn(coro, name, forever=False)
 
     async def _spawn(self, slot: _Slot) -> None:
         loop = asyncio.get_running_loop()
@@ -382,7 +360,7 @@ class Supervisor:
         slot.proc, slot.link, slot.ready = proc, link, False
         slot.started = slot.last_pong = loop.time()
         log.info("worker started worker=%d pid=%d", slot.index, proc.pid)
-        self._spawn_task(self._watch(slot, proc, link))
+        self._spawn_task(self._watch(slot, proc, link), f"ssehub-watch-{slot.index}")
 
     async def _watch(
         self, slot: _Slot, proc: asyncio.subprocess.Process, link: FrameProtocol
@@ -438,19 +416,11 @@ class Supervisor:
         if all(s.ready for s in self.slots):
             if self._boot is not None and not self._boot.done():
                 self._boot.set_result(None)
-            if self.hub.upstream_ready and not self._ready_sent:
+            if self.node.ready and not self._ready_sent:
                 self._ready_sent = True
                 log.info("ready port=%d workers=%d", self.port, len(self.slots))
                 self.notifier.notify_ready(self.status())
         self.notifier.notify_status(self.status())
-
-    def _on_redis_state(self, old: BrokerState, new: BrokerState) -> None:
-        if new is BrokerState.DOWN:
-            self.hub.drop_idle_members()
-        if old is BrokerState.DOWN and new is BrokerState.UP:
-            self.hub.signal_outage()
-        self._push((feed.STATE, new.value, self.broker.reconnects))
-        self._check_ready()
 
     # --- liveness, status ----------------------------------------------------------------
 
@@ -518,7 +488,7 @@ class Supervisor:
             name: (doc, kind, dict(samples)) for name, (doc, kind, samples) in self._dead.items()
         }
         # Main's own control-plane counters (POST /publish, /disconnect) add to the workers'.
-        for metric in ControlCollector(self.control, self.plane).collect():
+        for metric in ControlCollector(self.node.control, self.node.plane).collect():
             _, _, acc = sums.setdefault(metric.name, (metric.documentation, metric.type, {}))
             _add_samples(acc, metric)
         for slot in self.slots:
@@ -543,19 +513,11 @@ class Supervisor:
         listen = self.config.listen
         # Bound, never listening: it holds the port (and picks it for port 0) while
         # the workers' own SO_REUSEPORT sockets take the connections.
-        self._sock = _listen_socket(listen.host, listen.port, reuse_port=True)
+        self._sock = listen_socket(listen.host, listen.port, reuse_port=True)
         self.port = self._sock.getsockname()[1]
-        if self._admin_runner is not None and self.config.admin is not None:
-            await self._admin_runner.setup()
-            sock = _listen_socket(self.config.admin.host, self.config.admin.port)
-            self.admin_port = sock.getsockname()[1]
-            await web.SockSite(self._admin_runner, sock).start()
-            log.info("admin listening host=%s port=%d", self.config.admin.host, self.admin_port)
-        self._broker_task = asyncio.create_task(self.broker.run(), name="ssehub-broker")
-        self.reporter.start()
-        self._streams_task = asyncio.create_task(self.streams.run(), name="ssehub-streams")
-        self._control_task = asyncio.create_task(self.plane.run(), name="ssehub-control")
-        self.hub.start_heartbeat()  # in main: the members' grace sweeps
+        # The admin listener, the sources, the writer, the hub's timers (in main: the
+        # members' grace sweeps).
+        await self.node.start()
         self._boot = loop.create_future()
         for slot in self.slots:
             await self._spawn(slot)
@@ -569,11 +531,9 @@ class Supervisor:
         """SIGHUP: validate the file once; if valid, apply it here and send it to every worker."""
         self.notifier.notify_reloading()
         try:
-            new = reload_hub(self.hub, self.config)
-            if new is None:
+            if not self.node.reload():
                 return False
-            self.config = new
-            self._push((feed.CONFIG, self._worker_config(new)))
+            self._push((feed.CONFIG, self._worker_config(self.config)))
             return True
         finally:
             if self._ready_sent:
@@ -587,7 +547,7 @@ class Supervisor:
         self.notifier.notify_stopping()
         if self._ping_timer is not None:
             self._ping_timer.cancel()
-        self.hub.stop_heartbeat()
+        self.node.stopping()
         procs = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -607,19 +567,8 @@ class Supervisor:
             await asyncio.wait(links, timeout=1.0)
         for slot in self.slots:
             self._sessions_gone(slot)
-        await self.reporter.close(self.config.shutdown_timeout)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-        if self._broker_task is not None:
-            self._broker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._broker_task
-        for reader in (self._streams_task, self._control_task):
-            if reader is not None:
-                await _cancel(reader)
+        # The writer writes the streams' unsubscribes; then admin, Redis, the watchers.
+        await self.node.close()
         if self._sock is not None:
             self._sock.close()
         self.notifier.close()
@@ -643,9 +592,9 @@ def _add_samples(acc: dict[SampleKey, float], metric: Metric) -> None:
 class NodeCollector(Collector):
     """The node in one scrape: main's Redis and parsing counters, the workers' sums."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, node: Node) -> None:
         self.sup = supervisor
-        self._main = HubCollector(supervisor.hub, supervisor.broker)
+        self._main = HubCollector(node.hub, node.broker)
 
     def collect(self) -> Iterable[Metric]:
         merged = self.sup.merged()
@@ -681,36 +630,34 @@ def _connections(slot: _Slot) -> float:
 class NodeMetrics(Metrics):
     """The admin listener's registry for a node of workers (see ``NodeCollector``)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:  # no super(): no local histogram
+    def __init__(self, supervisor: Supervisor, node: Node) -> None:  # no super(): no histogram
+        assert node.reporter is not None
         self.registry = CollectorRegistry()
-        self.registry.register(NodeCollector(supervisor))
-        self.registry.register(ReporterCollector(supervisor.reporter))
+        self.registry.register(NodeCollector(supervisor, node))
+        self.registry.register(ReporterCollector(node.reporter))
 
 
-async def supervise(config: Config, log_level: str | None = None) -> None:
-    """Run the node until SIGTERM or SIGINT; SIGHUP reloads every worker."""
-    loop = asyncio.get_running_loop()
+async def supervise(config: Config, log_level: str | None = None) -> int:
+    """Run the node until SIGTERM or SIGINT (or a failed task); SIGHUP reloads every
+    worker. Returns the process's exit code."""
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     sup = Supervisor(config, log_level)
-    loop.add_signal_handler(signal.SIGHUP, sup.reload)
+    sup.node.tasks.on_failure = stop.set
+    capture_signals(stop, sup.reload)
     try:
         await sup.start()
         gc.collect()
         gc.freeze()
         await stop.wait()
+        if sup.node.tasks.failed is not None:
+            log.error("stopping: a task failed", extra=fields(task=sup.node.tasks.failed))
         log.info("shutting down connections=%d", sup.connections)
     finally:
         await sup.stop()
+    return EXIT_FAILED if sup.node.tasks.failed is not None else 0
 
 
-def run(config: Config, log_level: str | None = None) -> None:
-    """Blocking entry point used by the CLI for ``workers`` > 1."""
-    _raise_fd_limit()
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a default dependency
-        asyncio.run(supervise(config, log_level))
-    else:
-        uvloop.run(supervise(config, log_level))
+def run(config: Config, log_level: str | None = None) -> int:
+    """Blocking entry point used by the CLI for ``workers`` > 1; returns the exit code."""
+    raise_fd_limit()
+    return run_loop(supervise(config, log_level))

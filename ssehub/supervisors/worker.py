@@ -28,21 +28,19 @@ from typing import Any
 
 from .. import logs
 from ..config import Config, RedisConfig
-from ..core.families import Family
+from ..core.ids import parse_stream_id, split_mux_id
 from ..core.waiters import Changes
-from ..http.control import ControlCollector
-from ..http.metrics import Metrics
-from ..hub.channel import Channel, streams_of
+from ..hub.channel import Channel, Subscriber, streams_of
 from ..hub.hub import Hub
-from ..hub.resume import split_mux_id
-from ..hub.sessions import Roster
-from ..hub.subscriber import Subscriber
+from ..node import Node
 from ..redis.factory import create_replays
 from ..redis.pubsub import Broker, BrokerState
-from ..redis.streams import Entry, parse_stream_id
+from ..redis.streams import Entry
 from ..server import HubServer
 from . import feed
 from .feed import FrameProtocol, FrameReader, Op
+from .process import EXIT_FAILED
+from .process import run as run_loop
 from .systemd import Notifier
 
 __all__ = ["FeedBroker", "FeedSink", "FeedStreams", "WorkerHub", "main"]
@@ -59,6 +57,8 @@ class WorkerHub(Hub):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        # Members' markers are the node's: main's MEMBER frame brings each one.
+        self.registry.numbers = False
         self.upstream: FrameProtocol | None = None
         # Members this worker told main it holds, by token, until it lets them go.
         self._held: dict[int, Channel] = {}
@@ -97,20 +97,13 @@ class WorkerHub(Hub):
             return
         found = self.families.find(name)
         if found is not None:
-            self._create_member(name, *found, marker=marker)
-
-    def _create_member(
-        self, name: str, family: Family, part: str, marker: int | None = None
-    ) -> Channel:
-        # A member a local stream asks for before main announced it: no number of its
-        # own (numbers are the node's); main's MEMBER frame brings the marker.
-        return super()._create_member(name, family, part, self.seq if marker is None else marker)
+            self.registry.create_member(name, *found, marker=marker)
 
     def remove_member(self, name: str, reason: str = "channel_removed") -> Channel | None:
         """The node dropped ``name`` (or refused it): end its streams here."""
         channel = self.channels.get(name)
         if channel is not None and channel.family is not None:
-            self._remove_member(channel, reason)
+            self.registry.remove_member(channel, reason)
             return channel
         return None
 
@@ -133,7 +126,7 @@ class WorkerHub(Hub):
         """Main turned a HOLD away (over ``max_members``, or unknown after a reload)."""
         channel = self._held.pop(token, None)
         if channel is not None and self.channels.get(channel.name) is channel:
-            self._remove_member(channel, "limit")
+            self.registry.remove_member(channel, "limit")
 
     # --- resume across workers ------------------------------------------------------
 
@@ -183,10 +176,8 @@ class WorkerHub(Hub):
         if last_event_id is None:
             return 0
         # (an /events id may carry stream positions after a '~': the node's part first)
-        epoch, _, seq = last_event_id.split("~")[0].rpartition("-")
-        if epoch == self.epoch and seq.isdigit() and seq.isascii() and int(seq) > self.seq:
-            return int(seq)
-        return 0
+        seq = self.numbering.seq_of(last_event_id.split("~")[0])
+        return seq if seq is not None and seq > self.seq else 0
 
     def advanced(self) -> None:
         """The feed moved this worker's position on: wake the streams waiting for it."""
@@ -249,19 +240,25 @@ class FeedStreams:
 
 
 class FeedBroker(Broker):
-    """The worker's input: the node's feed, read like the broker reads Redis."""
+    """The worker's input: the node's feed, read like the broker reads Redis; with
+    ``streams`` and ``sink``, the worker node's upstream (see node.Feed)."""
 
     def __init__(self, config: Config, hub: WorkerHub, sock: socket.socket) -> None:
         super().__init__(config.redis, (), _no_message)
         self.hub = hub
-        self.server: HubServer | None = None
-        self.metrics = Metrics(hub, self)
+        self.node: Node | None = None  # the worker's node, once built on this feed
         self._sock = sock
         self.proto: FrameProtocol | None = None
         # Redis channels of members main confirmed live (it subscribes for the node).
         self.live: set[bytes] = set()
         self._changed = Changes()
         self.streams = FeedStreams(config.redis, hub)
+        self.sink = FeedSink(self)
+
+    @property
+    def broker(self) -> Broker:
+        """The feed stands where the pub/sub source stands (see node.Feed)."""
+        return self
 
     # The node's broker (in main) follows members; a worker's hub asks main instead.
     def want(self, channels: Any) -> None:
@@ -296,12 +293,11 @@ class FeedBroker(Broker):
         self.proto = self.hub.upstream = proto
 
     async def run(self) -> None:
-        """Wait until main goes away, then stop this worker (SIGTERM to itself)."""
+        """Return when main goes away (which ends this worker: its task owner stops it)."""
         assert self.proto is not None
         try:
             await self.proto.lost
             log.warning("feed lost: the main process is gone; stopping")
-            signal.raise_signal(signal.SIGTERM)
         finally:
             if self.proto.transport is not None:
                 self.proto.transport.close()
@@ -354,21 +350,22 @@ class FeedBroker(Broker):
         elif kind == feed.CONFIG:
             hub.reload(op[1])
             self.streams.live.intersection_update(hub.stream_keys())  # main reads them anew
-            if self.server is not None:
-                self.server.config = op[1]
+            if self.node is not None:
+                self.node.config = op[1]
         elif kind == feed.CONTROL:
-            if self.server is not None:
-                self.server.control.apply(op[1])
+            if self.node is not None:
+                self.node.control.apply(op[1])
         elif kind == feed.REFUSALS:
-            if self.server is not None:
-                self.server.control.load(op[1])
+            if self.node is not None:
+                self.node.control.load(op[1])
         elif kind == feed.REFUSED:
             hub.refused(op[1])
             self._wake()
         elif kind == feed.PING:
             self._reply((feed.PONG, op[1], hub.connections))
         elif kind == feed.STATS:
-            self._reply((feed.STATS, list(self.metrics.registry.collect())))
+            metrics = self.node.metrics if self.node is not None else None
+            self._reply((feed.STATS, list(metrics.registry.collect()) if metrics else []))
         else:
             log.error("unknown feed operation kind=%r", kind)
 
@@ -471,11 +468,10 @@ def build(snapshot: dict[str, Any]) -> WorkerHub:
 
 async def serve(
     sock: socket.socket, snapshot: dict[str, Any], later: list[list[Op]], reader: FrameReader
-) -> None:
-    """Serve until SIGTERM (forwarded by main) or until main goes away."""
-    loop = asyncio.get_running_loop()
+) -> int:
+    """Serve until SIGTERM (forwarded by main), until main goes away or a task fails;
+    returns the exit code."""
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     config: Config = snapshot["config"]
     hub = build(snapshot)
     broker = FeedBroker(config, hub, sock)
@@ -484,18 +480,16 @@ async def serve(
     broker.live = set(snapshot["live"])
     broker.streams.live = set(snapshot["streams"])
     broker.streams.state = BrokerState(snapshot["streams_state"])
-    server = HubServer(
-        config, Notifier({}), hub=hub, broker=broker, streams=broker.streams, reuse_port=True
-    )
-    broker.server = server
-    # The node's control plane is main's: commands and refusals come in the feed, a
-    # session refused here by its credential goes to main (which tells every node).
-    control = server.control
-    control.load(snapshot["refusals"])
-    control.on_refuse = lambda refusal: broker._reply((feed.REFUSE, refusal))
-    broker.metrics.registry.register(ControlCollector(control))
-    sink = FeedSink(broker)
-    hub.roster = Roster(sink, config.events.enabled)
+    # The node a single process builds, with its entries from the feed.
+    broker.node = node = Node(config, hub=hub, feed=broker)
+    # The node's control plane is main's: commands and refusals come in the feed; a
+    # session refused here by its credential goes to main, which tells every node.
+    node.control.load(snapshot["refusals"])
+    node.control.on_refuse = lambda refusal: broker._reply((feed.REFUSE, refusal))
+    node.tasks.on_failure = stop.set
+    # Only SIGTERM, from main: SIGINT and SIGHUP are ignored (see main()).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    server = HubServer(config, Notifier({}), node=node, reuse_port=True)
     for ops in later:
         broker._apply(ops)
     await broker.connect(reader)
@@ -505,10 +499,13 @@ async def serve(
     gc.freeze()
     try:
         await stop.wait()
+        if node.tasks.failed is not None:
+            log.error("stopping: a task failed", extra=logs.fields(task=node.tasks.failed))
         log.info("shutting down connections=%d", hub.connections)
     finally:
         await server.stop()
-        await sink.drain(1.0)  # the streams' unsubscribes, before the process ends
+        await broker.sink.drain(1.0)  # the streams' unsubscribes, before the process ends
+    return EXIT_FAILED if node.tasks.failed is not None else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -523,13 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     snapshot, later, reader = _read_snapshot(sock)
     logs.setup(snapshot["config"].logging, level=snapshot["log_level"])
     sock.setblocking(False)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a default dependency
-        asyncio.run(serve(sock, snapshot, later, reader))
-    else:
-        uvloop.run(serve(sock, snapshot, later, reader))
-    return 0
+    return run_loop(serve(sock, snapshot, later, reader))
 
 
 if __name__ == "__main__":
