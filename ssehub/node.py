@@ -162,13 +162,14 @@ class Node:
         else:
             self.broker, self.streams, sink = feed.broker, feed.streams, feed.sink
         # The control plane (disconnects, refusals, limits per user and lifetime): this
-        # process's streams, and where the node reads Redis the control channel's
-        # listener. A worker's commands come from main through the feed.
+        # process's streams and, where the node reads Redis, the control channel (on
+        # the same subscription). A worker's commands come from main through the feed.
         self.control = Control(lambda: self.config)
         self.plane: ControlPlane | None = None
         if feed is None:
             self.plane = create_control(config, self)
             self.control.on_refuse = self.plane.refuse
+            hub.on_control = self.plane.on_message
         # Family members subscribe and unsubscribe through the sources.
         hub.broker = self.broker
         hub.streams = self.streams
@@ -223,6 +224,8 @@ class Node:
         if old is BrokerState.DOWN and new is BrokerState.UP:
             # What Redis published while we were away is gone: say so in-band.
             self.hub.signal_outage()
+        if self.plane is not None:  # subscribed (again): read the refusals
+            self.plane.on_state(old, new)
         self.listener.redis_state(old, new)
 
     def _on_streams_state(self, old: BrokerState, new: BrokerState) -> None:
@@ -253,8 +256,6 @@ class Node:
             log.info("admin listening", extra=fields(host=admin.host, port=self.admin_port))
         self.tasks.spawn(self.broker.run(), "ssehub-broker")
         self.tasks.spawn(self.streams.run(), "ssehub-streams")
-        if self.plane is not None:
-            self.tasks.spawn(self.plane.run(), "ssehub-control")
         if self.reporter is not None:
             self.reporter.start(self.tasks)
         self.hub.start_heartbeat()
@@ -274,6 +275,8 @@ class Node:
             await self.reporter.close(self.config.shutdown_timeout)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.plane is not None:
+            await self.plane.close()
         await self.tasks.close()
 
     def reload(self) -> bool:

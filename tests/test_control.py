@@ -63,7 +63,6 @@ async def nodes(
     started = [
         await start_hub(CHANNELS, auth=auth, admin=ADMIN, publish=publish_key) for _ in range(2)
     ]
-    await wait_until(lambda: all(n.plane and n.plane.listener.ready for n in started))  # type: ignore[union-attr]
     return started
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,8 +15,7 @@ import redis.asyncio as aioredis
 from ssehub.server import HubServer
 
 from .conftest import StartHub
-from .redis_topology import RedisCluster
-from .sseclient import SSEClient, open_stream, wait_until
+from .sseclient import SSEClient, open_stream
 
 KEY = "k" * 24
 ADMIN = {"host": "127.0.0.1", "port": 0}
@@ -289,66 +288,6 @@ async def test_concurrent_duplicates_publish_once(
         assert await settled(client, redis_client) == ["raced"]
     finally:
         await client.close()
-
-
-# --- Redis Cluster ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster()
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.mark.slow
-async def test_on_a_cluster_publish_spublishes_and_xadds_on_the_owning_master(
-    cluster: RedisCluster,
-    start_hub: StartHub,
-    publish_key: dict[str, Any],
-    http: aiohttp.ClientSession,
-) -> None:
-    names = await asyncio.to_thread(cluster.channels_on_each_master, "pubc", 1)
-    channels: dict[str, Any] = {n: {} for n in names}
-    channels["legacy"] = {"sharded": False}
-    channels["orders"] = {"stream": "{orders}:all"}
-    hub = await start_hub(
-        channels,
-        redis={"url": cluster.seeds, "reconnect_min": 0.02, "reconnect_max": 0.2},
-        admin=ADMIN,
-        publish=publish_key,
-    )
-    await wait_until(lambda: hub.ready, timeout=10)
-    clients = [await open_stream(hub.port, f"/channels/{n}") for n in [*names, "legacy", "orders"]]
-    try:
-        body = [{"channel": n, "data": f"to {n}"} for n in [*names, "legacy", "orders"]]
-        for attempt in range(2):  # the second time, replayed from the stored answers
-            status, answer, headers = await post(
-                http, hub.admin_port, body, {"Idempotency-Key": "c"}
-            )
-            assert status == 200, answer
-            assert ("Idempotent-Replayed" in headers) == bool(attempt)
-        results = answer["results"]
-        assert [r.get("receivers") for r in results[: len(names)]] == [1] * len(names)
-        # A classic PUBLISH counts the receivers on the node it reached only.
-        assert isinstance(results[-2]["receivers"], int)
-        assert results[-1]["id"]
-        for client, name in zip(clients, [*names, "legacy", "orders"], strict=True):
-            assert [e.data for e in await client.next_events(1)] == [f"to {name}"]
-        for client, name in zip(clients, names, strict=False):
-            await cluster_publish_marker(cluster, name)
-            await client.read_until(lambda c: c.events[-1].data == "marker")
-            assert [e.data for e in client.events] == [f"to {name}", "marker"]
-    finally:
-        for client in clients:
-            await client.close()
-
-
-async def cluster_publish_marker(cluster: RedisCluster, channel: str) -> None:
-    assert await asyncio.to_thread(cluster.spublish, channel, "marker") == 1
 
 
 def test_the_idempotency_key_shares_its_channels_slot() -> None:

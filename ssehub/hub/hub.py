@@ -89,6 +89,8 @@ class Hub:
         self._broker: Broker | None = None
         self._streams: StreamSource | None = None
         self._tap: Tap | None = None
+        # Told of every message on the control channel (the node's control plane).
+        self.on_control: Callable[[bytes, bytes], None] | None = None
         self._connections = 0
         self._heartbeat: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -268,6 +270,8 @@ class Hub:
         if channels is None:
             if redis_channel == self.registry.juggernaut:
                 self._publish_juggernaut(payload)
+            elif redis_channel == self.registry.control and self.on_control is not None:
+                self.on_control(redis_channel, payload)
             return
         for channel in channels:
             self.stats.received[channel.label] += 1

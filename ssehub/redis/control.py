@@ -1,16 +1,16 @@
 """The node's control plane on the Redis side: the control channel and the refusals kept in Redis.
 
-One subscription per node (the single process, or the main process with workers) to
-``control.redis_channel`` -- classic pub/sub, also with Redis Cluster, so that a
-message reaches every node whatever node it was published on -- hands each control
-message (core/control.py) to the node's ``Target``: the process's ``Control``, or the
-main process that passes it on to its workers.
+The node's subscription (the single process's, or the main process's with workers)
+carries ``control.redis_channel`` beside the channels -- classic pub/sub, also with
+Redis Cluster, so that a message reaches every node whatever node it was published on;
+no connection of its own. Each control message (core/control.py) goes to the node's
+``Target``: the process's ``Control``, and in a main process on to its workers.
 
 Refused reconnects live in a sorted set ``<control.redis_channel>:refusals`` (member:
 the refusal key, score: when it ends, Unix time), expired members pruned on every
 write; the set itself expires with its last refusal. Nodes keep the refusals in
-memory (checking a connect costs no round trip) and read the set when their
-subscription starts and after every reconnect, so a node that starts, or missed
+memory (checking a connect costs no round trip) and read the set whenever their
+subscription (re)starts, so a node that starts, or missed
 messages while Redis was away, refuses what the others refuse.
 
 Who writes a refusal: ``POST /disconnect`` before it publishes (the message then
@@ -36,7 +36,7 @@ from ..core import control
 from ..core.control import BadControl, Command, Disconnect, Refuse
 from ..logs import fields
 from .clients import Client, close, command_client
-from .pubsub import Broker, BrokerState
+from .pubsub import BrokerState
 
 __all__ = ["ControlPlane", "Target", "refusals_key"]
 
@@ -56,14 +56,13 @@ def refusals_key(config: Config) -> str:
 
 
 class ControlPlane:
-    """The control channel's listener and the refusals' store, for one node."""
+    """The control channel's messages and the refusals' store, for one node."""
 
     def __init__(self, config: Config, target: Target) -> None:
         self.config = config
         self.target = target
         self.channel = config.control.redis_channel.encode()
         self.key = refusals_key(config)
-        self.listener: Broker | None = None  # set by the factory
         self._client: Client | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.received = 0  # control messages taken
@@ -72,7 +71,7 @@ class ControlPlane:
     # --- the channel ----------------------------------------------------------------
 
     def on_message(self, channel: bytes, payload: bytes) -> None:
-        """A control message: carried out here (the listener's callback)."""
+        """A control message from the node's subscription: carried out here."""
         try:
             command = control.parse(payload)
         except BadControl as exc:
@@ -95,17 +94,6 @@ class ControlPlane:
 
     def _seconds(self, command: Disconnect) -> float:
         return command.refuse_seconds or self.config.control.refuse_seconds
-
-    async def run(self) -> None:
-        """Listen until cancelled (the listener reconnects by itself)."""
-        assert self.listener is not None
-        try:
-            await self.listener.run()
-        finally:
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self.close()
 
     # --- Redis ------------------------------------------------------------------------
 
@@ -171,6 +159,10 @@ class ControlPlane:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        """Stop what is being written and close the connections."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await close(self._client)
             self._client = None

@@ -13,7 +13,7 @@ model. The roles:
   processes that do not read the streams themselves: workers);
 - ``create_writer``: the events/presence writer (one per node);
 - ``create_presence_reader``: presence queries;
-- ``create_control``: the control channel's listener and the refusals' store;
+- ``create_control``: the control channel's commands and the refusals' store;
 - ``create_publisher``: ``POST /publish``'s PUBLISH/SPUBLISH/XADD (idempotent on demand).
 
 Every role is inert until its ``run()``/``start()`` or first use: building one opens
@@ -96,10 +96,5 @@ def create_publisher(config: RedisConfig) -> Publisher:
 
 
 def create_control(config: Config, target: Target) -> ControlPlane:
-    """The node's control plane: it listens once started (``run``)."""
-    plane = ControlPlane(config, target)
-    # Classic pub/sub also on a cluster: a control message reaches every node.
-    plane.listener = create_broker(
-        config.redis, [plane.channel], plane.on_message, plane.on_state, sharded=lambda c: False
-    )
-    return plane
+    """The node's control plane (its messages come through the node's subscription)."""
+    return ControlPlane(config, target)
