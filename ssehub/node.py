@@ -154,6 +154,7 @@ class Node:
                 hub.stream_prefill,
                 self._on_streams_state,
                 hub.stream_maxlen,
+                on_failed=hub.stream_failed,
             )
             # Events and presence: written by the process that owns the node's Redis
             # side, under a node id random per start.

@@ -53,25 +53,11 @@ FAILOVER_KEY = f"{TAG}:failover"
 MESSAGES = 500  # per publish check: more than a worker's every-100th could hide
 PUBLISH_KEY = "matrix-publish-key-0123456789"  # POST /publish and POST /disconnect
 
-# Cells that fail on main (at 63cd476) because of a known defect, and why.
-D4 = "issue 19 defect 4: "
-WORKERS_CLUSTER = D4 + (
-    "a worker's FeedBroker is a Broker that parses redis+cluster:// as a plain URL: "
-    "every worker exits at start-up"
-)
-PRESENCE_CLUSTER = D4 + (
-    "the events/presence writer pipelines PUBLISH on a cluster client, which redis-py "
-    "refuses: the writer task dies, and since every task is owned (ssehub/tasks.py) its "
-    "death ends the hub, so no check of a single-process hub on a cluster can pass"
-)
 
-
+# Cells that fail because of a known defect, and why (none now: issue 19's defect 4,
+# Cluster with workers and Cluster presence, is fixed by the Redis layer's factory).
 def known_defect(check: str, topology: str, model: str, kind: str) -> str | None:
     """Why a cell fails on main today (None: it must pass)."""
-    if topology == "cluster" and model == "workers":
-        return WORKERS_CLUSTER
-    if topology == "cluster":
-        return PRESENCE_CLUSTER
     return None
 
 
@@ -518,18 +504,25 @@ async def failover(topology: Topology, hubs: Hubs) -> Outcomes:
                 outcomes[(hub.model, kind)] = f"{exc}" or repr(exc)
 
         await asyncio.gather(*(outcome(hub, kind) for hub in watching for kind in KINDS))
-        # Late duplicates or gaps: a marker sent after everything arrives last, alone.
+        # Late duplicates or gaps: a marker sent after everything arrives next, alone,
+        # and after it nothing more arrives (every stream read on for a while).
+        checked: dict[tuple[str, str], list[tuple[SSEClient, int]]] = {}
         for hub in watching:
             for kind in KINDS:
                 if outcomes[(hub.model, kind)]:
                     continue
                 streams, _ = before[(hub.model, kind)]
-                counts = [len(c.events) for c in streams]
+                checked[(hub.model, kind)] = [(c, len(c.events)) for c in streams]
                 await asyncio.to_thread(hub.send, kind, ["marker"])
-                for c, n in zip(streams, counts, strict=True):
-                    await c.next_events(n + 1)
-                    if [e.data for e in c.events[n:]] != ["marker"]:
-                        outcomes[(hub.model, kind)] = f"after the marker: {c.events[n:]}"
+        for streams_seen in checked.values():
+            for c, n in streams_seen:
+                await c.next_events(n + 1)
+        quiet = [c.read_for(0.3) for streams_seen in checked.values() for c, _ in streams_seen]
+        await asyncio.gather(*quiet)
+        for cell, streams_seen in checked.items():
+            for c, n in streams_seen:
+                if [e.data for e in c.events[n:]] != ["marker"]:
+                    outcomes[cell] = f"after the marker: {c.events[n:]}"
     finally:
         for streams in opened.values():
             for c in streams:

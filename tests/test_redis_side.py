@@ -118,3 +118,40 @@ async def test_reload_while_the_redis_connection_is_going_keeps_hub_and_server_t
         assert [e.data for e in await client.next_events(1)] == ["after the reload"]
     finally:
         await client.close()
+
+
+async def _run_broker(broker: Broker) -> asyncio.Task[None]:
+    task = asyncio.create_task(broker.run())
+    await wait_until(lambda: broker.ready or task.done(), timeout=10)
+    assert not task.done(), task.exception()
+    return task
+
+
+@pytest.mark.parametrize("flushed_first", [False, True])
+async def test_a_channel_wanted_again_in_the_batch_that_drops_it_is_subscribed(
+    redis_server: RedisServer, redis_client: aioredis.Redis, flushed_first: bool
+) -> None:
+    """Issue 19, defect 2: the grace sweep drops a member and a browser asks for it
+    again before the UNSUBSCRIBE went out; the stream must not wait forever."""
+    got: list[bytes] = []
+    config = RedisConfig(url=redis_server.url)
+    broker = Broker(config, ["keep"], lambda channel, payload: got.append(payload))
+    task = await _run_broker(broker)
+    try:
+        broker.want([b"member"])
+        assert await broker.wait_subscribed([b"member"], 5)
+        if flushed_first:
+            # A change just went out: the drop waits the batch window (10 ms) for
+            # others, and the want lands within it, as in a reconnect storm.
+            broker.want([b"other"])
+            await asyncio.sleep(0)
+        broker.drop([b"member"])
+        await asyncio.sleep(0)
+        broker.want([b"member"])
+        assert await broker.wait_subscribed([b"member"], 2)
+        await redis_client.publish("member", "still here")
+        await wait_until(lambda: b"still here" in got, timeout=5)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

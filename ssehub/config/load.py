@@ -204,6 +204,10 @@ def _validate_channel(ch: ChannelConfig, path: str, source: str) -> None:
         )
     if ch.grace != DEFAULT_GRACE:
         raise ConfigError(source, f"{path}.grace", "only families (names with '*') have a grace")
+    if ch.max_members:
+        raise ConfigError(
+            source, f"{path}.max_members", "only families (names with '*') have members"
+        )
     if not ch.redis_channel and not ch.stream:
         object.__setattr__(ch, "redis_channel", ch.name)
 

@@ -89,9 +89,13 @@ class Limits:
     # Request line and header field size limits (bytes); larger gets a 4xx.
     max_line_size: int = field(default=8190, metadata=_check(_positive))
     max_field_size: int = field(default=8190, metadata=_check(_positive))
-    # Family members (``user.42`` of ``user.*``) alive at once, each one Redis
-    # subscription; past it a new member's browsers get the busy event.
+    # Members (``user.42`` of ``user.*``) each family keeps alive at once, each one
+    # Redis subscription, unless the family sets its own ``max_members``: one family
+    # never spends another's. Past it a new member's browsers get the busy event.
     max_members: int = field(default=50_000, metadata=_check(_positive))
+    # Members one stream may create (0 = no limit): a stream asking for more that do
+    # not live yet is turned away as busy, so that no one connection spends a family.
+    max_new_members_per_connection: int = field(default=8, metadata=_check(_non_negative_int))
     # The most events ?rewind=N (or a channel's `rewind`) may ask for.
     max_rewind: int = field(default=100, metadata=_check(_non_negative_int))
     # Bytes of history kept by all channels together; past it the hub-wide oldest
@@ -99,6 +103,8 @@ class Limits:
     history_bytes: int = field(default=256 * 1024 * 1024, metadata=_check(_positive))
     # Distinct channel sets followed through /events at once: each is a group whose
     # bytes a flush builds. A new set past the limit is turned away as busy (0 = none).
+    # Counted apart for sets of public channels only and for each private channel or
+    # family (``auth: token``) a set holds: anonymous sets never spend private ones'.
     max_event_groups: int = field(default=1000, metadata=_check(_non_negative_int))
     # Open streams of one user (a token's `sub`, a proxy answer's `user`) per worker
     # process; past it the user's new streams get the busy answer (0 = no limit).
@@ -276,6 +282,8 @@ class ChannelConfig:
     # last browser left, so that reconnecting browsers neither churn Redis nor lose
     # their place.
     grace: float = field(default=DEFAULT_GRACE, metadata=_check(_non_negative))
+    # Families only: members alive at once (0: ``limits.max_members``).
+    max_members: int = field(default=0, metadata=_check(_non_negative_int))
     # A Redis Stream key feeding this channel instead of pub/sub (a family's has one
     # '*'): ids are entry ids, so a client resumes exactly on any node, any time.
     stream: str = ""

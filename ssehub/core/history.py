@@ -188,6 +188,10 @@ class History:
         while self._entries and self._entries[0][AT] < limit:
             self._evict("age")
 
+    def entries(self) -> list[Entry]:
+        """Every retained entry, oldest first: a copy (of references), for a snapshot."""
+        return list(self._entries)
+
     def seq_of(self, publisher_id: str) -> int | None:
         """The sequence number of a retained event with this publisher-given id."""
         return self._by_id.get(publisher_id)

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from ..config import ChannelConfig
 from ..core import sse
-from ..core.ids import SessionIds
+from ..core.ids import new_session_id
 from ..core.messages import MAX_ID_LENGTH
 from ..hub.channel import Channel, Subscriber
 from ..hub.control import Control
@@ -42,7 +42,6 @@ __all__ = [
     "BUSY_EVENT",
     "CONTROL",
     "HUB",
-    "SESSION_IDS",
     "TASKS",
     "create_app",
     "healthz",
@@ -57,7 +56,6 @@ BUSY_EVENT = "ssehub-busy"
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 ACCESS = web.AppKey("access", Access)
-SESSION_IDS = web.AppKey("session_ids", SessionIds)
 # The process's long-lived tasks: one that ended unexpectedly makes it unready.
 TASKS = web.AppKey("tasks", Tasks)
 
@@ -192,16 +190,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
             return _unavailable(hub, exc.reason)
         return await _turn_away(hub, await _prepare(request), exc.reason)
     sub: Subscriber | None = None
+    session = ""
     try:
         if mux and sum(c.stream for c in channels) > MAX_STREAMS_PER_EVENTS:
             raise web.HTTPBadRequest(
                 text=f"at most {MAX_STREAMS_PER_EVENTS} stream channels per /events connection\n"
             )
-        # A first connection may start with the last events (ignored on a resume).
+        # A first connection may start with the last events (ignored on a resume):
+        # ?rewind=N of every channel, else each channel's own `rewind` (None).
         rewind = asked_rewind
-        if rewind is None:
-            rewind = max(c.config.rewind for c in channels)
-        rewind = min(rewind, hub.config.limits.max_rewind) if last_event_id is None else 0
+        if rewind is not None:
+            rewind = min(rewind, hub.config.limits.max_rewind)
+        if last_event_id is not None:
+            rewind = 0
         refusal = _over_limit(hub, channels, mux, control, user)
         if refusal is not None and not wants_stream:
             return _unavailable(hub, refusal)
@@ -217,7 +218,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # straight to the transport, and aiohttp's writer is not touched again
         # until the final chunk (before that, only the keepalives below use it).
         # The session id first, before any position or replay (see hub/sessions.py).
-        session = request.app[SESSION_IDS].new()
+        session = new_session_id()
+        # From here on the page may know it, and a publisher's except name it: even
+        # while the stream waits on Redis below, such events stay out of its replay.
+        hub.sessions.open(session)
         await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
@@ -277,6 +281,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
             hub.unsubscribe(sub)
             control.forget(sub)
             request.app[ACCESS].forget(sub)
+        hub.sessions.close(session)
         hub.release(channels)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
@@ -340,7 +345,7 @@ async def _turn_away(hub: Hub, resp: web.StreamResponse, reason: str) -> web.Str
     """A full hub still answers an EventSource with 200: any other status would make
     the browser give up for good. The stream says why and when to come back, and ends."""
     retry_ms = _busy_retry_ms(hub)
-    data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"))
+    data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"), allow_nan=False)
     hub.stats.closed["limit"] += 1
     await resp.write(sse.retry(retry_ms) + sse.encode(data, event=BUSY_EVENT))
     return await _end(resp)
@@ -390,7 +395,6 @@ def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
     app[HUB] = hub
     app[BROKER] = broker
     app[ACCESS] = access = Access(lambda: hub.config)
-    app[SESSION_IDS] = SessionIds()
     app[CONTROL] = control
     add_proxy_auth(app, ProxyAuth(lambda: hub.config, control.stats))
     if hub.config.publish is not None and hub.config.publish.public:

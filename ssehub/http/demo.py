@@ -65,7 +65,7 @@ def channels_json(config: Config) -> str:
         }
         for ch in config.channels.values()
     ]
-    text = json.dumps({"channels": channels}, ensure_ascii=False)
+    text = json.dumps({"channels": channels}, ensure_ascii=False, allow_nan=False)
     # Inside <script>, "</" could end the element early: escape "<" (and & for
     # safety); JSON.parse reads \u003c back as "<".
     return text.replace("<", "\\u003c").replace("&", "\\u0026")

@@ -40,6 +40,7 @@ CLOSE_REASONS = (
     "shutdown",
     "limit",
     "channel_removed",
+    "stream_error",
     "disconnect",
     "lifetime",
 )
@@ -129,6 +130,13 @@ class HubCollector(Collector):
         for reason in _with_known(stats.closed, CLOSE_REASONS):
             closed.add_metric([reason], stats.closed[reason])
         yield closed
+
+        yield _per_channel(
+            "ssehub_stream_errors",
+            "Stream channels (or members) whose key Redis refused to read, per channel.",
+            names,
+            stats.stream_errors,
+        )
 
         yield _per_channel(
             "ssehub_messages_received",

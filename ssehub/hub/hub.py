@@ -280,12 +280,25 @@ class Hub:
                 self._ingest(channel, event)
             except Rejected as exc:
                 self._reject(channel.label, exc)
+            except Exception:  # a bug must cost this message only, never the next ones
+                self._failed(channel.label)
 
     def stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
         """The reader knows where ``key`` ends: keep its recent ``entries`` for resume."""
         for channel in self._by_stream.get(key, ()):
             channel.stream_pos = channel.flushed_pos = entries[-1][0].decode() if entries else "0-0"
         self._stream_input(key, entries, received=False)
+
+    def stream_failed(self, key: bytes, reason: str) -> None:
+        """Redis refused to read ``key`` (it holds no stream: with a family, a name a
+        client chose), and the reader dropped it: its members go, ending their streams;
+        a listed channel's streams end (its key is read again after a reload)."""
+        for channel in list(self._by_stream.get(key, ())):
+            self.stats.stream_errors[channel.label] += 1
+            if channel.family is not None:
+                self.registry.remove_member(channel, "stream_error")
+            else:
+                self._end(channel, "stream_error")
 
     def stream_entries(self, key: bytes, entries: list[StreamEntry]) -> None:
         """New entries of ``key``: each one an event whose id is its entry id."""
@@ -303,6 +316,8 @@ class Hub:
                     self._ingest(channel, parse_entry(fmt, eid, entry_fields, self._max_message))
                 except Rejected as exc:
                     self._reject(channel.label, exc)
+                except Exception:  # the reader moved past it: the rest of the batch goes on
+                    self._failed(channel.label)
 
     def _publish_juggernaut(self, payload: bytes) -> None:
         try:
@@ -327,8 +342,7 @@ class Hub:
             except Rejected as exc:
                 self._reject(channel.label, exc)
             except Exception:
-                self.stats.rejected[(channel.label, "internal_error")] += 1
-                log.exception("delivery failed", extra=fields(channel=channel.label))
+                self._failed(channel.label)
         if unknown:
             # One line per message however many names it lists; each one is counted.
             detail = ", ".join(unknown)
@@ -339,6 +353,10 @@ class Hub:
         log.warning(
             "message rejected", extra=fields(channel=channel, reason=exc.reason, detail=exc.detail)
         )
+
+    def _failed(self, channel: str) -> None:
+        self.stats.rejected[(channel, "internal_error")] += 1
+        log.exception("delivery failed", extra=fields(channel=channel))
 
     def _ingest(self, channel: Channel, event: Event) -> None:
         numbering = self.numbering
@@ -374,7 +392,7 @@ class Hub:
         """Hold the channels a new stream follows, creating family members as needed.
 
         Raises ``Unknown`` for names nothing serves, ``Refused`` when new members
-        would pass ``limits.max_members``. Every successful call needs a ``release``.
+        would pass a bound. Every successful call needs a ``release``.
         """
         return self.registry.acquire(names)
 
@@ -391,13 +409,22 @@ class Hub:
         return self.fanout.refuses_group(channels)
 
     def subscribe(
-        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
+        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int | None = None
     ) -> bool:
-        """Start ``sub``'s stream: what it missed, then live events (see ``Replays``).
+        """Start ``sub``'s stream: what it missed, then live events (see ``Replays``);
+        a first connection starts with each channel's last ``rewind`` events (None:
+        each channel's own ``rewind``).
 
         True when the stream is live; False while history is left to replay: the
         handler then awaits the client's reading and calls ``catch_up`` until True.
+        A stream whose channel was removed (a reload, a member's grace) while it
+        waited or caught up from Redis just ends: registered there, it would get no
+        event and no heartbeat ever again.
         """
+        if any(self.channels.get(c.name) is not c for c in sub.channels):
+            self.stats.closed["channel_removed"] += 1
+            sub.end("channel_removed")  # the browser comes back, to what is there now
+            return True
         self._connections += 1
         return self.replays.subscribe(sub, last_event_id, mux, rewind)
 

@@ -199,7 +199,7 @@ class Registry:
         """Hold the channels a new stream follows, creating family members as needed.
 
         Raises ``Unknown`` for names nothing serves, ``Refused`` when new members
-        would pass ``limits.max_members``. Every successful call needs a ``release``.
+        would pass a bound (see ``_admit``). Every successful call needs a ``release``.
         """
         found: list[Channel | None] = []
         unknown: list[str] = []
@@ -216,10 +216,8 @@ class Registry:
                 new.append((name, *match))
         if unknown:
             raise Unknown(unknown)
-        if new and sum(self.members.values()) + len(new) > self.config.limits.max_members:
-            for _, family, _ in new:
-                self.stats.members_refused[family.name] += 1
-            raise Refused("max_members")
+        if new:
+            self._admit(new)
         created = {name: self.create_member(name, family, part) for name, family, part in new}
         channels = tuple(
             c if c is not None else created[n] for c, n in zip(found, names, strict=True)
@@ -229,6 +227,28 @@ class Registry:
             if channel.family is not None:
                 self.idle.get(channel.config.grace, {}).pop(channel, None)
         return channels
+
+    def _admit(self, new: list[tuple[str, Family, str]]) -> None:
+        """``Refused`` when a stream's new members would pass a bound: more than
+        ``limits.max_new_members_per_connection`` at once, or a family's own
+        ``max_members`` (default ``limits.max_members``). Each family counts alone:
+        anonymous streams filling a public family never turn a private one's away."""
+        limits = self.config.limits
+        reason = None
+        cap = limits.max_new_members_per_connection
+        if cap and len(new) > cap:
+            reason = "max_new_members_per_connection"
+        else:
+            wanted = Counter(family.name for _, family, _ in new)
+            for _, family, _ in new:
+                bound = family.config.max_members or limits.max_members
+                if self.members[family.name] + wanted[family.name] > bound:
+                    reason = "max_members"
+                    break
+        if reason is not None:
+            for _, family, _ in new:
+                self.stats.members_refused[family.name] += 1
+            raise Refused(reason)
 
     def release(self, channels: Sequence[Channel]) -> None:
         """A stream that held ``channels`` is gone; members no stream holds start their grace."""

@@ -155,6 +155,12 @@ class ClusterBroker(Broker):
 
     # --- the hub's changes, batched by Broker.want/drop -----------------------------
 
+    def _kept(self, channel: bytes) -> None:
+        # Its node was never told of the drop: subscribed there means subscribed here.
+        node = self._route.get(channel)
+        if node is not None and channel in node.subscribed:
+            self._confirmed(node, channel)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._last_flush = asyncio.get_running_loop().time()

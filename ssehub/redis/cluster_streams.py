@@ -62,6 +62,7 @@ class _SlotReader(StreamReader):
             cluster._prefill,
             lambda old, new: cluster._reader_state(self, new),
             cluster._maxlen,
+            on_failed=lambda key, reason: cluster._failed(self, key, reason),
         )
         self.cluster = cluster
         self.slot = slot
@@ -87,8 +88,11 @@ class ClusterStreamReader:
         prefill: Callable[[bytes], int],
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
         maxlen: Callable[[bytes], int] = lambda key: 0,
+        *,
+        on_failed: Callable[[bytes, str], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_failed = on_failed
         self.state = BrokerState.CONNECTING
         self.reconnects = 0
         self._on_entries = on_entries
@@ -218,6 +222,13 @@ class ClusterStreamReader:
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _failed(self, reader: _SlotReader, key: bytes, reason: str) -> None:
+        if not self._current(reader):
+            return
+        self.drop((key,))  # (its reader has let it go already; closed if it was the last)
+        if self._on_failed is not None:
+            self._on_failed(key, reason)  # (called from the slot reader's guard)
 
     def _reader_state(self, reader: _SlotReader, new: BrokerState) -> None:
         if not self._current(reader):

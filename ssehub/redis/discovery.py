@@ -16,11 +16,19 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from ..config import RedisConfig
-from .pubsub import _command
 
-__all__ = ["Address", "QueryError", "node_url", "query", "show"]
+__all__ = ["Address", "QueryError", "command", "node_url", "query", "show"]
 
 Address = tuple[str, int]
+
+
+def command(*args: str | bytes) -> bytes:
+    """One command in RESP, as Redis reads it."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        b = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
 
 
 class QueryError(Exception):
@@ -66,7 +74,7 @@ async def _query(
             user = unquote(parts.username) if parts.username else None
             password = unquote(parts.password)
             commands.insert(0, ("AUTH", user, password) if user else ("AUTH", password))
-        writer.write(b"".join(_command(*c) for c in commands))
+        writer.write(b"".join(command(*c) for c in commands))
         replies: list[Any] = []
         while len(replies) < len(commands):
             data = await reader.read(65536)

@@ -69,10 +69,16 @@ def create_stream_reader(
     prefill: Callable[[bytes], int],
     on_state: StateListener | None = None,
     maxlen: Callable[[bytes], int] = lambda key: 0,
+    *,
+    on_failed: Callable[[bytes, str], None] | None = None,
 ) -> StreamReader | ClusterStreamReader:
-    """The stream reader: it connects once a stream is wanted (``want``)."""
+    """The stream reader: it connects once a stream is wanted (``want``).
+
+    ``on_failed(key, reason)``: Redis refused to read ``key`` (not a stream: a name a
+    client chose); the reader dropped it, and its streams must end.
+    """
     reader = ClusterStreamReader if config.cluster else StreamReader
-    return reader(config, on_entries, on_start, prefill, on_state, maxlen)
+    return reader(config, on_entries, on_start, prefill, on_state, maxlen, on_failed=on_failed)
 
 
 def create_replays(config: RedisConfig) -> StreamReplays:

@@ -36,6 +36,7 @@ from redis.connection import parse_url
 from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
+from .discovery import command, node_url
 
 __all__ = ["Broker", "BrokerState"]
 
@@ -73,14 +74,6 @@ def _key(channel: str | bytes) -> bytes:
 def _confirm_timeout(config: RedisConfig, channels: int) -> float:
     """Time allowed for Redis to confirm ``channels`` subscriptions (more for many)."""
     return config.connect_timeout * (1 + channels / 50_000)
-
-
-def _command(*args: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        b = arg.encode() if isinstance(arg, str) else arg
-        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
-    return b"".join(out)
 
 
 class _PubSubProtocol(asyncio.Protocol):
@@ -144,7 +137,7 @@ class _PubSubProtocol(asyncio.Protocol):
     def send(self, *args: str | bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             raise _SessionEnded("connection closed")
-        self.transport.write(_command(*args))
+        self.transport.write(command(*args))
 
     def send_batched(self, command: str, channels: list[bytes]) -> None:
         """``command`` over ``channels``, a bounded number of arguments per command."""
@@ -196,7 +189,10 @@ class Broker:
         self.reconnects = 0  # sessions established after the first
         self._on_message = on_message
         self._on_state = on_state
-        self._params: dict[str, Any] = parse_url(config.url)  # type: ignore[no-untyped-call]
+        # One node's address and credentials (with Cluster, the first seed's: a
+        # ClusterBroker's nodes are Brokers of one node each).
+        url = node_url(config, config.seeds()[0]) if config.cluster else config.url
+        self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._proto: _PubSubProtocol | None = None
         # What the hub wants; what Redis confirmed on this connection; and the
         # changes not yet sent (deltas against what the connection was told).
@@ -230,10 +226,19 @@ class Broker:
                 continue
             self.wanted.add(c)
             if c in self._remove:
-                self._remove.discard(c)  # still subscribed on the wire: keep it
+                self._remove.discard(c)  # never unsubscribed on the wire: keep it
+                self._kept(c)
             else:
                 self._add.add(c)
         self._schedule_flush()
+
+    def _kept(self, channel: bytes) -> None:
+        """``channel`` was dropped and wanted again before the UNSUBSCRIBE went out."""
+        # drop() took it out of `subscribed`; if Redis had confirmed it, it still is
+        # subscribed (else its confirmation, on the way, puts it back).
+        if self._live is not None and not self._unconfirmed[channel]:
+            self.subscribed.add(channel)
+            self._waiters.wake(channel)
 
     def drop(self, channels: Iterable[bytes]) -> None:
         """Unsubscribe from ``channels`` (batched like ``want``)."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import RedisConfig
@@ -54,6 +54,14 @@ MAX_REPLAY_READS = 16
 
 class _SessionEnded(Exception):
     pass
+
+
+def _key_fault(exc: Exception) -> bool:
+    """True for an error reply about one key (it holds no stream, or the ACL forbids
+    it), not about the connection or the server (MOVED, LOADING, READONLY ...)."""
+    if isinstance(exc, NoPermissionError):
+        return True
+    return type(exc) is ResponseError and str(exc).startswith("WRONGTYPE")
 
 
 class StreamSource(Protocol):
@@ -164,8 +172,11 @@ class StreamReader:
         prefill: Callable[[bytes], int],
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
         maxlen: Callable[[bytes], int] = lambda key: 0,
+        *,
+        on_failed: Callable[[bytes, str], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_failed = on_failed
         self.state = BrokerState.CONNECTING
         self.reconnects = 0
         self._on_entries = on_entries
@@ -211,8 +222,23 @@ class StreamReader:
                 self._pending.discard(k)
                 changed = True
             self._waiters.forget(k)
+            self._trimmed.pop(k, None)
         if changed:
             self._wake()
+
+    def _fail(self, key: bytes, reason: str) -> None:
+        """Redis refused to read ``key``: drop it (never retried in the shared read)
+        and tell the owner, whose streams of it must end."""
+        if key not in self.positions and key not in self._pending:
+            return
+        self.drop((key,))
+        shown = key.decode(errors="backslashreplace")[:200]
+        log.warning("stream dropped: redis refused it", extra=fields(key=shown, reason=reason))
+        if self._on_failed is not None:
+            try:
+                self._on_failed(key, reason)
+            except Exception:  # as with delivery: the owner's bug must not end the reading
+                log.exception("stream failure listener failed", extra=fields(key=shown))
 
     def resume(self, positions: dict[bytes, bytes]) -> None:
         """Go on reading streams from known positions (Redis Cluster: streams whose slot
@@ -361,15 +387,25 @@ class StreamReader:
             await close(reader, control)
 
     async def _start(self, control: aioredis.Redis) -> None:
-        """Find where each pending stream ends (one pipelined round trip for them all)."""
+        """Find where each pending stream ends (one pipelined round trip for them all).
+
+        Apart from the shared XREAD, and with each reply on its own: a key Redis
+        refuses (a name a client chose that holds no stream) fails alone, before it
+        could ever join the XREAD of the others.
+        """
         keys = sorted(self._pending)
         pipe = control.pipeline(transaction=False)
         for key in keys:
             pipe.xrevrange(key, count=max(1, self._prefill(key)))
-        replies: list[Any] = await pipe.execute()
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
         for key, newest_first in zip(keys, replies, strict=True):
             if key not in self._pending:
                 continue  # dropped while we asked
+            if isinstance(newest_first, Exception):
+                if not _key_fault(newest_first):
+                    raise newest_first  # the connection's or the server's: the session's
+                self._fail(key, str(newest_first))
+                continue
             self._pending.discard(key)
             entries = list(reversed(newest_first or []))
             self.positions[key] = entries[-1][0] if entries else b"0-0"
@@ -378,7 +414,9 @@ class StreamReader:
 
     async def _read_once(self, reader: aioredis.Redis, control: aioredis.Redis) -> None:
         self._changed.clear()
-        if self._pending:
+        # Streams wanted while a start was on its way are started too before the XREAD:
+        # else they would wait for its BLOCK to end.
+        while self._pending:
             await self._start(control)
         if not self.positions:
             # Nothing to read: wait for a stream, and check the connection meanwhile.
@@ -399,6 +437,12 @@ class StreamReader:
                 reply: Any = await reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
         except TimeoutError:
             raise _SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
+        except ResponseError as exc:
+            # A key that held a stream when it started holds something else now: find
+            # it and drop it; the others go on in the same session.
+            if not _key_fault(exc) or not await self._find_faults(control, list(streams)):
+                raise
+            return
         finally:
             self._blocked = False
         grown = []
@@ -409,6 +453,24 @@ class StreamReader:
             self._on_entries(key, entries)
             grown.append(key)
         self._trim(control, grown)
+
+    async def _find_faults(self, control: aioredis.Redis, keys: list[bytes]) -> bool:
+        """Drop the ``keys`` that are no stream now (one pipelined TYPE for them all);
+        False when none is (the error was not theirs)."""
+        pipe = control.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        found = False
+        for key, kind in zip(keys, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(kind, Exception):
+                if not _key_fault(kind):
+                    raise kind
+                self._fail(key, str(kind))
+                found = True
+            elif kind not in (b"stream", b"none"):
+                self._fail(key, f"WRONGTYPE the key holds a {kind.decode(errors='replace')}")
+                found = True
+        return found
 
     def _trim(self, control: aioredis.Redis, keys: list[bytes]) -> None:
         """``XTRIM key MAXLEN ~ N`` for streams that grew, at most every TRIM_EVERY s each."""

@@ -1,6 +1,6 @@
 """The main process <-> worker protocol: length-prefixed frames over a local socketpair.
 
-Every frame is a list of operations, each a tuple ``(kind, *args)``. The main process
+Every frame is a list of operations, each a tuple ``(Kind, *args)``. The main process
 sends the node's changes in the order they happened -- numbered entries, members
 created and dropped, outages, broker state, reloaded configs -- batched: one frame per
 event-loop iteration, the same bytes written to every worker, never one per message
@@ -9,13 +9,16 @@ or per subscriber. Workers answer pings and stats requests and ask for family me
 Frames are pickled: both ends are this package, started by the main process over a
 socketpair nobody else holds, and pickle is the cheapest codec for tuples of ints,
 strings and bytes (C on both sides). ``Config`` travels too (its mappings are
-read-only proxies, registered below).
+read-only proxies, registered below). Nothing with live state travels: a new worker's
+snapshot is the node's entries as data (snapshot.py), in frames of bounded size that
+the socket's flow control paces (``FrameProtocol.drained``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copyreg
+import enum
 import logging
 import pickle
 import struct
@@ -24,65 +27,47 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = [
-    "CONFIG",
-    "CONTROL",
-    "ENTRY",
-    "HOLD",
-    "JOIN",
-    "LEAVE",
-    "LIVE",
-    "MEMBER",
-    "OUTAGE",
-    "PING",
-    "PONG",
-    "READY",
-    "REFUSALS",
-    "REFUSE",
-    "REFUSED",
-    "RELEASE",
-    "REMOVED",
-    "SNAPSHOT",
-    "STATE",
-    "STATS",
-    "STREAM",
-    "STREAMS",
-    "FrameProtocol",
-    "FrameReader",
-    "Op",
-    "frame",
-]
+__all__ = ["FrameProtocol", "FrameReader", "Kind", "Op", "frame"]
 
 log = logging.getLogger(__name__)
 
 Op = tuple[Any, ...]
 
-# main -> worker, in the node's order
-ENTRY = "e"  # (ENTRY, channel name, Entry, publisher_id, except: session ids)
-MEMBER = "m"  # (MEMBER, name, marker seq): a family member now lives on the node
-REMOVED = "d"  # (REMOVED, name): a member is gone
-LIVE = "l"  # (LIVE, redis channel): Redis confirmed a member's subscription
-OUTAGE = "o"  # (OUTAGE, seq): Redis was away; positions before seq get a gap
-STATE = "s"  # (STATE, BrokerState value, reconnects)
-CONFIG = "c"  # (CONFIG, Config): a reload
-# (STREAM, key, entry id, started): main reads stream ``key`` on from this entry id (its
-# entries up to it came before); started: it just began reading it (the key is live)
-STREAM = "v"
-STREAMS = "w"  # (STREAMS, BrokerState value): the state of main's stream reader
-SNAPSHOT = "n"  # (SNAPSHOT, dict): the node's state, first frame to a new worker
-REFUSED = "r"  # (REFUSED, token): a HOLD the node turned away
-CONTROL = "k"  # (CONTROL, Command): a control message (core/control.py) for the streams
-REFUSALS = "f"  # (REFUSALS, [Refuse]): refused reconnects read from Redis
-PING = "p"  # (PING, n)
-STATS = "t"  # main: (STATS,) asks; worker: (STATS, [Metric, ...]) answers
-# worker -> main
-READY = "y"  # (READY, port): listening
-PONG = "q"  # (PONG, n, connections)
-HOLD = "h"  # (HOLD, name, token): a stream on this worker holds the member
-RELEASE = "x"  # (RELEASE, name, token): no stream on this worker holds it any more
-JOIN = "j"  # (JOIN, channel, session, meta, presence): a stream registered
-LEAVE = "v"  # (LEAVE, channel, session, meta, reason, presence): a stream ended
-REFUSE = "u"  # (REFUSE, Refuse): a session here was refused by its credential
+
+@enum.unique
+class Kind(enum.IntEnum):
+    """What an operation says: its first element. Unique values, checked at import."""
+
+    # main -> worker, in the node's order
+    ENTRY = 1  # (ENTRY, channel name, Entry, publisher_id, except: session ids)
+    MEMBER = 2  # (MEMBER, name, marker seq): a family member now lives on the node
+    REMOVED = 3  # (REMOVED, name): a member is gone
+    LIVE = 4  # (LIVE, redis channel): Redis confirmed a member's subscription
+    OUTAGE = 5  # (OUTAGE, seq): Redis was away; positions before seq get a gap
+    STATE = 6  # (STATE, BrokerState value, reconnects)
+    CONFIG = 7  # (CONFIG, Config): a reload
+    # (STREAM, key, entry id, started): main reads stream ``key`` on from this entry
+    # id (its entries up to it came before); started: it just began reading it (live)
+    STREAM = 8
+    STREAMS = 9  # (STREAMS, BrokerState value): the state of main's stream reader
+    REFUSED = 10  # (REFUSED, token): a HOLD the node turned away
+    PING = 11  # (PING, n)
+    STATS = 12  # main: (STATS,) asks; worker: (STATS, [Metric, ...]) answers
+    CONTROL = 13  # (CONTROL, Command): a control message (core/control.py) for the streams
+    REFUSALS = 14  # (REFUSALS, [Refuse]): refused reconnects read from Redis
+    # main -> a new worker, before anything else (see snapshot.py)
+    SNAPSHOT = 20  # (SNAPSHOT, dict): the node's state but its histories
+    HISTORY = 21  # (HISTORY, channel name, [Entry, ...], [seq with a publisher id, ...])
+    SNAPSHOT_END = 22  # (SNAPSHOT_END,): the snapshot is complete
+    # worker -> main
+    READY = 30  # (READY, port): listening
+    PONG = 31  # (PONG, n, connections)
+    HOLD = 32  # (HOLD, name, token): a stream on this worker holds the member
+    RELEASE = 33  # (RELEASE, name, token): no stream on this worker holds it any more
+    JOIN = 34  # (JOIN, channel, session, meta, presence): a stream registered
+    LEAVE = 35  # (LEAVE, channel, session, meta, reason, presence): a stream ended
+    REFUSE = 36  # (REFUSE, Refuse): a session here was refused by its credential
+
 
 _LEN = struct.Struct("!I")
 
@@ -126,7 +111,8 @@ class FrameReader:
 
 
 class FrameProtocol(asyncio.Protocol):
-    """Reads frames and hands each one's operations to ``on_ops``, synchronously."""
+    """Reads frames and hands each one's operations to ``on_ops``, synchronously; tells
+    when what it wrote is down to the transport's low-water mark (``drained``)."""
 
     def __init__(
         self, on_ops: Callable[[list[Op]], None], reader: FrameReader | None = None
@@ -135,6 +121,8 @@ class FrameProtocol(asyncio.Protocol):
         self._reader = FrameReader() if reader is None else reader
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -144,8 +132,19 @@ class FrameProtocol(asyncio.Protocol):
             self._on_ops(ops)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()  # nothing waits for a socket that is gone
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def drained(self) -> None:
+        """Until the transport's buffer is below its low-water mark (or the socket is gone)."""
+        await self._writable.wait()
 
     def send(self, ops: list[Op]) -> None:
         """Write one frame (dropped when the other side is gone: it is being replaced)."""

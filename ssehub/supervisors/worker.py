@@ -28,160 +28,22 @@ from typing import Any
 
 from .. import logs
 from ..config import Config, RedisConfig
-from ..core.ids import parse_stream_id, split_mux_id
 from ..core.waiters import Changes
-from ..hub.channel import Channel, Subscriber, streams_of
-from ..hub.hub import Hub
 from ..node import Node
 from ..redis.factory import create_replays
 from ..redis.pubsub import Broker, BrokerState
 from ..redis.streams import Entry
 from ..server import HubServer
-from . import feed
-from .feed import FrameProtocol, FrameReader, Op
+from .feed import FrameProtocol, FrameReader, Kind, Op
 from .process import EXIT_FAILED
 from .process import run as run_loop
+from .snapshot import Receiver
 from .systemd import Notifier
+from .worker_hub import WorkerHub
 
-__all__ = ["FeedBroker", "FeedSink", "FeedStreams", "WorkerHub", "main"]
+__all__ = ["FeedBroker", "FeedSink", "FeedStreams", "main"]
 
 log = logging.getLogger("ssehub.supervisors.worker")  # also when run as __main__
-
-# Seconds a stream whose Last-Event-ID is ahead of this worker (it was handed out by
-# a faster sibling) waits for the feed to catch up before it counts as unknown.
-_CATCH_UP = 1.0
-
-
-class WorkerHub(Hub):
-    """A hub whose positions, members and outages come from the node's feed."""
-
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        # Members' markers are the node's: main's MEMBER frame brings each one.
-        self.registry.numbers = False
-        self.upstream: FrameProtocol | None = None
-        # Members this worker told main it holds, by token, until it lets them go.
-        self._held: dict[int, Channel] = {}
-        # Streams waiting for the feed to reach their Last-Event-ID.
-        # Resolved when the feed moves this worker's position on (see caught_up).
-        self._advanced = Changes()
-
-    def _send(self, op: Op) -> None:
-        if self.upstream is not None:
-            self.upstream.send([op])
-
-    # --- members: created and dropped by main, for the whole node ------------------
-
-    def acquire(self, names: Sequence[str]) -> tuple[Channel, ...]:
-        """As ``Hub.acquire``; the first local stream of a member tells main (one frame)."""
-        channels = super().acquire(names)
-        for channel in channels:
-            if channel.family is not None and id(channel) not in self._held:
-                self._held[id(channel)] = channel
-                self._send((feed.HOLD, channel.name, id(channel)))
-        return channels
-
-    def release(self, channels: Sequence[Channel]) -> None:
-        """No grace here: main keeps the member while any worker holds it, then the grace."""
-        for channel in channels:
-            channel.holds -= 1
-            if channel.holds == 0 and self._held.pop(id(channel), None) is not None:
-                self._send((feed.RELEASE, channel.name, id(channel)))
-
-    def add_member(self, name: str, marker: int) -> None:
-        """The node created member ``name`` at position ``marker``: keep its history here too."""
-        self.seq = max(self.seq, marker)
-        channel = self.channels.get(name)
-        if channel is not None:  # this worker's stream asked for it first
-            channel.history.evicted_seq = max(channel.history.evicted_seq, marker)
-            return
-        found = self.families.find(name)
-        if found is not None:
-            self.registry.create_member(name, *found, marker=marker)
-
-    def remove_member(self, name: str, reason: str = "channel_removed") -> Channel | None:
-        """The node dropped ``name`` (or refused it): end its streams here."""
-        channel = self.channels.get(name)
-        if channel is not None and channel.family is not None:
-            self.registry.remove_member(channel, reason)
-            return channel
-        return None
-
-    def serves(self, redis_channel: bytes) -> bool:
-        """True while a channel fed by ``redis_channel`` lives here."""
-        return redis_channel in self._by_redis
-
-    def serves_stream(self, key: bytes) -> bool:
-        """True while a stream channel of stream ``key`` lives here."""
-        return key in self._by_stream
-
-    def stream_at(self, key: bytes, position: str, started: bool) -> None:
-        """Main reads ``key`` on from ``position`` (entries it rejected move it too)."""
-        for channel in self._by_stream.get(key, ()):
-            channel.stream_pos = position
-            if started:  # as Hub.stream_started: no subscriber here has seen anything yet
-                channel.flushed_pos = position
-
-    def refused(self, token: int) -> None:
-        """Main turned a HOLD away (over ``max_members``, or unknown after a reload)."""
-        channel = self._held.pop(token, None)
-        if channel is not None and self.channels.get(channel.name) is channel:
-            self.registry.remove_member(channel, "limit")
-
-    # --- resume across workers ------------------------------------------------------
-
-    def subscribe(
-        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
-    ) -> bool:
-        """As ``Hub.subscribe``; a stream whose member went while it waited just ends."""
-        if any(self.channels.get(c.name) is not c for c in sub.channels):
-            # The member went while the stream waited for it: the browser comes back.
-            self.stats.closed["channel_removed"] += 1
-            sub.end("channel_removed")
-            return True
-        return super().subscribe(sub, last_event_id, mux, rewind)
-
-    async def caught_up(
-        self, last_event_id: str | None, channels: Sequence[Channel] = (), mux: bool = False
-    ) -> None:
-        """Wait (at most ``_CATCH_UP`` s) until this worker's feed has reached the node
-        position ``last_event_id`` names, and each stream channel's entry id in it: a
-        client that saw it on a quicker worker must not get a gap here for what is
-        merely still on its way."""
-        if last_event_id is None:
-            return
-        await self._advanced.until(
-            lambda: not self._behind(last_event_id, channels, mux), _CATCH_UP
-        )
-
-    def _behind(self, last_event_id: str, channels: Sequence[Channel], mux: bool) -> bool:
-        if self._ahead(last_event_id) > self.seq:
-            return True
-        streams = streams_of(channels)
-        if not streams:
-            return False
-        positions: list[str] | None = [last_event_id]
-        if mux:
-            _, positions = split_mux_id(last_event_id, len(streams))
-        if positions is None or len(positions) != len(streams):
-            return False
-        for channel, position in zip(streams, positions, strict=True):
-            wanted, at = parse_stream_id(position), parse_stream_id(channel.stream_pos)
-            if wanted is not None and at is not None and wanted > at:
-                return True
-        return False
-
-    def _ahead(self, last_event_id: str | None) -> int:
-        """The position of ``last_event_id`` when it is the node's and past this worker's."""
-        if last_event_id is None:
-            return 0
-        # (an /events id may carry stream positions after a '~': the node's part first)
-        seq = self.numbering.seq_of(last_event_id.split("~")[0])
-        return seq if seq is not None and seq > self.seq else 0
-
-    def advanced(self) -> None:
-        """The feed moved this worker's position on: wake the streams waiting for it."""
-        self._advanced.changed()
 
 
 class FeedStreams:
@@ -308,7 +170,7 @@ class FeedBroker(Broker):
         deliver = hub.deliver
         for op in ops:
             kind = op[0]
-            if kind == feed.ENTRY:
+            if kind == Kind.ENTRY:
                 e = op[2]
                 hub.seq = e[0]
                 channel = channels.get(op[1])
@@ -320,9 +182,9 @@ class FeedBroker(Broker):
 
     def _control(self, op: Op) -> None:
         hub, kind = self.hub, op[0]
-        if kind == feed.MEMBER:
+        if kind == Kind.MEMBER:
             hub.add_member(op[1], op[2])
-        elif kind == feed.REMOVED:
+        elif kind == Kind.REMOVED:
             channel = hub.remove_member(op[1])
             if channel is not None and channel.stream:
                 if not hub.serves_stream(channel.redis):
@@ -330,48 +192,48 @@ class FeedBroker(Broker):
             elif channel is not None and not hub.serves(channel.redis):
                 self.live.discard(channel.redis)
             self._wake()
-        elif kind == feed.STREAM:
+        elif kind == Kind.STREAM:
             hub.stream_at(op[1], op[2], op[3])
             if op[3]:
                 self.streams.live.add(op[1])
                 self.streams.wake()
-        elif kind == feed.STREAMS:
+        elif kind == Kind.STREAMS:
             self.streams.state = BrokerState(op[1])
             self.streams.wake()
-        elif kind == feed.LIVE:
+        elif kind == Kind.LIVE:
             self.live.add(op[1])
             self._wake()
-        elif kind == feed.OUTAGE:
+        elif kind == Kind.OUTAGE:
             hub.signal_outage(op[1])
-        elif kind == feed.STATE:
+        elif kind == Kind.STATE:
             old, self.state, self.reconnects = self.state, BrokerState(op[1]), op[2]
             if old is not self.state:
                 self._wake()
-        elif kind == feed.CONFIG:
+        elif kind == Kind.CONFIG:
             hub.reload(op[1])
             self.streams.live.intersection_update(hub.stream_keys())  # main reads them anew
             if self.node is not None:
                 self.node.config = op[1]
-        elif kind == feed.CONTROL:
+        elif kind == Kind.CONTROL:
             if self.node is not None:
                 self.node.control.apply(op[1])
-        elif kind == feed.REFUSALS:
+        elif kind == Kind.REFUSALS:
             if self.node is not None:
                 self.node.control.load(op[1])
-        elif kind == feed.REFUSED:
+        elif kind == Kind.REFUSED:
             hub.refused(op[1])
             self._wake()
-        elif kind == feed.PING:
-            self._reply((feed.PONG, op[1], hub.connections))
-        elif kind == feed.STATS:
+        elif kind == Kind.PING:
+            self._reply((Kind.PONG, op[1], hub.connections))
+        elif kind == Kind.STATS:
             metrics = self.node.metrics if self.node is not None else None
-            self._reply((feed.STATS, list(metrics.registry.collect()) if metrics else []))
+            self._reply((Kind.STATS, list(metrics.registry.collect()) if metrics else []))
         else:
             log.error("unknown feed operation kind=%r", kind)
 
     def send_ready(self, port: int) -> None:
         """Tell main this worker listens (and so may count towards READY=1)."""
-        self._reply((feed.READY, port))
+        self._reply((Kind.READY, port))
 
     def _reply(self, op: Op) -> None:
         if self.proto is not None:
@@ -388,10 +250,10 @@ class FeedSink:
         self._scheduled = False
 
     def join(self, channel: str, session: str, meta: Any, presence: bool) -> None:
-        self._push((feed.JOIN, channel, session, meta, presence))
+        self._push((Kind.JOIN, channel, session, meta, presence))
 
     def leave(self, channel: str, session: str, meta: Any, reason: str, presence: bool) -> None:
-        self._push((feed.LEAVE, channel, session, meta, reason, presence))
+        self._push((Kind.LEAVE, channel, session, meta, reason, presence))
 
     def _push(self, op: Op) -> None:
         self._ops.append(op)
@@ -425,74 +287,32 @@ def _no_message(channel: bytes, payload: bytes) -> None:  # pragma: no cover - n
     pass
 
 
-def _read_snapshot(sock: socket.socket) -> tuple[dict[str, Any], list[list[Op]], FrameReader]:
-    """The first frame, read before the event loop starts: nothing is served without it.
-
-    Returns the snapshot, the frames that came with it, and the reader (which may
-    hold the start of the next frame).
-    """
-    reader = FrameReader()
-    frames: list[list[Op]] = []
-    while not frames:
-        data = sock.recv(1 << 20)
-        if not data:
-            raise SystemExit("ssehub worker: the main process went away before the snapshot")
-        frames = reader.feed(data)
-    ((kind, snapshot),) = frames[0]
-    if kind != feed.SNAPSHOT:
-        raise SystemExit(f"ssehub worker: expected the snapshot first, got {kind!r}")
-    return snapshot, frames[1:], reader
-
-
-def build(snapshot: dict[str, Any]) -> WorkerHub:
-    """A worker's hub in the node's state: the same epoch, positions and history."""
-    config: Config = snapshot["config"]
-    hub = WorkerHub(config)
-    hub.epoch = snapshot["epoch"]
-    hub.seq = snapshot["seq"]
-    hub.outage_seq = snapshot["outage_seq"]
-    for name, marker in snapshot["members"]:
-        hub.add_member(name, marker)
-    for name, (history, last_seq) in snapshot["history"].items():
-        channel = hub.channels.get(name)
-        if channel is not None:
-            channel.history = history
-            channel.last_seq = last_seq
-    for name, (stream_pos, flushed_pos) in snapshot["positions"].items():
-        channel = hub.channels.get(name)
-        if channel is not None:
-            channel.stream_pos, channel.flushed_pos = stream_pos, flushed_pos
-    hub.seq = snapshot["seq"]
-    return hub
-
-
 async def serve(
-    sock: socket.socket, snapshot: dict[str, Any], later: list[list[Op]], reader: FrameReader
+    sock: socket.socket, header: dict[str, Any], receiver: Receiver, hub: WorkerHub
 ) -> int:
     """Serve until SIGTERM (forwarded by main), until main goes away or a task fails;
     returns the exit code."""
     stop = asyncio.Event()
-    config: Config = snapshot["config"]
-    hub = build(snapshot)
+    config: Config = header["config"]
     broker = FeedBroker(config, hub, sock)
-    broker.state = BrokerState(snapshot["state"])
-    broker.reconnects = snapshot["reconnects"]
-    broker.live = set(snapshot["live"])
-    broker.streams.live = set(snapshot["streams"])
-    broker.streams.state = BrokerState(snapshot["streams_state"])
+    broker.state = BrokerState(header["state"])
+    broker.reconnects = header["reconnects"]
+    broker.live = set(header["live"])
+    broker.streams.live = set(header["streams"])
+    broker.streams.state = BrokerState(header["streams_state"])
     # The node a single process builds, with its entries from the feed.
     broker.node = node = Node(config, hub=hub, feed=broker)
+    node.tasks.on_failure = stop.set
     # The node's control plane is main's: commands and refusals come in the feed; a
     # session refused here by its credential goes to main, which tells every node.
-    node.control.load(snapshot["refusals"])
-    node.control.on_refuse = lambda refusal: broker._reply((feed.REFUSE, refusal))
-    node.tasks.on_failure = stop.set
+    node.control.load(header["refusals"])
+    node.control.on_refuse = lambda refusal: broker._reply((Kind.REFUSE, refusal))
     # Only SIGTERM, from main: SIGINT and SIGHUP are ignored (see main()).
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     server = HubServer(config, Notifier({}), node=node, reuse_port=True)
-    for ops in later:
+    for ops in receiver.later:
         broker._apply(ops)
-    await broker.connect(reader)
+    await broker.connect(receiver.reader)
     await server.start()
     broker.send_ready(server.port)
     gc.collect()
@@ -517,10 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = socket.socket(fileno=int(args[0]))
     sock.setblocking(True)
-    snapshot, later, reader = _read_snapshot(sock)
-    logs.setup(snapshot["config"].logging, level=snapshot["log_level"])
+    receiver = Receiver(sock)
+    header = receiver.header()
+    logs.setup(header["config"].logging, level=header["log_level"])
+    hub = receiver.hub(header)
     sock.setblocking(False)
-    return run_loop(serve(sock, snapshot, later, reader))
+    return run_loop(serve(sock, header, receiver, hub))
 
 
 if __name__ == "__main__":
