@@ -82,7 +82,8 @@ async def test_entries_become_events_with_their_entry_ids(
             (b, "note", "text"),
         ]
         assert events[1].retry == 2500
-        assert not await redis_client.pubsub_channels()  # no pub/sub for a stream channel
+        # No pub/sub for a stream channel (the subscription carries the control channel).
+        assert await redis_client.pubsub_channels() == [b"ssehub:control"]
     finally:
         await c.close()
 

@@ -133,6 +133,15 @@ class Hub:
         self.sessions.roster = roster
 
     @property
+    def on_control(self) -> Callable[[bytes, bytes], None] | None:
+        """Told of every message on the control channel (the node's control plane)."""
+        return self.ingest.on_control
+
+    @on_control.setter
+    def on_control(self, on_control: Callable[[bytes, bytes], None] | None) -> None:
+        self.ingest.on_control = on_control
+
+    @property
     def observe_delay(self) -> Callable[[float], None] | None:
         return self.fanout.observe_delay
 

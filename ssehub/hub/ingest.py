@@ -51,6 +51,8 @@ class Ingest:
         self._by_redis = registry.by_redis
         self._by_stream = registry.by_stream
         self.deliver = deliver
+        # Told of every message on the control channel (the node's control plane).
+        self.on_control: Callable[[bytes, bytes], None] | None = None
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -63,6 +65,8 @@ class Ingest:
         if channels is None:
             if redis_channel == self._registry.juggernaut:
                 self._publish_juggernaut(payload)
+            elif redis_channel == self._registry.control and self.on_control is not None:
+                self.on_control(redis_channel, payload)
             return
         for channel in channels:
             self.stats.received[channel.label] += 1

@@ -89,6 +89,9 @@ class Registry:
         self.by_stream: dict[bytes, list[Channel]] = {}
         self.aging: set[History] = set()  # histories with an age bound, for the expiry timer
         self.juggernaut: bytes | None = None
+        # The control channel (disconnects, refusals: redis/control.py), on the same
+        # subscription as the channels, classic pub/sub also on a Cluster.
+        self.control = b""
         # The Redis side, told what to follow (set by the server): pub/sub channels
         # through the broker, stream channels through the stream reader.
         self.broker: Follows | None = None
@@ -105,6 +108,7 @@ class Registry:
         self.juggernaut = (
             config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
         )
+        self.control = config.control.redis_channel.encode()
         self.families = Families(config.channels.values())
         # Refilled, never replaced: the hub's input holds these very dicts.
         self.by_redis.clear()
@@ -178,6 +182,7 @@ class Registry:
     def redis_channels(self) -> list[bytes]:
         """The Redis channels the broker must subscribe to."""
         names = set(self.by_redis)
+        names.add(self.control)
         if self.juggernaut is not None:
             names.add(self.juggernaut)
         return sorted(names)
@@ -218,7 +223,7 @@ class Registry:
             if channel is not None:
                 continue
             match = self.families.find(name)
-            if match is None or match[0].redis_channel(match[1]) == self.juggernaut:
+            if match is None or match[0].redis_channel(match[1]) in (self.juggernaut, self.control):
                 unknown.append(name)
             else:
                 new.append((name, *match))
