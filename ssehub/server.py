@@ -24,9 +24,11 @@ from .http.compat import (
     request_in_progress,
 )
 from .http.metrics import Metrics
+from .hub.control import Control
 from .hub.hub import Hub
 from .logs import enable_access_log, fields
 from .node import Listener, Node, listen_socket
+from .redis.control import ControlPlane
 from .redis.events import EventsWriter
 from .redis.pubsub import Broker, BrokerState
 from .redis.streams import StreamSource
@@ -96,7 +98,7 @@ class HubServer(Listener):
         # systemd's notify socket, when the supervisor gives it: READY=1 waits for Redis.
         self.notifier: Notify = _Unsupervised() if notifier is None else notifier
         self._ready_sent = False
-        self.app = create_app(self.hub, self.broker)
+        self.app = create_app(self.hub, self.broker, node.control)
         self.app[TASKS] = self.tasks
         if config.logging.access_log:  # off by default: a line per request is noise at scale
             enable_access_log(self.app)
@@ -154,6 +156,14 @@ class HubServer(Listener):
     @property
     def tasks(self) -> Tasks:
         return self.node.tasks
+
+    @property
+    def control(self) -> Control:
+        return self.node.control
+
+    @property
+    def plane(self) -> ControlPlane | None:
+        return self.node.plane
 
     @property
     def admin_port(self) -> int:

@@ -203,6 +203,20 @@ class SSEClient:
         await self.read_until(lambda c: len(c.events) >= n, timeout)
         return self.events
 
+    async def read_for(self, seconds: float) -> list[Event]:
+        """Read for ``seconds`` (a window in which nothing is expected, not a wait for
+        something); the events that arrived meanwhile."""
+        before = len(self.events)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            try:
+                if not await self._read_more(left):
+                    break
+            except TimeoutError:
+                break
+        return self.events[before:]
+
     async def read_to_eof(self, timeout: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,10 +15,12 @@ from ssehub.config import ChannelConfig, Limits
 from ssehub.core.history import SEQ, Budget, History
 from ssehub.core.history import entry as new_entry
 from ssehub.http.app import BUSY_EVENT
+from ssehub.http.auth import CLAIM
 from ssehub.hub.hub import GAP_EVENT
 
 from .conftest import StartHub
 from .sseclient import SSEClient, http_request, open_stream, wait_until
+from .test_auth import SECRET, token
 from .test_metrics import ADMIN, one, scrape
 from .test_slow_clients import rss
 
@@ -363,3 +366,43 @@ async def test_groups_following_different_sets_each_get_their_events_in_hub_orde
     finally:
         for client in clients:
             await client.close()
+
+
+async def test_public_channel_sets_cannot_spend_the_groups_of_private_ones(
+    start_hub: StartHub, tmp_path: Path
+) -> None:
+    """1,000 anonymous /events connections with random sets exhausted max_event_groups
+    for everyone (issue 20): sets with a private channel count on their own."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    hub = await start_hub(
+        {"a": {}, "b": {}, "c": {}, "priv": {"auth": "token"}, "user.*": {"auth": "token"}},
+        limits={"max_event_groups": 2},
+        auth={"secret_file": str(secret)},
+    )
+    held = [
+        await open_stream(hub.port, "/events?channel=a&channel=b"),
+        await open_stream(hub.port, "/events?channel=a&channel=c"),
+    ]
+    try:
+        turned = await SSEClient.connect(
+            hub.port, "/events?channel=b&channel=c", {"Accept": "text/event-stream"}
+        )
+        await turned.read_to_eof()
+        assert [json.loads(e.data)["reason"] for e in turned.events] == ["max_event_groups"]
+        await turned.close()
+        private = token(**{CLAIM: {"subscribe": ["priv", "user.*"]}})
+        for path in ("channel=a&channel=priv", "channel=b&channel=priv", "channel=user.1"):
+            held.append(await open_stream(hub.port, f"/events?{path}&token={private}"))
+        # Each private channel (or family) has max_event_groups sets of its own.
+        turned = await SSEClient.connect(
+            hub.port,
+            f"/events?channel=c&channel=priv&token={private}",
+            {"Accept": "text/event-stream"},
+        )
+        await turned.read_to_eof()
+        assert [json.loads(e.data)["reason"] for e in turned.events] == ["max_event_groups"]
+        await turned.close()
+    finally:
+        for c in held:
+            await c.close()

@@ -17,14 +17,17 @@ import redis
 from redis.crc import key_slot
 
 from ssehub.config import ConfigError, parse
-from ssehub.redis.cluster import ClusterBroker, slot_map
-from ssehub.redis.cluster_streams import ClusterStreamReader
+from ssehub.redis.cluster import ClusterBroker, _Node, slot_map
+from ssehub.redis.cluster_streams import ClusterStreamReader, _SlotReader
+from ssehub.redis.factory import create_presence_reader, create_replays
 from ssehub.server import HubServer
 
 from .conftest import StartHub
 from .redis_topology import RedisCluster
 from .sseclient import SSEClient, open_stream, wait_until
 from .test_faults import data, gaps
+from .test_redis_events import events_config, events_heard, running_writer
+from .test_redis_side import ends_by_itself
 
 
 def cluster_redis(cluster: RedisCluster, **more: Any) -> dict[str, Any]:
@@ -173,6 +176,34 @@ async def test_classic_channels_and_members_on_demand(
             await c.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flushed_first", [False, True])
+async def test_a_member_wanted_again_in_the_batch_that_drops_it_is_subscribed(
+    cluster: RedisCluster, flushed_first: bool
+) -> None:
+    """Issue 19, defect 2, on Cluster: drop then want within one 10 ms batch."""
+    got: list[bytes] = []
+    config = parse({"channels": {"a": {}}, "redis": cluster_redis(cluster)}).redis
+    broker = ClusterBroker(config, ["keep"], lambda channel, payload: got.append(payload))
+    task = asyncio.create_task(broker.run())
+    try:
+        await wait_until(lambda: broker.ready or task.done(), timeout=10)
+        broker.want([b"member"])
+        assert await broker.wait_subscribed([b"member"], 5)
+        if flushed_first:
+            broker.want([b"other"])
+            await asyncio.sleep(0)
+        broker.drop([b"member"])
+        await asyncio.sleep(0)
+        broker.want([b"member"])
+        assert await broker.wait_subscribed([b"member"], 2)
+        assert await asyncio.to_thread(cluster.spublish, "member", "still here") == 1
+        await wait_until(lambda: b"still here" in got, timeout=5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 # --- following the cluster -----------------------------------------------------------
 
 
@@ -295,6 +326,39 @@ async def test_stream_channels_are_read_on_the_master_owning_each_key(
 
 
 @pytest.mark.slow
+async def test_a_member_whose_key_is_no_stream_ends_alone_on_its_slot_reader(
+    cluster: RedisCluster, start_hub: StartHub
+) -> None:
+    """Issue 19, defect 1, on Cluster: the bad key shares its slot (a hash tag) with a
+    good member's key, so both would be in one XREAD; only the bad one's stream ends."""
+
+    def setup() -> None:
+        with redis.Redis(port=cluster.owner("{cs:fam}:evil"), socket_timeout=5) as r:
+            r.delete("{cs:fam}:evil", "{cs:fam}:good")
+            r.set("{cs:fam}:evil", "not a stream")
+
+    await asyncio.to_thread(setup)
+    hub = await start_stream_hub(
+        start_hub, cluster, {"fam.*": {"stream": "{cs:fam}:*"}, "news": {"stream": "cs:news"}}
+    )
+    news = await open_stream(hub.port, "/channels/news")
+    good = await open_stream(hub.port, "/channels/fam.good")
+    evil = await SSEClient.connect(hub.port, "/channels/fam.evil")
+    try:
+        await evil.read_to_eof(timeout=10)
+        assert evil.ended_cleanly
+        assert hub.hub.stats.stream_errors["fam.*"] == 1
+        sent = await asyncio.to_thread(xadd, cluster, "{cs:fam}:good", "good after")
+        await asyncio.to_thread(xadd, cluster, "cs:news", "news after")
+        assert [(e.id, e.data) for e in await good.next_events(1)] == [(sent, "good after")]
+        assert [e.data for e in await news.next_events(1)] == ["news after"]
+        assert hub.ready and hub.streams.reconnects == 0
+    finally:
+        for c in (news, good, evil):
+            await c.close()
+
+
+@pytest.mark.slow
 async def test_a_stream_resume_older_than_the_cache_reads_the_owning_master(
     cluster: RedisCluster, start_hub: StartHub
 ) -> None:
@@ -353,10 +417,17 @@ async def test_killing_a_master_loses_no_stream_entry_and_signals_no_gap(
             assert [e.id for e in events] == sent[k], k
         await wait_until(lambda: streams.ready and streams.reconnects >= 1, timeout=10)
         assert streams._readers[key_slot(keys[0].encode())].addr[1] == promoted
-        await asyncio.sleep(0.3)  # nothing more arrives: no gap, no duplicate
+        # Nothing more arrives, no gap, no duplicate: an entry added last on each key is
+        # the next event, and the only one, after those sent; and after it, reading on
+        # for a while, nothing at all.
+        for k in keys:
+            sent[k].append(await asyncio.to_thread(xadd, cluster, k, "last"))
         for k, client in clients.items():
-            assert [e.id for e in client.events] == sent[k]
-            assert not gaps(client)
+            await client.next_events(len(sent[k]))
+        late = await asyncio.gather(*(c.read_for(0.3) for c in clients.values()))
+        for (k, client), after in zip(clients.items(), late, strict=True):
+            assert [(e.event, e.id) for e in client.events] == [("message", i) for i in sent[k]]
+            assert after == []
     finally:
         for c in clients.values():
             await c.close()
@@ -387,3 +458,75 @@ async def test_a_manual_failover_moves_a_stream_reader_without_loss_or_gap(
         assert not gaps(client)
     finally:
         await client.close()
+
+
+# --- the other roles: events/presence writer and reader, replay reads ----------------
+
+
+@pytest.mark.slow
+async def test_events_and_presence_are_written_and_read_on_a_cluster(cluster: RedisCluster) -> None:
+    """Issue 19, defect 4: with a cluster URL the writer task died (redis-py's cluster
+    pipeline refuses PUBLISH) and the presence reader could not connect."""
+    config = events_config(cluster_redis(cluster), {"room.*": {"presence": True}})
+    rooms = await asyncio.to_thread(cluster.channels_on_each_master, "room.", 1)
+    reader = create_presence_reader(config.redis)
+    try:
+        async with (
+            events_heard(cluster.live[-1]) as heard,
+            running_writer(config, "cnode") as writer,
+        ):
+            for i, room in enumerate(rooms):
+                writer.join(room, f"s{i}", {"n": i}, True)
+            await wait_until(lambda: sorted(heard) == [f"s{i}" for i in range(len(rooms))], 10)
+            for i, room in enumerate(rooms):
+                page = await reader.page(room, 0, 10)
+                assert page["count"] == 1, page
+                member = {"session_id": f"s{i}", "node": "cnode", "meta": {"n": i}}
+                assert page["members"] == [member]
+    finally:
+        await reader.close()
+
+
+@pytest.mark.slow
+async def test_replay_reads_go_to_the_master_owning_each_key(cluster: RedisCluster) -> None:
+    """Issue 19, defect 4: a worker's replay reads (XRANGE) used a plain client on the
+    cluster URL; the factory's replay reader reads each key on its owner."""
+    config = parse({"channels": {"a": {}}, "redis": cluster_redis(cluster)}).redis
+    keys = await asyncio.to_thread(cluster.channels_on_each_master, "cs:replay:", 1)
+    sent = {
+        k: [await asyncio.to_thread(xadd, cluster, k, f"{k} {i}") for i in range(3)] for k in keys
+    }
+    replays = create_replays(config)
+    running = asyncio.create_task(replays.run())
+    try:
+        for k in keys:
+            entries = await replays.read_range(k.encode(), b"0-0", b"+", 10)
+            assert [e[0].decode() for e in entries] == sent[k]
+            assert await replays.first_id(k.encode()) == sent[k][0].encode()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["pubsub", "streams"])
+async def test_a_part_that_dies_ends_the_cluster_source_loudly(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    """Issue 19: a node's (a slot reader's) task that ended on an exception was never
+    heard of: ClusterBroker.run / ClusterStreamReader.run went on without it. Now the
+    source's run() raises it, for the process's task owner to act on."""
+    config = parse({"channels": {"a": {}}, "redis": cluster_redis(cluster)}).redis
+
+    async def broken(self: Any) -> None:
+        raise RuntimeError("a bug in a part")
+
+    role: Any
+    if source == "pubsub":
+        monkeypatch.setattr(_Node, "run", broken)
+        role = ClusterBroker(config, ["a"], lambda channel, payload: None)
+    else:
+        monkeypatch.setattr(_SlotReader, "run", broken)
+        role = ClusterStreamReader(config, print, print, lambda key: 0)
+        role.want([b"cs:part"])
+    await ends_by_itself(role.run(), RuntimeError, "a bug in a part", 10)

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from ssehub.hub.hub import GAP_EVENT
 
 from .conftest import StartHub
-from .sseclient import SSEClient, http_request, open_stream
+from .sseclient import SSEClient, http_request, open_stream, wait_until
 
 
 async def mux(port: int, channels: list[str], last_id: str | None = None) -> SSEClient:
@@ -136,3 +136,26 @@ async def test_mux_disconnect_cleans_up_groups(start_hub: StartHub) -> None:
     await wait_until(lambda: hub.hub.connections == 0)
     assert hub.hub.fanout.mux == {}
     assert not hub.hub.channels["a"].mux_groups
+
+
+async def test_each_channel_of_an_events_stream_rewinds_by_its_own_default(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """``/events?channel=chat&channel=prices`` replayed chat's history although only
+    prices has a ``rewind``: the largest was applied to all (issue 21). ``?rewind=N``
+    still asks every channel for its last N."""
+    hub = await start_hub({"chat": {}, "orders": {"rewind": 1}, "prices": {"rewind": 2}})
+    for i in range(3):
+        for name in ("chat", "orders", "prices"):
+            await redis_client.publish(name, f"{name} {i}")
+    await wait_until(lambda: hub.hub.seq == 9)
+    own = await open_stream(hub.port, "/events?channel=chat&channel=orders&channel=prices")
+    asked = await open_stream(hub.port, "/events?channel=chat&channel=prices&rewind=1")
+    try:
+        assert [e.data for e in own.events] == ["prices 1", "orders 2", "prices 2"]  # hub order
+        assert [e.data for e in asked.events] == ["chat 2", "prices 2"]
+        await redis_client.publish("chat", "live")
+        assert [e.data for e in await own.next_events(4)][3:] == ["live"]
+    finally:
+        await own.close()
+        await asked.close()

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.config import ConfigError, load, parse
+from ssehub.config import ConfigError, Limits, load, parse
 from ssehub.core.families import Families
+from ssehub.http.auth import CLAIM
+from ssehub.hub.registry import MEMBER_SWEEP
 from ssehub.server import HubServer
 
 from .conftest import StartHub
 from .redis_server import RedisServer
 from .sseclient import SSEClient, http_request, open_stream, wait_until
+from .test_auth import SECRET, token
 from .test_faults import kill_pubsub_clients
 from .test_metrics import ADMIN, one, scrape
 
@@ -82,6 +86,8 @@ def test_a_family_maps_members_to_redis_channels_with_the_same_star() -> None:
         ({"a.*.*": {}}, "channels.a.*.*", "exactly one '*'"),
         ({"chat": {"grace": 3}}, "channels.chat.grace", "only families"),
         ({"user.*": {"grace": -1}}, "channels.user.*.grace", "non-negative"),
+        ({"chat": {"max_members": 3}}, "channels.chat.max_members", "only families"),
+        ({"user.*": {"max_members": -1}}, "channels.user.*.max_members", "non-negative"),
     ],
 )
 def test_bad_family_config_names_the_key(channels: dict[str, Any], key: str, reason: str) -> None:
@@ -151,6 +157,32 @@ async def test_a_browser_returning_within_grace_keeps_the_subscription(
     assert await command_calls(redis_client, "subscribe") - subscribes == 1
     assert await command_calls(redis_client, "unsubscribe") == unsubscribes
     assert await redis_channels(redis_client) == {"app:user:7"}
+
+
+async def test_a_member_outlives_its_last_browser_by_its_grace_and_no_longer(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """The grace deadline both ways: a member whose last browser left stays, subscribed,
+    through the sweeps that come while its grace runs (every MEMBER_SWEEP), and goes at
+    the first sweep after it."""
+    grace = 1.5
+    hub = await start_hub({"user.*": {"redis_channel": "app:user:*", "grace": grace}})
+    c = await open_stream(hub.port, "/channels/user.g")
+    await c.close()
+    await wait_until(lambda: hub.hub.channels["user.g"].holds == 0)
+    left = time.monotonic()
+    assert await redis_channels(redis_client) == {"app:user:g"}
+    await wait_until(lambda: "user.g" not in hub.hub.channels, timeout=grace + 3, interval=0.01)
+    gone = time.monotonic() - left
+    # Kept at least its grace (less the 10 ms this test may have seen the leave late),
+    # and dropped within a sweep after it (plus slack for a loaded machine).
+    assert grace - 0.1 <= gone <= grace + MEMBER_SWEEP + 1.0, gone
+    assert hub.hub.stats.members_dropped["user.*"] == 1
+
+    async def unsubscribed() -> bool:
+        return await redis_channels(redis_client) == set()
+
+    await wait_until(unsubscribed, timeout=3)
 
 
 async def test_a_message_published_right_after_the_position_line_arrives(
@@ -355,3 +387,60 @@ async def test_reload_adds_and_removes_families(
         await room.close()
     finally:
         await server.stop()
+
+
+# --- limits no anonymous client can spend for everyone --------------------------------
+
+PUBLIC_AND_PRIVATE = {
+    "pub.*": {"redis_channel": "app:pub:*"},
+    "user.*": {"redis_channel": "app:user:*", "auth": "token"},
+}
+
+
+async def busy_reason(port: int, path: str) -> str:
+    c = await SSEClient.connect(port, path, {"Accept": "text/event-stream"})
+    assert c.status == 200
+    await c.read_to_eof()
+    await c.close()
+    (busy,) = [e for e in c.events if e.event == "ssehub-busy"]
+    reason: str = json.loads(busy.data)["reason"]
+    return reason
+
+
+async def test_each_family_has_its_own_max_members(start_hub: StartHub, tmp_path: Path) -> None:
+    """Anonymous /events connections filled the node-wide max_members with random
+    pub.<x> members, after which a valid token's user.777 got ssehub-busy (issue 20)."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    channels = {**PUBLIC_AND_PRIVATE, "room.*": {"max_members": 1}}
+    hub = await start_hub(channels, limits={"max_members": 3}, auth={"secret_file": str(secret)})
+    held = [await open_stream(hub.port, "/events?channel=pub.a&channel=pub.b&channel=pub.c")]
+    try:
+        assert await busy_reason(hub.port, "/channels/pub.d") == "max_members"
+        user = token(sub="u777", **{CLAIM: {"subscribe": ["user.777"]}})
+        held.append(await open_stream(hub.port, f"/channels/user.777?token={user}"))
+        held.append(await open_stream(hub.port, "/channels/room.1"))  # its own limit: 1
+        assert await busy_reason(hub.port, "/channels/room.2") == "max_members"
+        assert hub.hub.members == {"pub.*": 3, "user.*": 1, "room.*": 1}
+        assert hub.hub.stats.members_refused == {"pub.*": 1, "room.*": 1}
+    finally:
+        for c in held:
+            await c.close()
+
+
+async def test_a_connection_creates_at_most_a_few_new_members(start_hub: StartHub) -> None:
+    """One /events connection could create 32 members at once (issue 20)."""
+    hub = await start_hub(
+        {"pub.*": {"redis_channel": "app:pub:*"}}, limits={"max_new_members_per_connection": 2}
+    )
+    assert Limits().max_new_members_per_connection == 8
+    many = "/events?channel=pub.a&channel=pub.b&channel=pub.c"
+    assert await busy_reason(hub.port, many) == "max_new_members_per_connection"
+    assert not hub.hub.members
+    two = await open_stream(hub.port, "/events?channel=pub.a&channel=pub.b")
+    try:
+        # Members that live already cost nothing: only pub.c is new now.
+        three = await open_stream(hub.port, many)
+        await three.close()
+    finally:
+        await two.close()

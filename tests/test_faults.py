@@ -7,7 +7,6 @@ stops it in ``finally``. Redis is killed with SIGKILL, as a crash would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from ssehub.redis.pubsub import Broker, BrokerState
 from ssehub.server import HubServer
 
 from .conftest import StartHub
+from .proxy import Proxy
 from .redis_server import RedisServer, free_port
 from .sseclient import SSEClient, http_request, wait_until
 
@@ -251,78 +251,12 @@ async def test_client_kill_of_the_hub_connection_resubscribes(start_hub: StartHu
         redis.stop()
 
 
-class BlackholeProxy:
-    """A TCP proxy to Redis that can silently stop forwarding, sockets left open.
-
-    That is what a half-open connection looks like to the hub: no RST, no FIN, no
-    data; only a health check can tell.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.blackholed = False
-        self.accepted = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(self._handle(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        self._writers.append(writer)
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers.append(up_writer)
-        pumps = {
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
-        }
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            writer.close()
-            up_writer.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                if not self.blackholed:  # blackholed: swallow, say nothing, close nothing
-                    writer.write(data)
-                    await writer.drain()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-
-
 async def test_half_open_redis_connection_is_detected_by_health_checks(
     start_hub: StartHub,
 ) -> None:
     redis = RedisServer()
     redis.start()
-    proxy = BlackholeProxy(redis.port)
+    proxy = Proxy(redis.port)
     await proxy.start()
     url = f"redis://127.0.0.1:{proxy.port}/0"
     pub = aioredis.Redis.from_url(redis.url)

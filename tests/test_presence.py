@@ -39,6 +39,15 @@ ROOMS = {"chat": {}, "room.*": {"presence": True}, "lobby": {"presence": True}}
 Messages = list[dict[str, Any]]
 
 
+def strict(text: str | bytes) -> Any:
+    """JSON as a browser's ``JSON.parse`` reads it: no NaN, Infinity or -Infinity."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 @pytest.fixture
 async def heard(redis_client: aioredis.Redis) -> AsyncIterator[Callable[..., Any]]:
     """``await heard(*channels)``: a list that fills with the JSON published on them."""
@@ -53,7 +62,7 @@ async def heard(redis_client: aioredis.Redis) -> AsyncIterator[Callable[..., Any
         async def run() -> None:
             async for m in pubsub.listen():
                 if m["type"] == "message":
-                    got.append({"_on": m["channel"].decode(), **json.loads(m["data"])})
+                    got.append({"_on": m["channel"].decode(), **strict(m["data"])})
 
         tasks.append(asyncio.create_task(run()))
         pubsubs.append(pubsub)
@@ -218,6 +227,59 @@ async def test_meta_from_the_query_is_bounded_and_never_logged(
     assert "secret" not in text and "QQQ" not in text and "meta=REDACTED" in text
 
 
+@pytest.mark.parametrize(
+    ("query", "meta"),
+    [
+        # Python's JSON extensions and a number no double holds: not JSON, so the text.
+        ("NaN", "NaN"),
+        ("Infinity", "Infinity"),
+        ("-Infinity", "-Infinity"),
+        ("%5BNaN%5D", "[NaN]"),
+        ("%7B%22x%22%3A1e999%7D", '{"x":1e999}'),
+        ("[" * 1500 + "]" * 1500, "[" * 1500 + "]" * 1500),  # deeper than Python reads
+        ("%7B%22x%22%3A1.5%7D", {"x": 1.5}),
+    ],
+)
+async def test_meta_is_strict_json_or_the_text_so_every_answer_stays_json(
+    start_hub: StartHub, heard: Callable[..., Any], query: str, meta: Any
+) -> None:
+    """``?meta=NaN`` was stored and published as bare NaN: the presence answer and every
+    event of the channel failed JSON.parse for everyone (issue 20)."""
+    got = await heard("ssehub:events")
+    hub = await start_hub(ROOMS, events=EVENTS, admin=ADMIN, meta={"max_bytes": 4096})
+    other = await open_stream(hub.port, "/channels/lobby?meta=%22ann%22")
+    c = await open_stream(hub.port, f"/channels/lobby?meta={query}")
+    try:
+        await wait_until(lambda: len(got) == 2)
+        assert got[1]["meta"] == meta
+        answer = await presence(hub.admin_port, "lobby")  # parsed strictly
+        assert {m["session_id"]: m["meta"] for m in answer["members"]} == {
+            other.session: "ann",
+            c.session: meta,
+        }
+    finally:
+        await c.close()
+        await other.close()
+
+
+async def test_a_token_claim_that_is_not_json_is_refused(
+    start_hub: StartHub, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET)
+    hub = await start_hub(
+        {"user.42": {"auth": "token", "presence": True}},
+        events=EVENTS,
+        auth={"secret_file": str(secret_file)},
+        meta={"claim": "name"},
+    )
+    bad = token(sub="u42", name=float("nan"))  # PyJWT writes (and reads) a bare NaN
+    status, _, body = await http_request(hub.port, f"/channels/user.42?token={bad}")
+    assert status == 400 and b"not JSON" in body
+    good = await open_stream(hub.port, f"/channels/user.42?token={token(sub='u42', name='x')}")
+    await good.close()
+
+
 # --- presence ----------------------------------------------------------------------
 
 
@@ -225,7 +287,7 @@ async def presence(port: int, channel: str, **query: Any) -> dict[str, Any]:
     qs = "&".join(f"{k}={v}" for k, v in query.items())
     status, _, body = await http_request(port, f"/channels/{channel}/presence?{qs}")
     assert status == 200, body
-    answer: dict[str, Any] = json.loads(body)
+    answer: dict[str, Any] = strict(body)
     return answer
 
 

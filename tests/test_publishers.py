@@ -96,14 +96,14 @@ async def test_juggernaut_delivers_to_every_valid_channel_whatever_happens_to_on
     start_hub: StartHub, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = await start_hub({"a": {}, "b": {}, "c": {}}, juggernaut={"enabled": True})
-    ingest = hub.hub._ingest
+    ingest = hub.hub.ingest._ingest
 
     def failing_on_b(channel: object, event: Event) -> None:
         if getattr(channel, "name", None) == "b":
             raise RuntimeError("b is broken")
         ingest(channel, event)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(hub.hub, "_ingest", failing_on_b)
+    monkeypatch.setattr(hub.hub.ingest, "_ingest", failing_on_b)
     a = await open_stream(hub.port, "/channels/a")
     c = await open_stream(hub.port, "/channels/c")
     try:
@@ -138,3 +138,53 @@ async def test_empty_publisher_id_gets_a_hub_id_that_resumes(
         assert [e.data for e in await again.next_events(1)] == ["second"]
     finally:
         await again.close()
+
+
+# --- deeply nested JSON --------------------------------------------------------------
+
+# 10 KB of nesting: past Python's recursion limit in the json module (issue 19).
+DEEP = b"[" * 5000
+DEEP_FIELD = b'{"data": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "payload"),
+    [("json", DEEP), ("json", DEEP_FIELD), ("juggernaut", b'{"channel": "a", "data": ' + DEEP)],
+)
+def test_deep_nesting_is_invalid_json(fmt: str, payload: bytes) -> None:
+    with pytest.raises(Rejected) as err:
+        if fmt == "juggernaut":
+            parse_juggernaut(payload, 100_000)
+        else:
+            parse(fmt, payload, 100_000)
+    assert err.value.reason == "invalid_json"
+
+
+async def test_deeply_nested_json_is_rejected_counted_and_the_next_message_delivered(
+    start_hub: StartHub, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = await start_hub({"feed": {"format": "json"}})
+    client = await open_stream(hub.port, "/channels/feed")
+    try:
+        await redis_client.publish("feed", DEEP)
+        await redis_client.publish("feed", DEEP_FIELD)
+        await redis_client.publish("feed", json.dumps({"data": "good"}))
+        assert [e.data for e in await client.next_events(1)] == ["good"]
+        assert hub.hub.stats.rejected[("feed", "invalid_json")] == 2
+        assert len(records_with(caplog, "message rejected")) == 2
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"data": NaN}', b'{"data": [Infinity]}', b'{"data": {"x": -Infinity}}', b'{"data": 1e999}'],
+)
+def test_json_that_is_not_rfc_8259_is_invalid_json(payload: bytes) -> None:
+    """A browser's JSON.parse reads none of these back from the event's data."""
+    with pytest.raises(Rejected) as err:
+        parse("json", payload, MAX)
+    assert err.value.reason == "invalid_json"
+    with pytest.raises(Rejected):
+        parse_juggernaut(payload.replace(b"{", b'{"channel": "a", ', 1), MAX)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -102,3 +104,53 @@ async def test_listen_and_redis_changes_wait_for_a_restart(
     assert "take effect on restart" in caplog.text
     assert server.config.redis == old_redis
     assert server.broker.ready
+
+
+async def test_a_stream_catching_up_when_its_channel_is_removed_ends_instead_of_hanging(
+    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    """A client resuming a stream channel from Redis (further back than the cache) is
+    between its channel's lookup and its registration while it reads: a reload that
+    removes the channel then must end it, not register it in the removed channel, where
+    it would get no event and no heartbeat ever again (issue 19)."""
+    stream = "test:reload-catch-up"
+    await redis_client.delete(stream)
+    first = (await redis_client.xadd(stream, {"data": "first"})).decode()
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(2000):  # 8 MB: more than the kernel's socket buffers take
+        pipe.xadd(stream, {"data": f"{i} " + "x" * 4000})
+    await pipe.execute()
+    path = tmp_path / "hub.yaml"
+    extra = "heartbeat: 0.5\nlimits: {max_buffer_bytes: 65536}\n"
+    write_config(
+        path,
+        redis_server.url,
+        f"  keep: {{}}\n  orders: {{stream: '{stream}', history: 1}}\n",
+        extra,
+    )
+    server = HubServer(load(path))
+    await server.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await wait_until(lambda: server.ready, timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", server.port))
+        request = f"GET /channels/orders HTTP/1.1\r\nHost: t\r\nLast-Event-ID: {first}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        # Paging through Redis and waiting for the client, not yet registered.
+        await wait_until(lambda: server.hub.stats.redis_replays["orders"] == 1, timeout=5)
+        assert server.hub.connections == 0
+        write_config(path, redis_server.url, "  keep: {}\n", extra)
+        assert server.reload()
+        got = bytearray()
+        async with asyncio.timeout(10):  # three heartbeats and more: the stream must end
+            while chunk := await loop.sock_recv(sock, 1 << 16):
+                got += chunk
+        assert got.endswith(b"\r\n0\r\n\r\n")  # ended cleanly: the browser comes back
+        assert server.hub.stats.closed["channel_removed"] == 1
+        assert server.hub.connections == 0
+    finally:
+        sock.close()
+        await server.stop()

@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ssehub.config import ConfigError, parse
+from ssehub.redis.factory import create_presence_reader, create_replays
 from ssehub.redis.pubsub import BrokerState
 from ssehub.redis.sentinel import SentinelBroker
 
@@ -26,6 +27,8 @@ from .redis_server import RedisServer, free_port
 from .redis_topology import SentinelSetup
 from .sseclient import open_stream, wait_until
 from .test_faults import data, gaps
+from .test_redis_events import events_config, events_heard, running_writer
+from .test_redis_side import ends_by_itself
 
 
 def sentinel_redis(setup: SentinelSetup, **more: Any) -> dict[str, Any]:
@@ -229,3 +232,69 @@ async def test_a_stream_channel_through_sentinel_loses_nothing_in_a_failover(
         assert not gaps(client)
     finally:
         await client.close()
+
+
+@pytest.mark.slow
+async def test_writer_presence_and_replay_reads_follow_the_master(
+    sentinels: SentinelSetup,
+) -> None:
+    """Issue 19, defect 4: the events/presence writer and reader and the workers' replay
+    reads used redis.url (127.0.0.1:6379 by default), not the sentinels' master. Built
+    by the factory, each follows the master, also after a failover."""
+    config = events_config(sentinel_redis(sentinels), {"room.*": {"presence": True}})
+    reader = create_presence_reader(config.redis)
+    replays = create_replays(config.redis)
+    replaying = asyncio.create_task(replays.run())
+    old = await asyncio.to_thread(sentinels.master_port)
+    try:
+        async with running_writer(config, "snode") as writer:
+            with redis.Redis(port=old) as r:
+                first = r.xadd("s:replay", {"data": "one"}).decode()
+            async with events_heard(old) as heard:
+                writer.join("room.a", "s1", None, True)
+                await wait_until(lambda: heard == ["s1"], 10)
+            assert (await reader.page("room.a", 0, 10))["count"] == 1
+            entries = await replays.read_range(b"s:replay", b"0-0", b"+", 9)
+            assert [e[0].decode() for e in entries] == [first]
+            await asyncio.to_thread(sentinels.failover)
+            new = await asyncio.to_thread(sentinels.wait_promoted, old, 20)
+            with redis.Redis(port=new) as r:
+                second = r.xadd("s:replay", {"data": "two"}).decode()
+            async with events_heard(new) as heard:
+
+                async def all_follow() -> bool:
+                    # Each role reaches the new master within its retries (the old one
+                    # is a replica now: the next connection asks the sentinels again).
+                    writer.join("room.b", f"t{len(heard)}", None, True)
+                    try:
+                        page = await reader.page("room.b", 0, 10)
+                        entries = await replays.read_range(b"s:replay", b"0-0", b"+", 9)
+                    except Exception:
+                        return False
+                    ids = [e[0].decode() for e in entries]
+                    return bool(heard) and page["count"] >= 1 and ids == [first, second]
+
+                await wait_until(all_follow, 20, interval=0.2)
+    finally:
+        await reader.close()
+        replaying.cancel()
+        await asyncio.gather(replaying, return_exceptions=True)
+
+
+async def test_a_sentinel_watch_that_dies_ends_the_broker_loudly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 19: the +switch-master watch was a task nobody watched; an exception other
+    than a network fault ended it silently (and with it, failovers announced by the
+    sentinels). Now the broker's run() raises it, for the process's task owner."""
+    dead = [f"127.0.0.1:{free_port()}"]
+    config = parse(
+        {"channels": {"chat": {}}, "redis": {"sentinel": {"master": "m", "nodes": dead}}}
+    ).redis
+
+    async def broken(self: Any, addr: Any) -> None:
+        raise ValueError("a bug in the watch")
+
+    monkeypatch.setattr(SentinelBroker, "_watch_one", broken)
+    broker = SentinelBroker(config, ["chat"], lambda channel, payload: None)
+    await ends_by_itself(broker.run(), ValueError, "a bug in the watch", 5)

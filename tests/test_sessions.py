@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from ssehub.core.ids import SessionIds
+from ssehub.core.ids import compact, new_session_id
 from ssehub.core.messages import Rejected, parse, parse_juggernaut
 
 from .conftest import StartHub
@@ -49,25 +51,29 @@ async def test_every_stream_starts_with_its_own_session_id(start_hub: StartHub) 
         await close(a, b)
 
 
-async def test_session_ids_differ_across_hubs_and_runs(start_hub: StartHub) -> None:
+async def test_session_ids_tell_nothing_about_other_sessions(start_hub: StartHub) -> None:
+    """An id of ``<process prefix>.<counter>`` gave away its neighbours' (issue 20): an
+    app passing a client-chosen id to ``except`` could then hide another user's events."""
     one = await start_hub(CHANNELS)
     two = await start_hub(CHANNELS)
-    a = await open_stream(one.port, "/channels/chat")
-    b = await open_stream(two.port, "/channels/chat")
+    streams = [await open_stream(hub.port, "/channels/chat") for hub in (one, one, two)]
     try:
-        # Both are each hub's first stream: only the per-process prefix tells them apart.
-        assert a.session.split(".")[1] == b.session.split(".")[1] == "1"
-        assert a.session != b.session
+        ids = [c.session for c in streams]
+        assert len(set(ids)) == 3
+        assert all(re.fullmatch(r"[A-Za-z0-9_-]{16}", s) for s in ids)
+        # Consecutive streams of one process share no prefix worth guessing from.
+        assert ids[0][:8] != ids[1][:8]
     finally:
-        await close(a, b)
+        await close(*streams)
 
 
-def test_session_ids_are_compact_and_unique() -> None:
-    ids = SessionIds()
-    many = [ids.new() for _ in range(10_000)]
+def test_session_ids_carry_96_random_bits() -> None:
+    many = [new_session_id() for _ in range(10_000)]
     assert len(set(many)) == len(many)
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{8}\.[0-9a-z]{1,3}", s) for s in many)
-    assert SessionIds().prefix != ids.prefix
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{16}", s) for s in many)  # 16 x 6 bits
+    # Every position varies across ids: nothing is a per-process constant or a counter.
+    for position in range(16):
+        assert len({s[position] for s in many}) == 64
 
 
 # --- except: parsing --------------------------------------------------------------
@@ -219,3 +225,62 @@ async def test_a_stream_still_catching_up_skips_an_event_that_excepts_it(
         assert data == [str(i) for i in range(200)] + ["for all"]
     finally:
         await close(slow, other)
+
+
+async def test_an_except_published_while_the_stream_waits_for_redis_reaches_it_not(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """The page has its session id from the stream's first bytes, before the stream
+    registers: until then it may wait on Redis (a new member's confirmation, a stream
+    channel caught up from Redis). An event excepting it meanwhile must not reach it
+    in the replay that follows (issue 19)."""
+    stream = "test:except-wait"
+    await redis_client.delete(stream)
+    first = (await redis_client.xadd(stream, {"data": "first"})).decode()
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(2000):  # 8 MB: more than the kernel's socket buffers take
+        pipe.xadd(stream, {"data": f"{i} " + "x" * 4000})
+    await pipe.execute()
+    channels = {"chat": {"format": "json"}, "orders": {"stream": stream, "history": 1}}
+    hub = await start_hub(channels, wait_ready=False, limits={"max_buffer_bytes": 65536})
+    await wait_until(lambda: hub.ready, timeout=10)
+    # Where the page stands: now on chat, at the first entry on orders.
+    last_id = f"{hub.hub.epoch}-{hub.hub.seq}~{compact(first)}"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", hub.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    page = SSEClient(reader, writer)
+    request = "GET /events?channel=chat&channel=orders HTTP/1.1\r\nHost: t\r\n"
+    writer.write(f"{request}Last-Event-ID: {last_id}\r\n\r\n".encode())
+    try:
+        await page._read_head(5)
+        await page.read_until(lambda c: c.session)  # then it stops reading for a while
+        await wait_until(lambda: hub.hub.stats.redis_replays["orders"] == 1, timeout=5)
+        assert hub.hub.connections == 0  # still catching up from Redis, not registered
+        await redis_client.publish("chat", publish("not for the page", page.session))
+        await redis_client.publish("chat", publish("for all"))
+        await wait_until(lambda: hub.hub.stats.received["chat"] == 2)
+        events = await page.next_events(2001, timeout=20)
+        assert [e.data for e in events if e.event == "chat"] == ["for all"]
+        assert len([e for e in events if e.event == "orders"]) == 2000
+        assert hub.hub.sessions.waiting == 0  # live now
+    finally:
+        await page.close()
+    await wait_until(lambda: hub.hub.connections == 0)
+    assert (len(hub.hub.sessions), hub.hub.sessions.waiting) == (0, 0)
+
+
+async def test_sessions_of_streams_that_never_registered_are_let_go(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """A stream ended while it waited (here: for a member Redis never confirms, since
+    Redis is gone) leaves no session behind."""
+    hub = await start_hub({"user.*": {"redis_channel": "app:user:*"}}, heartbeat=0.2)
+    await redis_client.execute_command("CLIENT", "PAUSE", "400", "ALL")  # type: ignore[no-untyped-call]
+    c = await SSEClient.connect(hub.port, "/channels/user.7")
+    await c.read_until(lambda c: c.session)
+    assert hub.hub.sessions.waiting == 1
+    await c.close()
+    await wait_until(lambda: hub.hub.sessions.waiting == 0, timeout=5)
+    assert len(hub.hub.sessions) == 0

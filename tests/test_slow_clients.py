@@ -180,3 +180,31 @@ async def test_stuck_client_is_cut_and_memory_stays_bounded(
         for transport, _ in healthy:
             transport.close()
     await wait_until(lambda: hub.hub.connections == 0, timeout=5)
+
+
+async def test_a_stuck_client_is_cut_as_its_unsent_bytes_pass_the_bound(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """Where the cut happens: the stuck stream's unsent bytes, sampled after every
+    message the hub delivers, pass ``max_buffer_bytes`` by at most one message."""
+    limit = 64 * 1024
+    hub = await start_hub(limits={"max_buffer_bytes": limit})
+    stats = hub.hub.stats
+    stuck = await open_stuck(hub.port)
+    try:
+        await wait_until(lambda: hub.hub.connections == 1, timeout=5)
+        (transport,) = hub.hub.channels["chat"].subs.chunked
+        peak = sent = 0
+        # The kernel's socket buffers take the first messages; then the hub's own.
+        while not stats.slow_cut:
+            assert sent < 5000, f"not cut after {sent} messages, {peak} bytes unsent"
+            await redis_client.publish("chat", payload(sent))
+            sent += 1
+            await wait_until(lambda n=sent: stats.delivered >= n or stats.slow_cut, timeout=5)
+            if not stats.slow_cut:
+                peak = max(peak, transport.get_write_buffer_size())
+        frame = MESSAGE + 100  # a message as written: its id, data line and chunk framing
+        assert limit < peak <= limit + frame, (peak, limit)
+        assert stats.closed["slow"] == 1 and hub.hub.connections == 0
+    finally:
+        stuck.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -81,7 +82,8 @@ async def test_entries_become_events_with_their_entry_ids(
             (b, "note", "text"),
         ]
         assert events[1].retry == 2500
-        assert not await redis_client.pubsub_channels()  # no pub/sub for a stream channel
+        # No pub/sub for a stream channel (the subscription carries the control channel).
+        assert await redis_client.pubsub_channels() == [b"ssehub:control"]
     finally:
         await c.close()
 
@@ -508,3 +510,85 @@ async def test_rewind_on_events_and_family_members(
     finally:
         await c.close()
         await member.close()
+
+
+async def test_a_deeply_nested_entry_loses_nothing_else_live_or_on_resume(
+    start_hub: StartHub, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`[` x 5000 in one entry of a batch: rejected as invalid_json; the entries after it
+    in the same batch are delivered, and a resume over it from Redis reads past it."""
+    stream = key("deep-json")
+    hub = await start(start_hub, {"orders": {"stream": stream, "format": "json", "history": 2}})
+    first = await xadd(redis_client, stream, data='"before"')
+    c = await open_stream(hub.port, "/channels/orders", last_id=first)
+    try:
+        pipe = redis_client.pipeline(transaction=True)  # one XREAD batch for the reader
+        pipe.xadd(stream, {"data": "[" * 5000})
+        for i in range(5):
+            pipe.xadd(stream, {"data": f'"after {i}"'})
+        ids = [i.decode() for i in await pipe.execute()]
+        events = await c.next_events(5)
+        expected = [(i, f"after {n}") for n, i in enumerate(ids[1:])]
+        assert [(e.id, e.data) for e in events] == expected
+        assert hub.hub.stats.rejected[("orders", "invalid_json")] == 1
+    finally:
+        await c.close()
+    # history: 2 keeps only the last two: a resume from `first` pages through Redis.
+    back = await open_stream(hub.port, "/channels/orders", last_id=first)
+    try:
+        events = await back.next_events(5)
+        assert [e.id for e in events] == ids[1:]
+        assert not [e for e in events if e.event == "ssehub-gap"]
+    finally:
+        await back.close()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+
+
+async def test_an_unexpected_error_on_one_entry_costs_that_entry_only(
+    start_hub: StartHub, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = key("one-fails")
+    hub = await start(start_hub, {"orders": {"stream": stream}})
+    ingest = hub.hub.ingest._ingest
+
+    def failing_on_b(channel: Any, event: Any) -> None:
+        if event.data == "b":
+            raise RuntimeError("a bug")
+        ingest(channel, event)
+
+    monkeypatch.setattr(hub.hub.ingest, "_ingest", failing_on_b)
+    c = await open_stream(hub.port, "/channels/orders")
+    try:
+        pipe = redis_client.pipeline(transaction=True)  # one XREAD batch for the reader
+        for data in "abcd":
+            pipe.xadd(stream, {"data": data})
+        await pipe.execute()
+        assert [e.data for e in await c.next_events(3)] == ["a", "c", "d"]
+        assert hub.hub.stats.rejected[("orders", "internal_error")] == 1
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize("part", ["seq", "ms"])
+async def test_an_entry_id_out_of_redis_range_is_unknown_id_and_never_reaches_redis(
+    start_hub: StartHub, redis_client: aioredis.Redis, part: str
+) -> None:
+    """Each half of an entry id is a 64-bit unsigned number in Redis: a 20-digit one past
+    it is no entry id (issue 20), not a Redis error that ends the stream."""
+    stream = key(f"range-{part}")
+    first = await xadd(redis_client, stream, data="a")
+    hub = await start(start_hub, {"orders": {"stream": stream, "history": 1}})
+    for i in range(3):
+        await xadd(redis_client, stream, data=f"b {i}")
+    ms = first.split("-")[0]
+    last_id = f"{ms}-{2**64}" if part == "seq" else f"{2**64}-0"
+    back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": last_id})
+    try:
+        await back.read_until(lambda c: c.parser.last_id != last_id and c.events)
+        assert [e.event for e in back.events] == ["ssehub-gap"]
+        assert json.loads(back.events[0].data)["reason"] == "unknown_id"
+        entry = await xadd(redis_client, stream, data="live")
+        assert [e.id for e in await back.next_events(2)][1:] == [entry]
+        assert hub.hub.stats.redis_replays["orders"] == 0
+    finally:
+        await back.close()

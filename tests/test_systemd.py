@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from ssehub.supervisors.systemd import Notifier
 
 from .conftest import hub_config
 from .redis_server import RedisServer, free_port
+from .sseclient import wait_until
 
 
 class FakeSystemd:
@@ -220,22 +222,40 @@ async def test_status_follows_connections_and_redis_state(systemd: FakeSystemd) 
 
 async def test_a_stuck_event_loop_stops_the_watchdog(systemd: FakeSystemd) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": systemd.env_value, "WATCHDOG_USEC": "100000"})
+    # Each ping timestamped as it arrives, by a thread that reads all along (also while
+    # the loop is blocked): read later, pings sent meanwhile would pass for a pause.
     arrivals: list[float] = []
+    done = threading.Event()
 
-    def collect(n: int) -> None:
-        while len(arrivals) < n:
-            if systemd.receive().get("WATCHDOG") == "1":
+    def collect() -> None:
+        systemd.sock.settimeout(0.02)
+        while not done.is_set():
+            try:
+                raw = systemd.sock.recv(4096)
+            except TimeoutError:
+                continue
+            if b"WATCHDOG=1" in raw.split(b"\n"):
                 arrivals.append(time.monotonic())
 
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
     notifier.start(lambda: "status")
     try:
-        await asyncio.to_thread(collect, 2)
+        await wait_until(lambda: len(arrivals) >= 2, timeout=5)
+        blocked = time.monotonic()
         # The stuck loop under test (blocking on purpose), not a synchronisation.
         time.sleep(0.6)  # noqa: ASYNC251
-        await asyncio.to_thread(collect, 4)
+        unblocked = time.monotonic()
+        after = len(arrivals)
+        await wait_until(lambda: len(arrivals) >= after + 2, timeout=5)
     finally:
         notifier.close()
+        done.set()
+        reader.join(timeout=5)
+    # Pings every 50 ms while the loop runs; none while it was blocked (one sent just
+    # before the block may be read a little late).
+    during = [t - blocked for t in arrivals if blocked + 0.1 < t < unblocked]
+    assert during == [], during
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    # Pings every 50 ms while the loop runs; none while it was blocked.
     assert max(gaps) >= 0.5, gaps
     assert min(gaps) < 0.3, gaps

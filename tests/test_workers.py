@@ -133,8 +133,16 @@ async def test_family_members_are_node_wide(
 async def test_a_killed_worker_is_replaced_and_resumes_from_the_snapshot(
     node: Node, clients: list[SSEClient], redis_client: aioredis.Redis
 ) -> None:
-    seen = await published(node, clients, redis_client, 3)
-    before = await scrape(node.admin_port)
+    streams = await spread(node, clients, "/channels/chat")  # on every worker
+    for i in range(3):
+        await redis_client.publish("chat", f"m{i}")
+    for c in streams:
+        await c.next_events(3)
+    seen = streams[0].events
+    before = await scrape(node.admin_port)  # every worker's counters, as of now
+    held = [one(before, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
+    assert one(before, "ssehub_connections_opened_total", channel="chat") == SPREAD
+    assert one(before, "ssehub_events_delivered_total") == 3 * SPREAD
     victim = node.worker_pids()[0]
     mark = len(node.lines)
     os.kill(victim, signal.SIGKILL)
@@ -148,9 +156,15 @@ async def test_a_killed_worker_is_replaced_and_resumes_from_the_snapshot(
     # node's gauge sums them): a reload of history_bytes and age expiry apply to it.
     kept = one(before, "ssehub_history_bytes")
     assert kept > 0 and one(after, "ssehub_history_bytes") == kept
-    # Counters of the dead worker stay in the node's totals; gauges went with it.
-    opened = ("ssehub_connections_opened_total", "chat")
-    assert one(after, opened[0], channel=opened[1]) >= one(before, opened[0], channel=opened[1])
+    # The dead worker held streams and had delivered: its counters stay in the node's
+    # totals, exactly; its gauges went with it.
+    for name, labels in [
+        ("ssehub_connections_opened_total", {"channel": "chat"}),
+        ("ssehub_events_delivered_total", {}),
+        ("ssehub_messages_received_total", {"channel": "chat"}),
+    ]:
+        assert one(after, name, **labels) == one(before, name, **labels), name
+    assert one(after, "ssehub_connections") == held[1]
     # The new worker has the node's history: resumes on it are exact too.
     resumed = await spread(node, clients, "/channels/chat", last_id=seen[0].id or "")
     for c in resumed:

@@ -6,19 +6,20 @@
   unique per process, so an id of another process or node is never taken for one of
   ours.
 - **Stream entry ids** ``1700000000000-0``: a stream channel's position, the same on
-  every node and after every restart (``parse_stream_id``, ``just_before``).
+  every node and after every restart (``parse_stream_id``, ``just_before``). Both
+  halves are 64-bit unsigned numbers, as in Redis: anything else is no entry id.
 - **``/events`` ids** on a stream following stream channels: ``<epoch>-<seq>``
   followed by one ``~<entry id>`` per stream channel, in the order of the channels'
   names, each entry id written compactly (milliseconds in base 36, then ``-`` and the
   sequence in base 36 when it is not 0): ``mx339x0v-152~lq2k3m9a~lq2k3m8z-3``. One id
   thus resumes every stream channel exactly on any node (``mux_id``, ``split_mux_id``).
 - **Session ids**: one per stream, told to the page, named by a publisher's
-  ``except``: a random prefix per process (48 bits) and a counter (``SessionIds``).
+  ``except``: 96 random bits each (``new_session_id``), so that knowing one's own id
+  says nothing about anyone else's.
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import time
 from collections.abc import Sequence
@@ -26,14 +27,15 @@ from collections.abc import Sequence
 __all__ = [
     "MAX_ENTRY_PART",
     "Numbering",
-    "SessionIds",
     "base36",
     "compact",
     "expand",
+    "hub_part",
     "just_before",
     "mux_id",
     "new_epoch",
     "parse_stream_id",
+    "new_session_id",
     "random_prefix",
     "split_mux_id",
     "stream_order",
@@ -100,13 +102,18 @@ class Numbering:
 
 
 def parse_stream_id(value: str) -> tuple[int, int] | None:
-    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id."""
+    """``"1700000000000-3"`` as ``(ms, seq)``; None when it is no entry id: either half
+    not a decimal number, or past Redis's 64-bit range (which Redis would answer
+    with an error: a client's id out of range is ``unknown_id`` here, at the door)."""
     ms, sep, seq = value.partition("-")
     if not sep or not (ms.isdigit() and seq.isdigit() and ms.isascii() and seq.isascii()):
         return None
     if len(ms) > 20 or len(seq) > 20:
         return None
-    return int(ms), int(seq)
+    parsed = int(ms), int(seq)
+    if parsed[0] > MAX_ENTRY_PART or parsed[1] > MAX_ENTRY_PART:
+        return None
+    return parsed
 
 
 def stream_order(entry_id: str) -> tuple[int, int]:
@@ -142,9 +149,10 @@ def expand(text: str) -> str | None:
     try:
         if not ms.isalnum() or not ms.isascii() or (sep and not (seq.isalnum() and seq.isascii())):
             return None
-        return f"{int(ms, 36)}-{int(seq, 36) if sep else 0}"
+        expanded = f"{int(ms, 36)}-{int(seq, 36) if sep else 0}"
     except ValueError:
         return None
+    return expanded if parse_stream_id(expanded) is not None else None
 
 
 def mux_id(epoch: str, seq: int, positions: Sequence[str]) -> str:
@@ -153,6 +161,11 @@ def mux_id(epoch: str, seq: int, positions: Sequence[str]) -> str:
     if not positions:
         return hub
     return hub + "".join("~" + compact(p) for p in positions)
+
+
+def hub_part(value: str) -> str:
+    """The ``<epoch>-<seq>`` an ``/events`` id starts with (the whole of any other id)."""
+    return value.partition("~")[0]
 
 
 def split_mux_id(value: str, streams: int) -> tuple[str, list[str] | None]:
@@ -171,18 +184,14 @@ def split_mux_id(value: str, streams: int) -> tuple[str, list[str] | None]:
 
 
 def random_prefix() -> str:
-    """8 URL-safe characters (48 random bits): no ``:`` or ``.`` in them."""
+    """A node's name among the nodes sharing one Redis (events, presence entries):
+    8 URL-safe characters (48 random bits), no ``:`` or ``.`` in them."""
     return secrets.token_urlsafe(6)
 
 
-class SessionIds:
-    """Session ids of one process: its random prefix, then a counter in base 36."""
-
-    __slots__ = ("_count", "prefix")
-
-    def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = random_prefix() if prefix is None else prefix
-        self._count = itertools.count(1)
-
-    def new(self) -> str:
-        return f"{self.prefix}.{base36(next(self._count))}"
+def new_session_id() -> str:
+    """A stream's session id: 96 random bits as 16 URL-safe characters (no ``:`` or
+    ``.``). Nothing in it is shared with another id, so knowing one's own says
+    nothing about anyone else's; unique across processes and nodes by chance alone
+    (two alike among a billion ids: about one in 10**11)."""
+    return secrets.token_urlsafe(12)

@@ -40,6 +40,7 @@ __all__ = [
     "Rejected",
     "parse",
     "parse_entry",
+    "not_json",
     "parse_juggernaut",
 ]
 
@@ -85,20 +86,40 @@ def _decode(payload: bytes, max_bytes: int) -> str:
         raise Rejected("invalid_utf8", f"byte {exc.start}") from None
 
 
-def _load_object(payload: bytes, max_bytes: int, fields: frozenset[str]) -> dict[str, Any]:
-    """A JSON object with only ``fields`` and at least ``data``."""
-    text = _decode(payload, max_bytes)
+def not_json(name: str) -> Any:
+    """``parse_constant`` for ``json.loads``: ``NaN``, ``Infinity`` and ``-Infinity``
+    are Python's extension, not JSON (RFC 8259); no browser's ``JSON.parse`` reads them."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str) -> Any:
+    """A JSON value (RFC 8259) that UTF-8 can carry, or ``Rejected``.
+
+    Nesting deeper than the interpreter's recursion limit (``[`` x 5000 is 5 KB) is
+    ``invalid_json`` like any other JSON this hub cannot read: never an exception
+    that escapes to the reader and loses the messages behind it.
+    """
     try:
-        obj = json.loads(text)
+        value = json.loads(text, parse_constant=not_json)
     except ValueError as exc:
         raise Rejected("invalid_json", str(exc)) from None
-    if not isinstance(obj, dict):
-        raise Rejected("invalid_json", "not a JSON object")
+    except RecursionError:
+        raise Rejected("invalid_json", "nested too deeply") from None
     if _SURROGATE_ESCAPE.search(text):  # rare: surrogate pairs (escaped emoji) or lone ones
         try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except UnicodeEncodeError:
             raise Rejected("invalid_utf8", "lone surrogate in a JSON string") from None
+        except (ValueError, RecursionError):
+            raise Rejected("invalid_json", "nested too deeply") from None
+    return value
+
+
+def _load_object(payload: bytes, max_bytes: int, fields: frozenset[str]) -> dict[str, Any]:
+    """A JSON object with only ``fields`` and at least ``data``."""
+    obj = _loads(_decode(payload, max_bytes))
+    if not isinstance(obj, dict):
+        raise Rejected("invalid_json", "not a JSON object")
     unknown = set(obj) - fields
     if unknown:
         raise Rejected("bad_field", f"unknown fields: {', '.join(sorted(unknown))}")
@@ -110,7 +131,12 @@ def _load_object(payload: bytes, max_bytes: int, fields: frozenset[str]) -> dict
 def _data_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a number past a double's range (1e999) read as infinity
+        raise Rejected("invalid_json", "number out of range") from None
+    except RecursionError:  # parsed at the edge of the limit, one frame deeper here
+        raise Rejected("invalid_json", "nested too deeply") from None
 
 
 def _field(obj: dict[str, Any], name: str) -> str | None:
@@ -184,7 +210,7 @@ def parse_entry(fmt: str, entry_id: str, fields: dict[bytes, bytes], max_bytes: 
         raise Rejected("bad_field", "data is required")
     text = _decode(raw, max_bytes)
     if fmt == "json":
-        text = _data_text(_load_value(text))
+        text = _data_text(_loads(text))
     event = None
     if b"event" in fields:
         event = _decode(fields[b"event"], MAX_ID_LENGTH)
@@ -197,19 +223,6 @@ def parse_entry(fmt: str, entry_id: str, fields: dict[bytes, bytes], max_bytes: 
             raise Rejected("bad_field", "retry must be a non-negative integer")
         retry = int(value)
     return Event(data=text, event=event, id=entry_id, retry=retry)
-
-
-def _load_value(text: str) -> Any:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise Rejected("invalid_json", str(exc)) from None
-    if _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise Rejected("invalid_utf8", "lone surrogate in a JSON string") from None
-    return value
 
 
 def parse_juggernaut(payload: bytes, max_bytes: int) -> tuple[list[str], Event]:

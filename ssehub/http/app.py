@@ -16,9 +16,10 @@ from redis.exceptions import RedisError
 
 from ..config import ChannelConfig
 from ..core import sse
-from ..core.ids import SessionIds
+from ..core.ids import new_session_id
 from ..core.messages import MAX_ID_LENGTH
 from ..hub.channel import Channel, Subscriber
+from ..hub.control import Control
 from ..hub.hub import Hub, Refused, Unknown
 from ..hub.resume import MAX_STREAMS_PER_EVENTS, resume_streams
 from ..hub.sessions import META_PARAM, BadMeta, meta_of, session_event
@@ -28,16 +29,19 @@ from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
 from .compat import close_connection_after, expect, stream_transport
+from .control import CONTROL, refused
 from .cors import add_cors
 from .headers import add_response_headers
 from .presence import add_presence_route
+from .proxy_auth import PROXY, ProxyAuth, Unavailable, add_proxy_auth
+from .publish import add_publish_route
 
 __all__ = [
     "ACCESS",
     "BROKER",
     "BUSY_EVENT",
+    "CONTROL",
     "HUB",
-    "SESSION_IDS",
     "TASKS",
     "create_app",
     "healthz",
@@ -52,7 +56,6 @@ BUSY_EVENT = "ssehub-busy"
 HUB = web.AppKey("hub", Hub)
 BROKER = web.AppKey("broker", Broker)
 ACCESS = web.AppKey("access", Access)
-SESSION_IDS = web.AppKey("session_ids", SessionIds)
 # The process's long-lived tasks: one that ended unexpectedly makes it unready.
 TASKS = web.AppKey("tasks", Tasks)
 
@@ -137,21 +140,43 @@ async def stream(request: web.Request) -> web.StreamResponse:
     frame lives as long as the stream, so each one saved is memory per connection.
     """
     hub = request.app[HUB]
+    control = request.app[CONTROL]
     mux = "name" not in request.match_info
     names = _names(hub, request, mux)
+    wants_stream = "text/event-stream" in request.headers.get("Accept", "")
+    configs = _configs(hub, names)
     try:
         # Before acquire: a request without the right token must not create a family
         # member (a Redis SUBSCRIBE) on its way to being refused.
-        grant = request.app[ACCESS].grant(request, _configs(hub, names))
+        grant = request.app[ACCESS].grant(request, configs)
+        proxied = None
+        if any(cfg.auth == "proxy" for _, cfg in configs):
+            proxied = await request.app[PROXY].grant(request, configs)
     except Denied as exc:
         raise exc.response() from None
+    except Unavailable:  # the application did not answer: transient
+        if not wants_stream:
+            return _unavailable(hub, "auth_unavailable")
+        return await _turn_away(hub, await _prepare(request), "auth_unavailable")
+    # Who it is (a token's sub, the application's user) and what it showed (the token,
+    # the cookies asked about): what disconnects, refusals and per-user limits know.
+    user = (grant.sub if grant is not None else None) or (proxied.sub if proxied else "")
+    user = str(user)
+    credential = ";".join(
+        c for c in (grant.token if grant else "", proxied.credential if proxied else "") if c
+    )
+    until = control.refused_until(user, credential)
+    if until:
+        control.stats.refused += 1
+        return refused(until)
     try:
         meta = meta_of(grant, request.query.get(META_PARAM), hub.config.meta)
     except BadMeta as exc:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    if proxied is not None and grant is None:
+        meta = proxied.meta
     last_event_id = _last_event_id(request)
     asked_rewind = _rewind(request)
-    wants_stream = "text/event-stream" in request.headers.get("Accept", "")
     if request.version.major != 1:
         # An HTTP/2 request line over plain HTTP/1 framing: nothing sensible to stream.
         raise web.HTTPBadRequest(text="HTTP/1.0 or HTTP/1.1 only\n")
@@ -165,23 +190,27 @@ async def stream(request: web.Request) -> web.StreamResponse:
             return _unavailable(hub, exc.reason)
         return await _turn_away(hub, await _prepare(request), exc.reason)
     sub: Subscriber | None = None
+    session = ""
     try:
         if mux and sum(c.stream for c in channels) > MAX_STREAMS_PER_EVENTS:
             raise web.HTTPBadRequest(
                 text=f"at most {MAX_STREAMS_PER_EVENTS} stream channels per /events connection\n"
             )
-        # A first connection may start with the last events (ignored on a resume).
+        # A first connection may start with the last events (ignored on a resume):
+        # ?rewind=N of every channel, else each channel's own `rewind` (None).
         rewind = asked_rewind
-        if rewind is None:
-            rewind = max(c.config.rewind for c in channels)
-        rewind = min(rewind, hub.config.limits.max_rewind) if last_event_id is None else 0
-        refusal = _over_limit(hub, channels, mux)
+        if rewind is not None:
+            rewind = min(rewind, hub.config.limits.max_rewind)
+        if last_event_id is not None:
+            rewind = 0
+        refusal = _over_limit(hub, channels, mux, control, user)
         if refusal is not None and not wants_stream:
             return _unavailable(hub, refusal)
         resp = await _prepare(request)
         if request.method == "HEAD":
             return resp
-        refusal = _over_limit(hub, channels, mux)  # again: the awaits above let others in
+        # Again: the awaits above let others in.
+        refusal = _over_limit(hub, channels, mux, control, user)
         if refusal is not None:
             return await _turn_away(hub, resp, refusal)
         # The first bytes go through aiohttp's writer, which sends the buffered
@@ -189,7 +218,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # straight to the transport, and aiohttp's writer is not touched again
         # until the final chunk (before that, only the keepalives below use it).
         # The session id first, before any position or replay (see hub/sessions.py).
-        session = request.app[SESSION_IDS].new()
+        session = new_session_id()
+        # From here on the page may know it, and a publisher's except name it: even
+        # while the stream waits on Redis below, such events stay out of its replay.
+        hub.sessions.open(session)
         await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
@@ -225,11 +257,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
         transport = stream_transport(request)
         if transport is None:
             return resp
+        # The last checks and the registration in one step: no await between them.
+        if control.over_user_limit(user):
+            return await _turn_away(hub, resp, "max_per_user")
+        if control.refused_until(user, credential):  # disconnected while setting up
+            return await _end(resp)
         sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
-        sub.expires = 0.0 if grant is None else grant.exp
+        sub.expires = _expires(grant.exp if grant else 0.0, proxied.exp if proxied else 0.0)
         sub.session = session
         sub.meta = meta
         live = hub.subscribe(sub, last_event_id, mux, rewind)
+        control.track(sub, user, credential)
         request.app[ACCESS].track(sub)
         # A resume longer than the buffer bound goes out as the client reads it:
         # drain() waits on the transport's pause/resume_writing, nothing else.
@@ -241,7 +279,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     finally:
         if sub is not None:
             hub.unsubscribe(sub)
+            control.forget(sub)
             request.app[ACCESS].forget(sub)
+        hub.sessions.close(session)
         hub.release(channels)
     # Ended by the hub (shutdown, channel removed): finish the body cleanly so
     # the browser's EventSource reconnects rather than seeing an error.
@@ -275,11 +315,20 @@ async def _prepare(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _over_limit(hub: Hub, channels: Sequence[Channel], mux: bool) -> str | None:
+def _expires(*times: float) -> float:
+    """The earliest of the expiry times that are set (0: none is)."""
+    return min((t for t in times if t), default=0.0)
+
+
+def _over_limit(
+    hub: Hub, channels: Sequence[Channel], mux: bool, control: Control, user: str
+) -> str | None:
     """Why a new stream must be turned away, or None."""
     limits = hub.config.limits
     if limits.max_connections and hub.connections >= limits.max_connections:
         return "max_connections"
+    if control.over_user_limit(user):
+        return "max_per_user"
     if limits.max_per_channel and any(len(c) >= limits.max_per_channel for c in channels):
         return "max_per_channel"
     if mux and hub.refuses_group(channels):
@@ -296,7 +345,7 @@ async def _turn_away(hub: Hub, resp: web.StreamResponse, reason: str) -> web.Str
     """A full hub still answers an EventSource with 200: any other status would make
     the browser give up for good. The stream says why and when to come back, and ends."""
     retry_ms = _busy_retry_ms(hub)
-    data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"))
+    data = json.dumps({"reason": reason, "retry": retry_ms}, separators=(",", ":"), allow_nan=False)
     hub.stats.closed["limit"] += 1
     await resp.write(sse.retry(retry_ms) + sse.encode(data, event=BUSY_EVENT))
     return await _end(resp)
@@ -339,13 +388,17 @@ async def not_routed(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-def create_app(hub: Hub, broker: Broker) -> web.Application:
-    """The public application; streams end cleanly on shutdown."""
+def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
+    """The public application; streams end cleanly on shutdown. ``control``: the
+    process's streams by session and user (its node's, hub/control.py)."""
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
     app[ACCESS] = access = Access(lambda: hub.config)
-    app[SESSION_IDS] = SessionIds()
+    app[CONTROL] = control
+    add_proxy_auth(app, ProxyAuth(lambda: hub.config, control.stats))
+    if hub.config.publish is not None and hub.config.publish.public:
+        add_publish_route(app, control, lambda: hub.config)
     app.router.add_get("/channels/{name}", stream, expect_handler=expect)
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)

@@ -306,7 +306,7 @@ class Access:
                 sub.end("auth_expired")
 
     def _notify(self, sub: Subscriber) -> None:
-        data = json.dumps({"exp": int(sub.expires)}, separators=(",", ":"))
+        data = json.dumps({"exp": int(sub.expires)}, separators=(",", ":"), allow_nan=False)
         raw = sse.encode(data, event=EXPIRED_EVENT)
         # A closed transport (its handler not yet unsubscribed) raises on uvloop.
         with contextlib.suppress(RuntimeError):

@@ -57,14 +57,15 @@ def channels_json(config: Config) -> str:
             "name": ch.name,
             "url": f"/channels/{ch.name}",
             "redis_channel": ch.stream or ch.redis_channel,
-            # "token": private; the page sends the pasted token as ?token=.
+            # "token": private; the page sends the pasted token as ?token=. "proxy":
+            # private; the application is asked, with the site's cookies.
             "auth": ch.auth,
             "publish": _publish(ch),
             **({"family": True} if ch.family else {}),
         }
         for ch in config.channels.values()
     ]
-    text = json.dumps({"channels": channels}, ensure_ascii=False)
+    text = json.dumps({"channels": channels}, ensure_ascii=False, allow_nan=False)
     # Inside <script>, "</" could end the element early: escape "<" (and & for
     # safety); JSON.parse reads \u003c back as "<".
     return text.replace("<", "\\u003c").replace("&", "\\u0026")

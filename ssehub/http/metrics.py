@@ -34,7 +34,16 @@ __all__ = ["CLOSE_REASONS", "DELAY_BUCKETS", "HubCollector", "Metrics", "Reporte
 
 # Every reason a stream can end for, reported even at zero so that rate() and
 # alerts work before the first occurrence.
-CLOSE_REASONS = ("client_gone", "slow", "shutdown", "limit", "channel_removed")
+CLOSE_REASONS = (
+    "client_gone",
+    "slow",
+    "shutdown",
+    "limit",
+    "channel_removed",
+    "stream_error",
+    "disconnect",
+    "lifetime",
+)
 
 # Seconds from a message's arrival from Redis to its write to the subscribers:
 # normally well under a millisecond (one loop iteration), so the buckets are fine there.
@@ -121,6 +130,13 @@ class HubCollector(Collector):
         for reason in _with_known(stats.closed, CLOSE_REASONS):
             closed.add_metric([reason], stats.closed[reason])
         yield closed
+
+        yield _per_channel(
+            "ssehub_stream_errors",
+            "Stream channels (or members) whose key Redis refused to read, per channel.",
+            names,
+            stats.stream_errors,
+        )
 
         yield _per_channel(
             "ssehub_messages_received",

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from ..hub.hub import Hub
+from ..redis.clients import FAULTS
 from ..redis.events import PresenceReader, dumps
 from ..redis.factory import create_presence_reader
 
@@ -53,7 +53,7 @@ async def presence(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"cursor 0 to 2**64-1, count 1-{limit}\n")
     try:
         answer = await request.app[PRESENCE].page(name, cursor, count)
-    except (RedisError, OSError):
+    except FAULTS:
         raise web.HTTPServiceUnavailable(text="redis unavailable\n") from None
     return web.json_response(answer, dumps=dumps)
 

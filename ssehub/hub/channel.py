@@ -15,7 +15,7 @@ from ..config import ChannelConfig
 from ..core.families import Family
 from ..core.history import Budget, Entry, History
 
-__all__ = ["Channel", "Group", "MuxGroup", "Subscriber", "Tap", "streams_of"]
+__all__ = ["Channel", "Group", "MuxGroup", "Subscriber", "Tap", "pools_of", "streams_of"]
 
 
 def streams_of(channels: Sequence[Channel]) -> tuple[Channel, ...]:
@@ -81,6 +81,14 @@ class Subscriber:
         self.transport.abort()
 
 
+def pools_of(channels: Sequence[Channel]) -> tuple[str, ...]:
+    """Where an /events set of ``channels`` counts in ``limits.max_event_groups``: on
+    each private channel or family it holds (``auth: token``), else with every other
+    set of public channels only (``""``). Anonymous clients can spend only the latter."""
+    private = sorted({c.label for c in channels if c.config.auth == "token"})
+    return tuple(private) if private else ("",)
+
+
 class Group:
     """Subscribers that receive exactly the same bytes."""
 
@@ -109,12 +117,14 @@ class Group:
 class MuxGroup(Group):
     """``/events`` subscribers following the same set of channels."""
 
-    __slots__ = ("channels", "joining", "names", "streams")
+    __slots__ = ("channels", "joining", "names", "pools", "streams")
 
     def __init__(self, channels: Sequence[Channel]) -> None:
         super().__init__()
         self.channels = tuple(channels)
         self.names = frozenset(c.name for c in channels)
+        # What it counts against in ``limits.max_event_groups``, as it was created.
+        self.pools = pools_of(channels)
         # Its stream channels, by name: the order their positions take in its ids.
         self.streams = streams_of(channels)
         # Members still catching up with history: the group outlives its last live

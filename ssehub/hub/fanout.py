@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from ..config import Config
@@ -23,7 +24,7 @@ from ..core import sse
 from ..core.history import AT, ID, RAW, SEQ, Entry
 from ..core.ids import Numbering, mux_id
 from ..logs import fields
-from .channel import Channel, Group, MuxGroup, Subscriber, Tap, streams_of
+from .channel import Channel, Group, MuxGroup, Subscriber, Tap, pools_of, streams_of
 from .resume import gap_event
 from .sessions import Sessions
 from .stats import Stats
@@ -69,6 +70,7 @@ class Fanout:
         self.channels = channels  # the registry's, by name (never replaced)
         self.sessions = sessions
         self.mux: dict[frozenset[str], MuxGroup] = {}
+        self._pooled: Counter[str] = Counter()  # /events groups per pool (see pools_of)
         self._pending: list[tuple[Channel, Entry]] = []
         self._flush_scheduled = False
         # Called once per channel per flush with the seconds from the first pending
@@ -292,13 +294,12 @@ class Fanout:
     # --- groups ---------------------------------------------------------------------
 
     def refuses_group(self, channels: Sequence[Channel]) -> bool:
-        """Whether ``channels`` would be a new /events group past ``max_event_groups``."""
+        """Whether ``channels`` would be a new /events group past ``max_event_groups``
+        in one of the pools it counts in (see ``pools_of``)."""
         limit = self.config.limits.max_event_groups
-        return (
-            bool(limit)
-            and len(self.mux) >= limit
-            and frozenset(c.name for c in channels) not in self.mux
-        )
+        if not limit or frozenset(c.name for c in channels) in self.mux:
+            return False
+        return any(self._pooled[pool] >= limit for pool in pools_of(channels))
 
     def group(self, channels: Sequence[Channel], mux: bool) -> Group:
         """The group a new stream of ``channels`` joins (created for a new /events set)."""
@@ -310,6 +311,8 @@ class Fanout:
             group = self.mux[key] = MuxGroup(channels)
             for channel in channels:
                 channel.mux_groups.add(group)
+            for pool in group.pools:
+                self._pooled[pool] += 1
         return group
 
     def release_group(self, group: Group) -> None:
@@ -318,6 +321,10 @@ class Fanout:
             del self.mux[group.names]
             for channel in group.channels:
                 channel.mux_groups.discard(group)
+            for pool in group.pools:
+                self._pooled[pool] -= 1
+                if not self._pooled[pool]:
+                    del self._pooled[pool]
 
     def groups(self) -> Iterable[Group]:
         """Every group of subscribers."""

@@ -29,6 +29,10 @@ __all__ = ["MEMBER_SWEEP", "Follows", "Refused", "Registry", "Unknown"]
 # Seconds between sweeps for family members whose grace period is over.
 MEMBER_SWEEP = 0.5
 
+# Recent entries read when a stream starts (so resumes need no round trip), at most:
+# a channel's whole `history` up to this (its bytes stay within `history_bytes`).
+_MAX_PREFILL = 10_000
+
 
 class Unknown(LookupError):
     """Channel names that no listed channel and no family serves."""
@@ -85,6 +89,9 @@ class Registry:
         self.by_stream: dict[bytes, list[Channel]] = {}
         self.aging: set[History] = set()  # histories with an age bound, for the expiry timer
         self.juggernaut: bytes | None = None
+        # The control channel (disconnects, refusals: redis/control.py), on the same
+        # subscription as the channels, classic pub/sub also on a Cluster.
+        self.control = b""
         # The Redis side, told what to follow (set by the server): pub/sub channels
         # through the broker, stream channels through the stream reader.
         self.broker: Follows | None = None
@@ -101,6 +108,7 @@ class Registry:
         self.juggernaut = (
             config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
         )
+        self.control = config.control.redis_channel.encode()
         self.families = Families(config.channels.values())
         # Refilled, never replaced: the hub's input holds these very dicts.
         self.by_redis.clear()
@@ -174,6 +182,7 @@ class Registry:
     def redis_channels(self) -> list[bytes]:
         """The Redis channels the broker must subscribe to."""
         names = set(self.by_redis)
+        names.add(self.control)
         if self.juggernaut is not None:
             names.add(self.juggernaut)
         return sorted(names)
@@ -188,13 +197,22 @@ class Registry:
         """The stream keys the stream reader must read."""
         return sorted(self.by_stream)
 
+    def stream_prefill(self, key: bytes) -> int:
+        """Recent entries of ``key`` to read when it starts: what its channels keep."""
+        kept = max((c.config.history for c in self.by_stream.get(key, ())), default=0)
+        return min(_MAX_PREFILL, kept)
+
+    def stream_maxlen(self, key: bytes) -> int:
+        """The length to trim ``key`` to (``stream_maxlen``; 0: leave it to publishers)."""
+        return max((c.config.stream_maxlen for c in self.by_stream.get(key, ())), default=0)
+
     # --- family members -------------------------------------------------------------
 
     def acquire(self, names: Sequence[str]) -> tuple[Channel, ...]:
         """Hold the channels a new stream follows, creating family members as needed.
 
         Raises ``Unknown`` for names nothing serves, ``Refused`` when new members
-        would pass ``limits.max_members``. Every successful call needs a ``release``.
+        would pass a bound (see ``_admit``). Every successful call needs a ``release``.
         """
         found: list[Channel | None] = []
         unknown: list[str] = []
@@ -205,16 +223,14 @@ class Registry:
             if channel is not None:
                 continue
             match = self.families.find(name)
-            if match is None or match[0].redis_channel(match[1]) == self.juggernaut:
+            if match is None or match[0].redis_channel(match[1]) in (self.juggernaut, self.control):
                 unknown.append(name)
             else:
                 new.append((name, *match))
         if unknown:
             raise Unknown(unknown)
-        if new and sum(self.members.values()) + len(new) > self.config.limits.max_members:
-            for _, family, _ in new:
-                self.stats.members_refused[family.name] += 1
-            raise Refused("max_members")
+        if new:
+            self._admit(new)
         created = {name: self.create_member(name, family, part) for name, family, part in new}
         channels = tuple(
             c if c is not None else created[n] for c, n in zip(found, names, strict=True)
@@ -224,6 +240,28 @@ class Registry:
             if channel.family is not None:
                 self.idle.get(channel.config.grace, {}).pop(channel, None)
         return channels
+
+    def _admit(self, new: list[tuple[str, Family, str]]) -> None:
+        """``Refused`` when a stream's new members would pass a bound: more than
+        ``limits.max_new_members_per_connection`` at once, or a family's own
+        ``max_members`` (default ``limits.max_members``). Each family counts alone:
+        anonymous streams filling a public family never turn a private one's away."""
+        limits = self.config.limits
+        reason = None
+        cap = limits.max_new_members_per_connection
+        if cap and len(new) > cap:
+            reason = "max_new_members_per_connection"
+        else:
+            wanted = Counter(family.name for _, family, _ in new)
+            for _, family, _ in new:
+                bound = family.config.max_members or limits.max_members
+                if self.members[family.name] + wanted[family.name] > bound:
+                    reason = "max_members"
+                    break
+        if reason is not None:
+            for _, family, _ in new:
+                self.stats.members_refused[family.name] += 1
+            raise Refused(reason)
 
     def release(self, channels: Sequence[Channel]) -> None:
         """A stream that held ``channels`` is gone; members no stream holds start their grace."""

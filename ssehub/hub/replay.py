@@ -92,12 +92,13 @@ class Replays:
         self.bound = max(config.limits.max_buffer_bytes // 2, 1)
 
     def subscribe(
-        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
+        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int | None = None
     ) -> bool:
         """Start ``sub``'s stream: what it missed, then live events; no gap, no duplicate.
 
-        A first connection (no ``last_event_id``) with ``rewind`` starts with each
-        channel's last ``rewind`` kept events instead, then live.
+        A first connection (no ``last_event_id``) starts with each channel's last
+        ``rewind`` kept events instead, then live; ``rewind`` None: as many as each
+        channel's own ``rewind`` says.
 
         True when the stream is live. False when history is left to replay: the
         handler then awaits the client's reading (``drain``) and calls ``catch_up``,
@@ -110,8 +111,10 @@ class Replays:
         sub.group = self.fanout.group(sub.channels, mux)
         for channel in sub.channels:
             self.stats.opened[channel.label] += 1
-        if last_event_id is None and rewind > 0:
-            return self._rewind(sub, mux, rewind)
+        if last_event_id is None:
+            counts = [c.config.rewind if rewind is None else rewind for c in sub.channels]
+            if any(counts):
+                return self._rewind(sub, mux, counts)
         found = None if last_event_id is None else self._resolve(last_event_id, sub.channels, mux)
         if last_event_id is None or found is None or not any(found.values()):
             # Even a fresh stream gets a position (the marker), so that its reconnect
@@ -166,11 +169,11 @@ class Replays:
         sub.transport.set_write_buffer_limits(high=self.bound)
         return self._catch_up(replay, head)
 
-    def _rewind(self, sub: Subscriber, mux: bool, rewind: int) -> bool:
-        """A first connection that starts with each channel's last ``rewind`` events."""
+    def _rewind(self, sub: Subscriber, mux: bool, counts: list[int]) -> bool:
+        """A first connection that starts with each channel's last ``counts`` events."""
         replay = Replay(sub, "", mux)
-        for channel in sub.channels:
-            start = channel.history.nth_last(rewind)
+        for channel, count in zip(sub.channels, counts, strict=True):
+            start = channel.history.nth_last(count)
             if start is None:  # nothing kept: live only
                 replay.floors[channel] = self.numbering.seq
                 replay.positions[channel] = channel.flushed_pos
@@ -208,6 +211,7 @@ class Replays:
         last: Entry | None = None
         streams = streams_of(sub.channels) if r.mux else ()
         epoch = self.numbering.epoch
+        mux_bytes = self.fanout.mux_bytes
         skip = self.sessions.skips(sub.session)
         for channel, e in self._after(sub.channels, r):
             if room < 0:
@@ -218,7 +222,7 @@ class Replays:
                 continue  # excepted for this stream (its session was excluded)
             if r.mux:
                 event_id = mux_id(epoch, e[SEQ], [r.positions[c] for c in streams])
-                data = self.fanout.mux_bytes(channel, e, event_id.encode())
+                data = mux_bytes(channel, e, event_id.encode())
             else:
                 data = e[RAW]
             parts.append(data)

@@ -63,7 +63,7 @@ class Source(Protocol):
 def gap_event(channel: str, reason: str, last_event_id: str | None) -> bytes:
     """The ``ssehub-gap`` event: ``channel`` missed events since ``last_event_id``."""
     data = {"channel": channel, "reason": reason, "lastEventId": last_event_id}
-    return sse.encode(json.dumps(data, separators=(",", ":")), event=GAP_EVENT)
+    return sse.encode(json.dumps(data, separators=(",", ":"), allow_nan=False), event=GAP_EVENT)
 
 
 def cached(channel: Channel, entry_id: str) -> bool:

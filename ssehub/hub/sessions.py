@@ -7,8 +7,10 @@ core/ids.py). ``Sessions`` finds a stream by its id, for a publisher's ``except`
 
 A stream's **meta** is what the application attached to the client: on a private
 channel the JWT's ``sub`` (and ``meta.claim`` when configured), otherwise the
-``meta`` query parameter (at most ``meta.max_bytes``; JSON when it parses as JSON,
-else the string), never written to a log.
+``meta`` query parameter (at most ``meta.max_bytes``; JSON when it parses as strict
+JSON (RFC 8259: no ``NaN`` or ``Infinity``, numbers within a double's range), else the
+string), never written to a log. Every event and presence answer carrying it is
+strict JSON, so one client's meta never breaks ``JSON.parse`` for anyone else.
 
 The hub tells a ``Roster`` of every stream it registers and of every one it lets go
 (exactly once each, with the reason); the roster hands the channels that need it --
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 
 from ..config import MetaConfig
 from ..core import sse
+from ..core.messages import not_json
 from .channel import Subscriber
 
 __all__ = [
@@ -70,6 +73,10 @@ def meta_of(claims: Claims | None, value: str | None, config: MetaConfig) -> Any
         meta: dict[str, Any] = {"sub": claims.sub}
         if config.claim and config.claim in claims.payload:
             meta[config.claim] = claims.payload[config.claim]
+        try:  # PyJWT reads NaN and 1e999 in a token's claims: none may reach a page
+            json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (ValueError, RecursionError):
+            raise BadMeta("the token's claims for meta are not JSON") from None
         return meta
     if value is None:
         return None
@@ -80,13 +87,14 @@ def meta_of(claims: Claims | None, value: str | None, config: MetaConfig) -> Any
     if size > config.max_bytes:
         raise BadMeta(f"meta is larger than {config.max_bytes} bytes")
     try:
-        parsed = json.loads(value)
-    except ValueError:
-        return value
-    try:  # "\ud800" in JSON text: a value no UTF-8 consumer could read back
-        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
+        parsed = json.loads(value, parse_constant=not_json)
+        # Written back as strict JSON too: a number past a double's range (1e999,
+        # read as infinity) makes this a plain string, like text that is no JSON.
+        json.dumps(parsed, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" in JSON text: no UTF-8 consumer could read it
         raise BadMeta("meta must be UTF-8 text") from None
+    except (ValueError, RecursionError):
+        return value
     return parsed
 
 
@@ -124,34 +132,53 @@ class Roster:
 
 
 class Sessions:
-    """Registered streams by session id, for ``except``; and the roster, if any.
+    """Streams by session id, for ``except``; and the roster, if any.
 
-    A stream is registered from its subscription (live or still catching up) until it
-    is let go. An event whose ``except`` names a stream that is not live yet is kept
-    out of its replay instead (``skips``).
+    A session is **opened** when its id is issued (the page may know it from then on),
+    **registered** with its stream (``joined``: live, or still catching up) and let go
+    once (``left``, or ``close`` for one that never registered). An event whose
+    ``except`` names a session that is not live yet -- waiting on Redis before it
+    registers, or catching up -- is kept out of its replay (``skips``); one that is
+    live steps out of its group for that event (see Fanout.deliver).
     """
 
     __slots__ = ("_subs", "_waiting", "roster")
 
     def __init__(self) -> None:
         self._subs: dict[str, Subscriber] = {}
-        # Registered, not live yet: the seqs its replay must skip (None: none so far).
+        # Opened, not live yet: the seqs its replay must skip (None: none so far).
         self._waiting: dict[str, set[int] | None] = {}
         self.roster: Roster | None = None
 
     def __len__(self) -> int:
         return len(self._subs)
 
+    @property
+    def waiting(self) -> int:
+        """Sessions opened that are not live yet (waiting on Redis, or catching up)."""
+        return len(self._waiting)
+
     def get(self, session: str) -> Subscriber | None:
         """The registered stream with this session id, if any."""
         return self._subs.get(session)
+
+    def open(self, session: str) -> None:
+        """``session`` was issued to a page: from now on an ``except`` may name it."""
+        self._waiting[session] = None
+
+    def close(self, session: str) -> None:
+        """A session that never registered (or was let go already) is over."""
+        if session not in self._subs:
+            self._waiting.pop(session, None)
 
     def joined(self, sub: Subscriber, live: bool) -> None:
         """A stream registered, ``live`` or catching up: index its session, report it."""
         if sub.session:
             self._subs[sub.session] = sub
-            if not live:
-                self._waiting[sub.session] = None
+            if live:
+                self._waiting.pop(sub.session, None)
+            else:
+                self._waiting.setdefault(sub.session, None)
         if self.roster is not None:
             self.roster.joined(sub)
 

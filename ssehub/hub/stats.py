@@ -24,6 +24,7 @@ class Stats:
         "rejected",
         "replays",
         "slow_cut",
+        "stream_errors",
     )
 
     def __init__(self) -> None:
@@ -41,3 +42,5 @@ class Stats:
         self.members_refused: Counter[str] = Counter()  # per family: over limits.max_members
         self.members_dropped: Counter[str] = Counter()  # per family: grace period over
         self.evicted: Counter[tuple[str, str]] = Counter()  # (channel, reason): history drops
+        # per channel: streams Redis refused to read (a key that holds no stream)
+        self.stream_errors: Counter[str] = Counter()

@@ -23,15 +23,20 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..config import RedisConfig
 from .discovery import node_url
 
-__all__ = ["Client", "close", "command_client"]
+__all__ = ["FAULTS", "Client", "close", "command_client"]
 
 # What a role gets: one client whatever the topology. Both speak the commands used here
 # (XRANGE, PUBLISH, HSET, pipelines); RedisCluster routes each by its key.
 Client = aioredis.Redis | RedisCluster
+
+# What a command can fail with: redis-py's errors, the socket's, and (redis-py's
+# cluster client) RedisClusterException, which is no RedisError.
+FAULTS = (RedisError, OSError, RedisClusterException)
 
 
 def _params(url: str) -> dict[str, Any]:

@@ -16,11 +16,19 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from ..config import RedisConfig
-from .pubsub import _command
 
-__all__ = ["Address", "QueryError", "node_url", "query", "show"]
+__all__ = ["Address", "QueryError", "command", "node_url", "query", "show"]
 
 Address = tuple[str, int]
+
+
+def command(*args: str | bytes) -> bytes:
+    """One command in RESP, as Redis reads it."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        b = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
 
 
 class QueryError(Exception):
@@ -48,7 +56,11 @@ def node_url(config: RedisConfig, addr: Address) -> str:
 async def query(config: RedisConfig, addr: Address, *args: str | bytes, auth: bool = True) -> Any:
     """Send one command to ``addr`` and return its reply (within ``connect_timeout``)."""
     try:
-        return await asyncio.wait_for(_query(config, addr, args, auth), config.connect_timeout)
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that lands
+        # as the query completes (a refused connection does at once), and the owner's
+        # stop would wait for a loop that never ends.
+        async with asyncio.timeout(config.connect_timeout):
+            return await _query(config, addr, args, auth)
     except (OSError, ssl.SSLError, EOFError) as exc:  # TimeoutError is an OSError
         raise QueryError(f"{show(addr)}: {str(exc) or type(exc).__name__}") from None
 
@@ -66,7 +78,7 @@ async def _query(
             user = unquote(parts.username) if parts.username else None
             password = unquote(parts.password)
             commands.insert(0, ("AUTH", user, password) if user else ("AUTH", password))
-        writer.write(b"".join(_command(*c) for c in commands))
+        writer.write(b"".join(command(*c) for c in commands))
         replies: list[Any] = []
         while len(replies) < len(commands):
             data = await reader.read(65536)

@@ -2,12 +2,24 @@
 
 **Writes** (``EventsWriter``, in the process that owns the node's Redis side: the single
 process, or the main process with workers): every join and leave the hub's roster
-reports is queued; one writer task sends everything queued as **one pipeline**
-(non-transactional, so one round trip) and whatever arrived meanwhile as the next, so
-a connect storm costs a round trip per batch, never per browser, and nothing on the
-delivery path waits for it. A batch that fails (Redis away) is kept and sent again
-after a capped, jittered backoff; events beyond ``_MAX_QUEUED`` are dropped, oldest
-first, and counted.
+reports is queued; one writer task sends what is queued and whatever arrived meanwhile
+next, so a connect storm costs a round trip or two per batch, never per browser, and
+nothing on the delivery path waits for it. What fails (Redis away) is kept and sent
+again after a capped, jittered backoff; events beyond ``_MAX_QUEUED`` are dropped,
+oldest first, and counted.
+
+**Each event is published once.** Events go out in batches of up to ``_BATCH_EVENTS``,
+each batch one script run (``EVAL``: atomic on every topology; on Cluster it runs on the
+master owning the node's batch key, and classic ``PUBLISH`` reaches every node) that
+also records the batch's number under ``ssehub:node:<node>:batch``. When a batch's
+answer is lost (the connection cut after Redis ran it), the writer reads that number
+before sending again and skips the batch if Redis ran it. So a retry never publishes
+twice -- unless Redis itself loses that write (a restart without persistence, or a
+failover before the replica had it) in the instant after running the batch: then the
+batch may be published again (at least once). Presence writes (``HSET``/``HDEL`` of
+this node's own fields and counts, the liveness ``SET``) are idempotent: they go in a
+pipeline of their own, and are simply sent again; after any failed write, the next
+refresh writes all the node's entries again, in case Redis lost them meanwhile.
 
 **Presence layout**, per channel (a family's member has its own):
 
@@ -31,22 +43,33 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 from typing import Any
-
-from redis.exceptions import RedisError
 
 from ..config import Config, RedisConfig
 from ..logs import fields
 from ..tasks import Tasks
-from .clients import Client, close, command_client
+from .clients import FAULTS, Client, close, command_client
+from .source import Backoff
 
-__all__ = ["EventsWriter", "PresenceReader", "count_key", "dumps", "key", "node_key"]
+__all__ = ["EventsWriter", "PresenceReader", "batch_key", "count_key", "dumps", "key", "node_key"]
 
 log = logging.getLogger(__name__)
 
 # Events kept while Redis is away, at most; older ones are dropped (and counted).
 _MAX_QUEUED = 100_000
+# Events per script run (each is one atomic batch).
+_BATCH_EVENTS = 1000
+# How long Redis keeps the number of the last batch it ran (ms): longer than any retry.
+_MARKER_TTL_MS = 3_600_000
+
+# One batch of events: record its number, then publish each (target, message) pair.
+_PUBLISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = 3, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return (#ARGV - 2) / 2
+"""
 
 
 def key(channel: str) -> str:
@@ -64,6 +87,11 @@ def node_key(node: str) -> str:
     return f"ssehub:node:{node}"
 
 
+def batch_key(node: str) -> str:
+    """The number of the last batch of events Redis ran for ``node``."""
+    return f"ssehub:node:{node}:batch"
+
+
 def _client(config: RedisConfig) -> Client:
     return command_client(
         config, socket_timeout=config.health_check_timeout + config.connect_timeout
@@ -72,7 +100,7 @@ def _client(config: RedisConfig) -> Client:
 
 def dumps(value: Any) -> str:
     """Compact JSON, as events and presence entries are written."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 class EventsWriter:
@@ -82,6 +110,13 @@ class EventsWriter:
         self.config = config
         self.node = node  # random per start: see the module's docstring
         self._events: list[tuple[str, str]] = []  # (Redis channel, message), in order
+        # The batch being sent (taken from the front of _events) and its number; and
+        # whether Redis may have run it (its answer was lost): check before resending.
+        self._batch: list[tuple[str, str]] = []
+        self._batch_no = 0
+        self._unsure = False
+        # A presence write failed: Redis may have lost entries; write all at next refresh.
+        self._suspect = False
         # This node's presence entries (channel -> session -> meta JSON), and what
         # changed since the last write.
         self._mine: dict[str, dict[str, str]] = {}
@@ -94,7 +129,7 @@ class EventsWriter:
         self._closing = False
         self.published = 0  # events sent
         self.dropped = 0  # events dropped while Redis was away
-        self.batches = 0  # pipelines sent
+        self.batches = 0  # batches of events published
 
     # --- queueing (synchronous, from the hub's roster) ----------------------------
 
@@ -147,14 +182,13 @@ class EventsWriter:
         self._task = tasks.spawn(self._run(), "ssehub-events-writer")
 
     def _pending(self) -> bool:
-        return bool(self._events or self._added or self._removed)
+        return bool(self._batch or self._events or self._added or self._removed)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        redis = self.config.redis
         ttl = self.config.presence.ttl
         next_refresh = 0.0
-        backoff = redis.reconnect_min
+        backoff = Backoff(self.config.redis)
         while not (self._closing and not self._pending()):
             live = bool(self._mine) or self._announced
             if not self._pending() and not self._closing:
@@ -165,18 +199,19 @@ class EventsWriter:
                     async with asyncio.timeout(timeout):
                         await self._wake.wait()
             self._wake.clear()
-            refresh = (bool(self._mine) or self._announced) and loop.time() >= next_refresh
+            live = bool(self._mine) or self._announced
+            refresh = live and (loop.time() >= next_refresh or self._suspect)
             try:
                 await self._write(refresh)
-            except (RedisError, OSError) as exc:
+            except FAULTS as exc:
+                delay = backoff.next()
                 log.warning(
                     "events and presence not written, retrying",
-                    extra=fields(error=str(exc) or type(exc).__name__, retry_in=round(backoff, 2)),
+                    extra=fields(error=str(exc) or type(exc).__name__, retry_in=round(delay, 2)),
                 )
-                await asyncio.sleep(random.uniform(backoff / 2, backoff))
-                backoff = min(backoff * 2, redis.reconnect_max)
+                await backoff.wait(delay=delay)
                 continue
-            backoff = redis.reconnect_min
+            backoff.reset()
             if refresh:
                 next_refresh = loop.time() + ttl / 3
 
@@ -186,32 +221,65 @@ class EventsWriter:
         return self._client
 
     async def _write(self, refresh: bool) -> None:
-        """One pipeline: the liveness refresh, every queued event, the presence changes."""
+        """The queued events (never twice), then the presence changes and the refresh."""
         if not refresh and not self._pending():
             return
-        events, self._events = self._events, []
+        await self._publish()
+        await self._write_presence(refresh)
+
+    async def _publish(self) -> None:
+        """Publish every queued event, a batch per script run; a batch Redis ran is
+        never sent again (see the module's docstring)."""
+        client = self._redis()
+        marker = batch_key(self.node)
+        while self._batch or self._events:
+            if not self._batch:
+                self._batch = self._events[:_BATCH_EVENTS]
+                del self._events[: len(self._batch)]
+                self._batch_no += 1
+            elif self._unsure:
+                # The last try's answer was lost: did Redis run it?
+                ran = await client.get(marker) == str(self._batch_no).encode()
+                self._unsure = False
+                if ran:
+                    self._sent()
+                    continue
+            args = [a for pair in self._batch for a in pair]
+            self._unsure = True  # from here, Redis may run it whatever we hear back
+            await client.eval(_PUBLISH, 1, marker, str(self._batch_no), str(_MARKER_TTL_MS), *args)
+            self._sent()
+
+    def _sent(self) -> None:
+        self.published += len(self._batch)
+        self.batches += 1
+        self._batch = []
+        self._unsure = False
+
+    async def _write_presence(self, refresh: bool) -> None:
+        """One pipeline: the liveness refresh and every presence change (idempotent)."""
+        if not refresh and not (self._added or self._removed):
+            return
         added, self._added = self._added, {}
         removed, self._removed = self._removed, {}
         pipe = self._redis().pipeline(transaction=False)
         if refresh:
             # SET ... GET: the old value tells whether the key was lost meanwhile.
             pipe.set(node_key(self.node), "1", px=int(self.config.presence.ttl * 1000), get=True)
-        for target, message in events:
-            pipe.publish(target, message)
         for channel in added.keys() | removed.keys():
             self._changes(pipe, channel, added.get(channel), removed.get(channel))
         try:
             results = await pipe.execute()
         except BaseException:
-            self._restore(events, added, removed)
+            self._restore(added, removed)
+            self._suspect = True
             raise
-        self.batches += 1
-        self.published += len(events)
         if refresh:
-            if results[0] is None and self._announced:
-                log.warning("presence entries lost in Redis; writing them again")
+            if (results[0] is None and self._announced) or self._suspect:
+                if results[0] is None:
+                    log.warning("presence entries lost in Redis; writing them again")
                 await self._rewrite()
             self._announced = True
+            self._suspect = False
 
     def _changes(
         self,
@@ -237,18 +305,8 @@ class EventsWriter:
             self._changes(pipe, channel, mine, None)
         await pipe.execute()
 
-    def _restore(
-        self,
-        events: list[tuple[str, str]],
-        added: dict[str, dict[str, str]],
-        removed: dict[str, set[str]],
-    ) -> None:
-        """Put a batch that was not written back in front of what came since."""
-        self._events[:0] = events
-        if len(self._events) > _MAX_QUEUED:
-            drop = len(self._events) - _MAX_QUEUED
-            del self._events[:drop]
-            self.dropped += drop
+    def _restore(self, added: dict[str, dict[str, str]], removed: dict[str, set[str]]) -> None:
+        """Put presence changes that were not written back, under what came since."""
         # A session joins once and leaves once: what came since wins over the batch.
         for channel, sessions in added.items():
             now_added = self._added.setdefault(channel, {})
@@ -277,8 +335,10 @@ class EventsWriter:
                     await self._write(False)
                 if self._announced:
                     await self._redis().delete(node_key(self.node))
-        except (TimeoutError, RedisError, OSError) as exc:
-            lost = len(self._events)
+                if self._batch_no:
+                    await self._redis().delete(batch_key(self.node))
+        except (TimeoutError, *FAULTS) as exc:
+            lost = len(self._batch) + len(self._events)
             log.warning("events not written at shutdown", extra=fields(events=lost, error=str(exc)))
         if self._task is not None:
             self._task.cancel()
@@ -331,7 +391,7 @@ class PresenceReader:
             "channel": channel,
             "count": sum(v for n, v in per_node.items() if n in alive),
             "members": [
-                {"session_id": s, "node": n, "meta": json.loads(m)}
+                {"session_id": s, "node": n, "meta": json.loads(m, parse_constant=str)}
                 for n, s, m in page
                 if n in alive
             ],

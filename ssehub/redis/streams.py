@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
 from .clients import Client, close, command_client
-from .pubsub import BrokerState
+from .source import Backoff, BrokerState, SessionEnded, Source
 
 __all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource"]
 
@@ -52,8 +51,12 @@ TRIM_EVERY = 1.0
 MAX_REPLAY_READS = 16
 
 
-class _SessionEnded(Exception):
-    pass
+def _key_fault(exc: Exception) -> bool:
+    """True for an error reply about one key (it holds no stream, or the ACL forbids
+    it), not about the connection or the server (MOVED, LOADING, READONLY ...)."""
+    if isinstance(exc, NoPermissionError):
+        return True
+    return type(exc) is ResponseError and str(exc).startswith("WRONGTYPE")
 
 
 class StreamSource(Protocol):
@@ -83,8 +86,8 @@ class StreamReplays:
     that fails (an error reply, a connection cut) fails alone and never touches another
     client's. A read whose connection turns out dead (Redis restarted while it idled) is
     tried once more; a read that cannot reach Redis makes the next ones fail at once for
-    ``reconnect_min`` seconds rather than each trying Redis again (their clients come
-    back later). Cancel ``run()`` to close the pool.
+    a while (the reconnect backoff) rather than each trying Redis again (their clients
+    come back later). Cancel ``run()`` to close the pool.
     """
 
     def __init__(self, config: RedisConfig) -> None:
@@ -92,6 +95,7 @@ class StreamReplays:
         self._client: Client | None = None
         self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
         self._failed_until = 0.0
+        self._backoff = Backoff(config)  # how long reads fail at once after one could not
         self._down = False
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
@@ -120,7 +124,7 @@ class StreamReplays:
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     if attempt == 1:
                         continue  # a pooled connection that died idle: once more
-                    self._failed_until = loop.time() + self.config.reconnect_min
+                    self._failed_until = loop.time() + self._backoff.next()
                     if not self._down:
                         self._down = True
                         why = str(exc) or type(exc).__name__
@@ -129,6 +133,7 @@ class StreamReplays:
                 # (an error reply, RedisError, is this read's alone: it propagates)
                 if self._down:
                     self._down = False
+                    self._backoff.reset()
                     log.info("redis replays connected")
                 return entries
         raise AssertionError("unreachable")
@@ -148,13 +153,22 @@ class StreamReplays:
         try:
             await asyncio.get_running_loop().create_future()
         finally:
-            client, self._client = self._client, None
-            if client is not None:
-                await close(client)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pool's connections (a later read opens new ones)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await close(client)
 
 
-class StreamReader:
+class StreamReader(Source):
     """Reads every wanted stream from where it left off; cancel ``run()`` to stop."""
+
+    log = log
+    up_line = "redis streams reading"
+    down_line = "redis streams down"
+    unavailable_line = "redis streams unavailable"
 
     def __init__(
         self,
@@ -164,14 +178,15 @@ class StreamReader:
         prefill: Callable[[bytes], int],
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
         maxlen: Callable[[bytes], int] = lambda key: 0,
+        *,
+        on_failed: Callable[[bytes, str], None] | None = None,
+        replays: StreamReplays | None = None,
     ) -> None:
-        self.config = config
-        self.state = BrokerState.CONNECTING
-        self.reconnects = 0
+        super().__init__(config, on_state)
+        self._on_failed = on_failed
         self._on_entries = on_entries
         self._on_start = on_start
         self._prefill = prefill
-        self._on_state = on_state
         self._maxlen = maxlen
         # Stream -> loop time of its last XTRIM (streams with a `stream_maxlen`).
         self._trimmed: dict[bytes, float] = {}
@@ -186,7 +201,10 @@ class StreamReader:
         self._reader_id: int | None = None
         self._blocked = False
         self._unblocker: asyncio.Task[None] | None = None
-        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+        # Replay reads (resuming clients' XRANGE): a pool of their own, opened on use
+        # (Cluster's slot readers share their cluster reader's, which closes it).
+        self._own_replays = replays is None
+        self.replays = StreamReplays(config) if replays is None else replays
 
     # --- what the hub asks for ------------------------------------------------------
 
@@ -211,8 +229,23 @@ class StreamReader:
                 self._pending.discard(k)
                 changed = True
             self._waiters.forget(k)
+            self._trimmed.pop(k, None)
         if changed:
             self._wake()
+
+    def _fail(self, key: bytes, reason: str) -> None:
+        """Redis refused to read ``key``: drop it (never retried in the shared read)
+        and tell the owner, whose streams of it must end."""
+        if key not in self.positions and key not in self._pending:
+            return
+        self.drop((key,))
+        shown = key.decode(errors="backslashreplace")[:200]
+        log.warning("stream dropped: redis refused it", extra=fields(key=shown, reason=reason))
+        if self._on_failed is not None:
+            try:
+                self._on_failed(key, reason)
+            except Exception:  # as with delivery: the owner's bug must not end the reading
+                log.exception("stream failure listener failed", extra=fields(key=shown))
 
     def resume(self, positions: dict[bytes, bytes]) -> None:
         """Go on reading streams from known positions (Redis Cluster: streams whose slot
@@ -249,26 +282,13 @@ class StreamReader:
         return self.state is BrokerState.UP
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
-        """Entries of ``key`` after ``after`` up to ``until`` (inclusive), oldest first.
-
-        At most ``MAX_REPLAY_READS`` of these are in flight for the whole process, and
-        a caller has one at a time: a resume storm queues here instead of loading Redis.
-        """
-        async with self._replays:
-            control = self._need_control()
-            entries: Any = await control.xrange(key, b"(" + after, until, count=count)
-            return typing.cast(list[Entry], entries)
+        """As ``StreamReplays.read_range``: on the replay reader's connections, never on
+        the reader's own (a resume storm must not delay the reading, nor share its fate)."""
+        return await self.replays.read_range(key, after, until, count)
 
     async def first_id(self, key: bytes) -> bytes | None:
-        """The id of the oldest entry ``key`` still has, or None when it is empty."""
-        async with self._replays:
-            entries: Any = await self._need_control().xrange(key, count=1)
-        return typing.cast(bytes, entries[0][0]) if entries else None
-
-    def _need_control(self) -> aioredis.Redis:
-        if self._control is None or self.state is not BrokerState.UP:
-            raise RedisError("redis streams connection is down")
-        return self._control
+        """As ``StreamReplays.first_id``."""
+        return await self.replays.first_id(key)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -299,44 +319,23 @@ class StreamReader:
         assert isinstance(client, aioredis.Redis)  # one node: never a cluster client
         return client
 
+    def up_fields(self) -> dict[str, Any]:
+        return {"streams": len(self.wanted)}
+
     async def run(self) -> None:
         """Connect, read forever, reconnect with capped jittered backoff."""
-        attempt = 0
-        while True:
-            # No connection until there is a stream to read: hubs without stream
-            # channels never open one.
-            while not self.wanted:
-                self._changed.clear()
-                await self._changed.wait()
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure ends the session, never the loop
-                why = str(exc) or type(exc).__name__
-                if self.state is BrokerState.UP:
-                    attempt = 0
-                    self._set_state(BrokerState.DOWN, why)
-                elif attempt == 0:
-                    log.warning("redis streams unavailable", extra=fields(reason=why))
-            cfg = self.config
-            cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
-            attempt = min(attempt + 1, 30)
-            await asyncio.sleep(random.uniform(cfg.reconnect_min / 2, cap))
+        try:
+            await self.reconnect_forever(self._session, self._until_wanted)
+        finally:
+            if self._own_replays:
+                await self.replays.aclose()
 
-    def _set_state(self, state: BrokerState, why: str = "") -> None:
-        old, self.state = self.state, state
-        if state is old:
-            return
-        if state is BrokerState.UP:
-            log.info("redis streams reading", extra=fields(streams=len(self.wanted)))
-        else:
-            log.warning("redis streams down", extra=fields(reason=why))
-        if self._on_state is not None:
-            try:
-                self._on_state(old, state)
-            except Exception:
-                log.exception("stream state listener failed")
+    async def _until_wanted(self) -> None:
+        # No connection until there is a stream to read: hubs without stream
+        # channels never open one.
+        while not self.wanted:
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _session(self) -> None:
         cfg = self.config
@@ -346,9 +345,7 @@ class StreamReader:
             self._reader_id = int(await reader.client_id())
             await control.ping()
             self._control = control
-            if self.state is not BrokerState.CONNECTING:
-                self.reconnects += 1
-            self._set_state(BrokerState.UP)
+            self.mark_up()
             while True:
                 await self._read_once(reader, control)
         finally:
@@ -361,15 +358,25 @@ class StreamReader:
             await close(reader, control)
 
     async def _start(self, control: aioredis.Redis) -> None:
-        """Find where each pending stream ends (one pipelined round trip for them all)."""
+        """Find where each pending stream ends (one pipelined round trip for them all).
+
+        Apart from the shared XREAD, and with each reply on its own: a key Redis
+        refuses (a name a client chose that holds no stream) fails alone, before it
+        could ever join the XREAD of the others.
+        """
         keys = sorted(self._pending)
         pipe = control.pipeline(transaction=False)
         for key in keys:
             pipe.xrevrange(key, count=max(1, self._prefill(key)))
-        replies: list[Any] = await pipe.execute()
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
         for key, newest_first in zip(keys, replies, strict=True):
             if key not in self._pending:
                 continue  # dropped while we asked
+            if isinstance(newest_first, Exception):
+                if not _key_fault(newest_first):
+                    raise newest_first  # the connection's or the server's: the session's
+                self._fail(key, str(newest_first))
+                continue
             self._pending.discard(key)
             entries = list(reversed(newest_first or []))
             self.positions[key] = entries[-1][0] if entries else b"0-0"
@@ -378,7 +385,9 @@ class StreamReader:
 
     async def _read_once(self, reader: aioredis.Redis, control: aioredis.Redis) -> None:
         self._changed.clear()
-        if self._pending:
+        # Streams wanted while a start was on its way are started too before the XREAD:
+        # else they would wait for its BLOCK to end.
+        while self._pending:
             await self._start(control)
         if not self.positions:
             # Nothing to read: wait for a stream, and check the connection meanwhile.
@@ -398,7 +407,13 @@ class StreamReader:
             async with asyncio.timeout(deadline):
                 reply: Any = await reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
         except TimeoutError:
-            raise _SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
+            raise SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
+        except ResponseError as exc:
+            # A key that held a stream when it started holds something else now: find
+            # it and drop it; the others go on in the same session.
+            if not _key_fault(exc) or not await self._find_faults(control, list(streams)):
+                raise
+            return
         finally:
             self._blocked = False
         grown = []
@@ -409,6 +424,24 @@ class StreamReader:
             self._on_entries(key, entries)
             grown.append(key)
         self._trim(control, grown)
+
+    async def _find_faults(self, control: aioredis.Redis, keys: list[bytes]) -> bool:
+        """Drop the ``keys`` that are no stream now (one pipelined TYPE for them all);
+        False when none is (the error was not theirs)."""
+        pipe = control.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        found = False
+        for key, kind in zip(keys, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(kind, Exception):
+                if not _key_fault(kind):
+                    raise kind
+                self._fail(key, str(kind))
+                found = True
+            elif kind not in (b"stream", b"none"):
+                self._fail(key, f"WRONGTYPE the key holds a {kind.decode(errors='replace')}")
+                found = True
+        return found
 
     def _trim(self, control: aioredis.Redis, keys: list[bytes]) -> None:
         """``XTRIM key MAXLEN ~ N`` for streams that grew, at most every TRIM_EVERY s each."""

@@ -216,6 +216,12 @@ class FeedBroker(Broker):
             self.streams.live.intersection_update(hub.stream_keys())  # main reads them anew
             if self.node is not None:
                 self.node.config = op[1]
+        elif kind == Kind.CONTROL:
+            if self.node is not None:
+                self.node.control.apply(op[1])
+        elif kind == Kind.REFUSALS:
+            if self.node is not None:
+                self.node.control.load(op[1])
         elif kind == Kind.REFUSED:
             hub.refused(op[1])
             self._wake()
@@ -303,6 +309,10 @@ async def serve(
     # The node a single process builds, with its entries from the feed.
     broker.node = node = Node(config, hub=hub, feed=broker)
     node.tasks.on_failure = stop.set
+    # The node's control plane is main's: commands and refusals come in the feed; a
+    # session refused here by its credential goes to main, which tells every node.
+    node.control.load(header["refusals"])
+    node.control.on_refuse = lambda refusal: broker._reply((Kind.REFUSE, refusal))
     # Only SIGTERM, from main: SIGINT and SIGHUP are ignored (see main()).
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     server = HubServer(config, node=node, reuse_port=True)  # (no systemd: main's)

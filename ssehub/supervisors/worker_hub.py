@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..config import Config
-from ..core.ids import parse_stream_id, split_mux_id
+from ..core.ids import hub_part, parse_stream_id, split_mux_id
 from ..core.waiters import Changes
-from ..hub.channel import Channel, Subscriber, streams_of
+from ..hub.channel import Channel, streams_of
 from ..hub.hub import Hub
 from .feed import FrameProtocol, Kind, Op
 
@@ -104,17 +104,6 @@ class WorkerHub(Hub):
 
     # --- resume across workers ------------------------------------------------------
 
-    def subscribe(
-        self, sub: Subscriber, last_event_id: str | None, mux: bool, rewind: int = 0
-    ) -> bool:
-        """As ``Hub.subscribe``; a stream whose member went while it waited just ends."""
-        if any(self.channels.get(c.name) is not c for c in sub.channels):
-            # The member went while the stream waited for it: the browser comes back.
-            self.stats.closed["channel_removed"] += 1
-            sub.end("channel_removed")
-            return True
-        return super().subscribe(sub, last_event_id, mux, rewind)
-
     async def caught_up(
         self, last_event_id: str | None, channels: Sequence[Channel] = (), mux: bool = False
     ) -> None:
@@ -150,7 +139,7 @@ class WorkerHub(Hub):
         if last_event_id is None:
             return 0
         # (an /events id may carry stream positions after a '~': the node's part first)
-        seq = self.numbering.seq_of(last_event_id.split("~")[0])
+        seq = self.numbering.seq_of(hub_part(last_event_id))
         return seq if seq is not None and seq > self.seq else 0
 
     def advanced(self) -> None:
