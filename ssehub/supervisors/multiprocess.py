@@ -4,7 +4,8 @@ The main process owns no HTTP stream. It is the node's core: it builds the node 
 single process builds (``node.py``: the Redis sources, the stream reader, the events
 writer, the admin listener), runs the hub's ingest -- each message parsed, encoded and
 numbered once, the node's history kept -- and feeds every numbered entry to every
-worker over its socketpair (``feed.py``), one frame per event-loop iteration. Workers
+worker over its socketpair (``relay.py``, ``feed.py``), one frame per event-loop
+iteration. Workers
 (``worker.py``) run the HTTP app and the fan-out from that feed, so ids and history are
 the same on every worker and a browser may reconnect to any of them.
 
@@ -25,20 +26,16 @@ import logging
 import socket
 
 from ..config import Config, Listen
-from ..core.control import Command, Refuse
-from ..core.history import Entry
 from ..http.control import ControlCollector
-from ..hub.channel import Channel
-from ..hub.hub import Refused, Unknown
 from ..logs import fields
-from ..node import Listener, Node, listen_socket
-from ..redis.pubsub import BrokerState
-from . import snapshot
+from ..node import Node, listen_socket
 from .feed import Kind, Op, frame
 from .node_metrics import NodeMetrics
 from .process import EXIT_FAILED, capture_signals, raise_fd_limit
 from .process import run as run_loop
+from .relay import Relay
 from .slots import Slot, StartupError, Workers
+from .snapshot import Snapshot
 from .systemd import Notifier
 
 __all__ = ["StartupError", "Supervisor", "run", "supervise"]
@@ -49,9 +46,9 @@ log = logging.getLogger(__name__)
 _PING = 0.5
 
 
-class Supervisor(Listener):
-    """The node's main process: the node (sources, ingest hub, writer, admin) + workers
-    + systemd."""
+class Supervisor:
+    """The node's main process: the node (sources, ingest hub, writer, admin) fed out to
+    the workers (``relay.py``), the workers' processes (``slots.py``), systemd."""
 
     def __init__(
         self, config: Config, log_level: str | None = None, notifier: Notifier | None = None
@@ -66,17 +63,14 @@ class Supervisor(Listener):
         # in order (the hub's tap), and so do the sources' states and stream positions
         # (the node's listener). Stream channels: the node's one reader, here. The
         # node's events and presence: workers report their streams, main writes.
-        self.node = Node(config, listener=self, tap=self, metrics=self._metrics)
+        self.relay = Relay(self.slots, self._check_ready)
+        self.node = Node(config, listener=self.relay, tap=self.relay, metrics=self._metrics)
+        self.relay.node = self.node
         self.hub = self.node.hub
         self.broker = self.node.broker
-        assert self.node.reader is not None and self.node.reporter is not None
-        self.streams = self.node.reader
-        self.reporter = self.node.reporter
         self.notifier = Notifier() if notifier is None else notifier
         self.port = 0
         self._sock: socket.socket | None = None
-        self._ops: list[Op] = []
-        self._flush_scheduled = False
         self._ready_sent = False
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_n = 0
@@ -103,94 +97,9 @@ class Supervisor(Listener):
     def admin_port(self) -> int:
         return self.node.admin_port
 
-    # --- the feed: the hub's tap ------------------------------------------------------
-
-    def entry(
-        self, channel: Channel, e: Entry, publisher_id: bool, exclude: tuple[str, ...]
-    ) -> None:
-        self._push((Kind.ENTRY, channel.name, e, publisher_id, exclude))
-
-    def member(self, channel: Channel) -> None:
-        self._push((Kind.MEMBER, channel.name, channel.history.evicted_seq))
-        if not channel.stream:  # (a stream member is live once the reader starts it)
-            self.node.tasks.spawn(self._announce_live(channel), "ssehub-announce", forever=False)
-
-    def removed(self, channel: Channel) -> None:
-        self._push((Kind.REMOVED, channel.name))
-
-    def outage(self, seq: int) -> None:
-        self._push((Kind.OUTAGE, seq))
-
-    # --- the control plane: the workers hold the streams --------------------------------
-
-    def control_message(self, command: Command) -> None:
-        """Every worker carries a control message out (main keeps the refusals)."""
-        self._push((Kind.CONTROL, command))
-
-    def refusals_read(self, refusals: list[Refuse]) -> None:
-        self._push((Kind.REFUSALS, refusals))
-
-    # --- the feed: the node's listener --------------------------------------------------
-
-    def stream_at(self, key: bytes, position: str, started: bool) -> None:
-        """The workers get a stream's entries, then its position (``started``: from then
-        on its streams there are live)."""
-        self._push((Kind.STREAM, key, position, started))
-
-    def streams_state(self, old: BrokerState, new: BrokerState) -> None:
-        # Nothing is lost on stream channels: the reader goes on from its positions.
-        self._push((Kind.STREAMS, new.value))
-        self._check_ready()
-
-    def redis_state(self, old: BrokerState, new: BrokerState) -> None:
-        # (The node dropped idle members, and numbered an outage, before this.)
-        self._push((Kind.STATE, new.value, self.broker.reconnects))
-        self._check_ready()
-
-    def _push(self, op: Op) -> None:
-        self._ops.append(op)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """One frame for everything since the last flush, the same bytes to every worker."""
-        self._flush_scheduled = False
-        if not self._ops:
-            return
-        data = frame(self._ops)
-        self._ops = []
-        for slot in self.slots:
-            slot.write(data)
-
-    def _send(self, slot: Slot, ops: list[Op]) -> None:
-        """To one worker, behind everything the node sent before."""
-        self._flush()
-        slot.write(frame(ops))
-
-    async def _announce_live(self, channel: Channel) -> None:
-        """Tell the workers once Redis confirms a new member (its streams wait for it)."""
-        while self.hub.channels.get(channel.name) is channel:
-            if await self.broker.wait_subscribed((channel.redis,), 5.0):
-                if self.hub.channels.get(channel.name) is channel:
-                    self._push((Kind.LIVE, channel.redis))
-                return
-
-    def _snapshot(self) -> snapshot.Snapshot:
-        """The node's state for a new worker. What the node numbered so far goes to the
-        other workers first: the new one gets it in the snapshot."""
-        self._flush()
-        members = [c for c in self.hub.channels.values() if c.family is not None]
-        return snapshot.take(
-            self.hub,
-            config=self._worker_config(self.config),
-            log_level=self.log_level,
-            state=self.broker.state.value,
-            reconnects=self.broker.reconnects,
-            live=[c.redis for c in members if c.redis in self.broker.subscribed],
-            streams=[k for k in self.hub.stream_keys() if self.streams.live(k)],
-            streams_state=self.streams.state.value,
-            refusals=[Refuse(k, u) for k, u in self.node.control.refusals.items()],
+    def _snapshot(self) -> Snapshot:
+        return self.relay.snapshot(
+            config=self._worker_config(self.config), log_level=self.log_level
         )
 
     def _worker_config(self, config: Config) -> Config:
@@ -206,24 +115,6 @@ class Supervisor(Listener):
                 if op[1] == self._ping_n:
                     slot.last_pong = asyncio.get_running_loop().time()
                 slot.connections = op[2]
-            elif kind == Kind.JOIN:
-                _, channel, session, meta, presence = op
-                slot.sessions[(channel, session)] = (meta, presence)
-                self.reporter.join(channel, session, meta, presence)
-            elif kind == Kind.LEAVE:
-                _, channel, session, meta, reason, presence = op
-                if slot.sessions.pop((channel, session), None) is not None:
-                    self.reporter.leave(channel, session, meta, reason, presence)
-            elif kind == Kind.REFUSE:
-                # A worker refused a session by its credential: main keeps it, stores it
-                # and tells every node (whose workers, this one's siblings too, hear it).
-                self.node.control.apply(op[1])
-                if self.node.plane is not None:
-                    self.node.plane.refuse(op[1])
-            elif kind == Kind.HOLD:
-                self._hold(slot, op[1], op[2])
-            elif kind == Kind.RELEASE:
-                self._release(slot, op[2])
             elif kind == Kind.STATS:
                 slot.stats = op[1]
                 if slot.stats_waiter is not None and not slot.stats_waiter.done():
@@ -234,34 +125,18 @@ class Supervisor(Listener):
                 log.info("worker ready worker=%d port=%d", slot.index, op[1])
                 self.workers.listening()
                 self._check_ready()
-            else:
+            elif not self.relay.take(slot, op):
                 log.error("unknown worker operation worker=%d kind=%r", slot.index, kind)
 
-    def _hold(self, slot: Slot, name: str, token: int) -> None:
-        """A stream on ``slot`` holds member ``name`` (the worker's ``token`` for it)."""
-        try:
-            (slot.held[token],) = self.hub.acquire([name])
-        except (Unknown, Refused):
-            self._send(slot, [(Kind.REFUSED, token)])
-
-    def _release(self, slot: Slot, token: int) -> None:
-        channel = slot.held.pop(token, None)
-        if channel is not None:
-            self.hub.release([channel])
-
     def _ask_stats(self, slot: Slot) -> None:
-        self._send(slot, [(Kind.STATS,)])
+        self.relay.send(slot, [(Kind.STATS,)])
 
     def _gone(self, slot: Slot) -> None:
-        """A worker exited: every stream it had not reported ended did end with it, its
-        holds go, its counters stay in the node's totals."""
-        for (channel, session), (meta, presence) in slot.sessions.items():
-            self.reporter.leave(channel, session, meta, "worker_exit", presence)
-        slot.sessions.clear()
+        """A worker exited: its streams and holds go (the relay's), its counters stay in
+        the node's totals."""
+        self.relay.gone(slot)
         if self.metrics is not None:
             self.metrics.fold(slot)
-        self.hub.release(list(slot.held.values()))
-        slot.held.clear()
 
     def _check_ready(self) -> None:
         if all(s.ready for s in self.slots) and self.node.ready and not self._ready_sent:
@@ -276,7 +151,7 @@ class Supervisor(Listener):
         loop = asyncio.get_running_loop()
         self._ping_timer = loop.call_later(self._ping_interval, self._ping)
         self._ping_n += 1
-        self._flush()
+        self.relay.flush()
         data = frame([(Kind.PING, self._ping_n)])
         for slot in self.slots:
             slot.write(data)
@@ -327,7 +202,7 @@ class Supervisor(Listener):
         try:
             if not self.node.reload():
                 return False
-            self._push((Kind.CONFIG, self._worker_config(self.config)))
+            self.relay.push((Kind.CONFIG, self._worker_config(self.config)))
             return True
         finally:
             if self._ready_sent:

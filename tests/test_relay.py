@@ -1,4 +1,4 @@
-"""The workers' main process in this process: what it does with what workers tell it."""
+"""Main's end of the feed (relay.py), in this process: what it does with what workers say."""
 
 from __future__ import annotations
 
