@@ -27,7 +27,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FrameProtocol", "FrameReader", "Kind", "Op", "frame"]
+__all__ = ["Batch", "FrameProtocol", "FrameReader", "Kind", "Op", "frame"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,34 @@ def frame(ops: list[Op]) -> bytes:
     """One frame carrying ``ops``."""
     data = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL)
     return _LEN.pack(len(data)) + data
+
+
+class Batch:
+    """The operations of one event-loop iteration, sent as one frame to ``write`` (never
+    a frame per message, stream or subscriber)."""
+
+    __slots__ = ("_ops", "_scheduled", "_write")
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._ops: list[Op] = []
+        self._scheduled = False
+
+    def push(self, op: Op) -> None:
+        """``op`` in this iteration's frame, in order."""
+        self._ops.append(op)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """The frame now, with everything pushed since the last one."""
+        self._scheduled = False
+        if not self._ops:
+            return
+        data = frame(self._ops)
+        self._ops = []
+        self._write(data)
 
 
 class FrameReader:

@@ -11,7 +11,6 @@ node), refusals by credential (the control plane).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..hub.hub import Refused, Unknown
 from ..node import Listener, Node
 from ..redis.pubsub import BrokerState
 from . import snapshot
-from .feed import Kind, Op, frame
+from .feed import Batch, Kind, Op, frame
 from .slots import Slot
 
 __all__ = ["Relay"]
@@ -35,8 +34,10 @@ class Relay(Listener):
         self.slots = slots
         self.node: Node | None = None
         self._changed = changed  # a source's state changed: readiness, systemd's status
-        self._ops: list[Op] = []
-        self._flush_scheduled = False
+        # The same bytes to every worker.
+        self._out = Batch(self._to_all)
+        self.push = self._out.push
+        self.flush = self._out.flush
 
     def _node(self) -> Node:
         assert self.node is not None
@@ -95,20 +96,7 @@ class Relay(Listener):
 
     # --- the frames -------------------------------------------------------------------
 
-    def push(self, op: Op) -> None:
-        """``op`` to every worker, in order, in this iteration's frame."""
-        self._ops.append(op)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        """One frame for everything since the last flush, the same bytes to every worker."""
-        self._flush_scheduled = False
-        if not self._ops:
-            return
-        data = frame(self._ops)
-        self._ops = []
+    def _to_all(self, data: bytes) -> None:
         for slot in self.slots:
             slot.write(data)
 

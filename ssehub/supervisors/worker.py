@@ -35,7 +35,7 @@ from ..redis.factory import create_replays
 from ..redis.pubsub import Broker, BrokerState
 from ..redis.streams import Entry
 from ..server import HubServer
-from .feed import FrameProtocol, FrameReader, Kind, Op
+from .feed import Batch, FrameProtocol, FrameReader, Kind, Op
 from .process import EXIT_FAILED
 from .process import run as run_loop
 from .snapshot import Receiver
@@ -249,26 +249,18 @@ class FeedSink:
 
     def __init__(self, broker: FeedBroker) -> None:
         self._broker = broker
-        self._ops: list[Op] = []
-        self._scheduled = False
+        self._out = Batch(self._write)
+        self.flush = self._out.flush
 
     def join(self, channel: str, session: str, meta: Any, presence: bool) -> None:
-        self._push((Kind.JOIN, channel, session, meta, presence))
+        self._out.push((Kind.JOIN, channel, session, meta, presence))
 
     def leave(self, channel: str, session: str, meta: Any, reason: str, presence: bool) -> None:
-        self._push((Kind.LEAVE, channel, session, meta, reason, presence))
+        self._out.push((Kind.LEAVE, channel, session, meta, reason, presence))
 
-    def _push(self, op: Op) -> None:
-        self._ops.append(op)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        if self._ops and self._broker.proto is not None:
-            self._broker.proto.send(self._ops)
-        self._ops = []
+    def _write(self, data: bytes) -> None:
+        if self._broker.proto is not None:
+            self._broker.proto.write(data)
 
     async def drain(self, timeout: float) -> None:
         """Send what is queued and wait (a while) until the socket took it: at exit."""
