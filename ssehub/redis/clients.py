@@ -28,7 +28,15 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..config import RedisConfig
 from .discovery import node_url
 
-__all__ = ["FAULTS", "Client", "close", "close_sentinels", "command_client", "sentinels"]
+__all__ = [
+    "FAULTS",
+    "Client",
+    "close",
+    "close_sentinels",
+    "command_client",
+    "master_moved",
+    "sentinels",
+]
 
 # What a role gets: one client whatever the topology. Both speak the commands used here
 # (XRANGE, PUBLISH, HSET, pipelines); RedisCluster routes each by its key.
@@ -92,6 +100,24 @@ def command_client(
     client = aioredis.Redis(connection_pool=pool, single_connection_client=single)
     client.auto_close_connection_pool = True  # aclose() closes the pool it owns
     return client
+
+
+async def master_moved(client: Client) -> bool:
+    """With Sentinel: whether the sentinels name another master than ``client``'s
+    connections were opened to (its idle connections are then dropped, so the next
+    command reaches the new master). A demoted master that lives on as a replica still
+    answers reads, with what it had: a reader that must not read stale data asks this
+    when an answer looks short. False without Sentinel, or when the sentinels cannot
+    be asked."""
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return False
+    before = pool.master_address
+    try:
+        now = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    except FAULTS:
+        return False
+    return before is not None and now != before
 
 
 def sentinels(config: RedisConfig) -> Sentinel:
