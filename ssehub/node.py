@@ -25,17 +25,21 @@ from typing import Protocol
 from aiohttp import web
 
 from .config import Config, ConfigError, load
+from .core.control import Command, Refuse
 from .core.ids import random_prefix
 from .http.admin import create_admin_app
 from .http.app import TASKS
 from .http.compat import headers_before_routing
+from .http.control import ControlCollector
 from .http.metrics import Metrics
+from .hub.control import Control
 from .hub.hub import Hub, Tap
 from .hub.sessions import Roster, Sink
 from .logs import fields
 from .redis.cluster_streams import ClusterStreamReader
+from .redis.control import ControlPlane
 from .redis.events import EventsWriter
-from .redis.factory import create_broker, create_stream_reader, create_writer
+from .redis.factory import create_broker, create_control, create_stream_reader, create_writer
 from .redis.pubsub import Broker, BrokerState
 from .redis.streams import Entry as StreamEntry
 from .redis.streams import StreamReader, StreamSource
@@ -55,6 +59,7 @@ RESTART_ONLY = (
     "workers",
     "events",
     "presence",
+    "control",
 )
 
 
@@ -86,6 +91,12 @@ class Listener:
 
     def stream_at(self, key: bytes, position: str, started: bool) -> None:
         """The reader read stream ``key`` up to ``position`` (``started``: it just began)."""
+
+    def control_message(self, command: Command) -> None:
+        """A control message came in (the node's own streams had it already)."""
+
+    def refusals_read(self, refusals: list[Refuse]) -> None:
+        """Refused reconnects were read from Redis (the node keeps them already)."""
 
 
 class Feed(Protocol):
@@ -151,6 +162,15 @@ class Node:
             sink: Sink = self.reporter
         else:
             self.broker, self.streams, sink = feed.broker, feed.streams, feed.sink
+        # The control plane (disconnects, refusals, limits per user and lifetime): this
+        # process's streams and, where the node reads Redis, the control channel (on
+        # the same subscription). A worker's commands come from main through the feed.
+        self.control = Control(lambda: self.config)
+        self.plane: ControlPlane | None = None
+        if feed is None:
+            self.plane = create_control(config, self)
+            self.control.on_refuse = self.plane.refuse
+            hub.on_control = self.plane.on_message
         # Family members subscribe and unsubscribe through the sources.
         hub.broker = self.broker
         hub.streams = self.streams
@@ -162,14 +182,16 @@ class Node:
         # to main's scrape), so a hub without them does not even observe the delays.
         self.metrics: Metrics | None = None
         if config.admin is not None or feed is not None:
-            self.metrics = (
-                Metrics(hub, self.broker, self.reporter) if metrics is None else metrics(self)
-            )
+            if metrics is None:
+                self.metrics = Metrics(hub, self.broker, self.reporter)
+                self.metrics.registry.register(ControlCollector(self.control, self.plane))
+            else:  # (main's sums its own control counters with the workers')
+                self.metrics = metrics(self)
         self.admin: web.Application | None = None
         self._admin_runner: web.AppRunner | None = None
         self.admin_port = 0
         if config.admin is not None and self.metrics is not None:
-            self.admin = create_admin_app(hub, self.broker, self.metrics)
+            self.admin = create_admin_app(hub, self.broker, self.metrics, self.control, self.plane)
             self.admin[TASKS] = self.tasks
             self._admin_runner = web.AppRunner(
                 self.admin, access_log=None, shutdown_timeout=config.shutdown_timeout
@@ -182,6 +204,19 @@ class Node:
 
     # --- the sources' callbacks ----------------------------------------------------------
 
+    # --- the control plane's target ------------------------------------------------------
+
+    def apply(self, command: Command) -> int:
+        """A control message: this process's streams, then the owner (main: the workers')."""
+        ended = self.control.apply(command)
+        self.listener.control_message(command)
+        return ended
+
+    def load(self, refusals: list[Refuse]) -> None:
+        """Refusals read from Redis (at start, after the listener reconnected)."""
+        self.control.load(refusals)
+        self.listener.refusals_read(refusals)
+
     def _on_redis_state(self, old: BrokerState, new: BrokerState) -> None:
         if new is BrokerState.DOWN:
             # Members no browser holds would only be resubscribed for nothing (and
@@ -190,6 +225,8 @@ class Node:
         if old is BrokerState.DOWN and new is BrokerState.UP:
             # What Redis published while we were away is gone: say so in-band.
             self.hub.signal_outage()
+        if self.plane is not None:  # subscribed (again): read the refusals
+            self.plane.on_state(old, new)
         self.listener.redis_state(old, new)
 
     def _on_streams_state(self, old: BrokerState, new: BrokerState) -> None:
@@ -223,20 +260,29 @@ class Node:
         if self.reporter is not None:
             self.reporter.start(self.tasks)
         self.hub.start_heartbeat()
+        self.control.start()
 
     def stopping(self) -> None:
         """The process stops: no more timers, and tasks ending is expected from now on."""
         self.tasks.stopping()
         self.hub.stop_heartbeat()
+        self.control.stop()
 
     async def close(self) -> None:
         """After the owner's streams drained: write what is queued, close the admin
         listener (metrics and readiness stay readable while streams drain), then Redis."""
         self.stopping()
         if self.reporter is not None:  # every stream's unsubscribe is queued by now
-            await self.reporter.close(self.config.shutdown_timeout)
+            try:
+                await self.reporter.close(self.config.shutdown_timeout)
+            except Exception:  # the rest of the stop must happen all the same
+                if self.tasks.failed is None:  # (else its task's failure was logged)
+                    log.exception("events writer failed at shutdown")
+                    self.tasks.fail("ssehub-events-writer")
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.plane is not None:
+            await self.plane.close()
         await self.tasks.close()
 
     def reload(self) -> bool:

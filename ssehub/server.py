@@ -22,9 +22,11 @@ from .http.compat import (
     request_in_progress,
 )
 from .http.metrics import Metrics
+from .hub.control import Control
 from .hub.hub import Hub
 from .logs import enable_access_log, fields
 from .node import Listener, Node, listen_socket
+from .redis.control import ControlPlane
 from .redis.events import EventsWriter
 from .redis.pubsub import Broker, BrokerState
 from .redis.streams import StreamSource
@@ -61,7 +63,7 @@ class HubServer(Listener):
         # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
         self.notifier = Notifier() if notifier is None else notifier
         self._ready_sent = False
-        self.app = create_app(self.hub, self.broker)
+        self.app = create_app(self.hub, self.broker, node.control)
         self.app[TASKS] = self.tasks
         if config.logging.access_log:  # off by default: a line per request is noise at scale
             enable_access_log(self.app)
@@ -119,6 +121,14 @@ class HubServer(Listener):
     @property
     def tasks(self) -> Tasks:
         return self.node.tasks
+
+    @property
+    def control(self) -> Control:
+        return self.node.control
+
+    @property
+    def plane(self) -> ControlPlane | None:
+        return self.node.plane
 
     @property
     def admin_port(self) -> int:

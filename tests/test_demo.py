@@ -98,3 +98,13 @@ def test_a_stream_channel_is_published_to_with_xadd() -> None:
     argv = shlex.split(channel["publish"])
     assert argv[:5] == ["redis-cli", "XADD", "app:orders", "*", "data"]
     assert parse_entry("json", "1-0", {b"data": argv[5].encode()}, 1000).data == "hello"
+
+
+async def test_proxy_channels_are_marked_and_disconnects_shown(start_hub: StartHub) -> None:
+    auth = {"proxy": {"url": "http://127.0.0.1:1/auth", "cookies": ["sessionid"]}}
+    hub = await start_hub({"chat": {}, "user.*": {"auth": "proxy"}}, auth=auth)
+    _, _, body = await http_request(hub.port, "/")
+    member = embedded(body)["channels"][1]
+    assert (member["name"], member["auth"], member["family"]) == ("user.*", "proxy", True)
+    assert b"private: your application" in body
+    assert b'addEventListener("ssehub-disconnect"' in body

@@ -51,6 +51,7 @@ KINDS = ("pubsub", "stream", "family")
 TAG = "{mx}"
 FAILOVER_KEY = f"{TAG}:failover"
 MESSAGES = 500  # per publish check: more than a worker's every-100th could hide
+PUBLISH_KEY = "matrix-publish-key-0123456789"  # POST /publish and POST /disconnect
 
 
 # Cells that fail because of a known defect, and why (none now: issue 19's defect 4,
@@ -147,7 +148,10 @@ class Hubs:
             raise AssertionError(self.failed[key])
         if key not in self.running:
             path = self.dir / f"{topology.name}-{model}.yaml"
-            path.write_text(json.dumps(config(topology, model)))  # YAML is a superset of JSON
+            key = self.dir / "publish-key"
+            key.write_text(PUBLISH_KEY)
+            settings = {**config(topology, model), "publish": {"key_file": str(key)}}
+            path.write_text(json.dumps(settings))  # YAML is a superset of JSON
             node: Node | None = None
             try:
                 node = Node(path, single=model == "single")
@@ -269,6 +273,46 @@ async def test_a_publish_reaches_a_subscriber_on_every_worker(
         seen.append([(e.id, e.data) for e in c.events])
     # One numbering for the node: every worker sent the same ids.
     assert all(s == seen[0] for s in seen)
+
+
+@pytest.mark.parametrize(("topology", "model", "kind"), cells("control"))
+async def test_publish_over_http_and_a_disconnect_reach_every_worker(
+    hub: Hub, clients: list[SSEClient], topology: str, model: str, kind: str
+) -> None:
+    """POST /publish (idempotent: sent twice, delivered once) through the topology's
+    Redis in the channel's kind (PUBLISH, or XADD for streams), then a disconnect of
+    the channel through the control channel: every worker's streams end with it."""
+    name = hub.name(kind)
+    streams = await on_every_worker(hub, clients, f"/channels/{name}")
+    body = json.dumps({"channel": name, "data": "over http"}).encode()
+    key = f"mx-{topology}-{model}-{kind}-{time.time_ns()}"
+    headers = {"Authorization": f"Bearer {PUBLISH_KEY}", "Idempotency-Key": key}
+    answers = [
+        await asyncio.to_thread(post, hub.node.admin_port, "/publish", body, headers)
+        for _ in range(2)
+    ]
+    assert answers[0][0] == 200 and answers[1] == answers[0], answers
+    if kind != "pubsub":
+        assert json.loads(answers[0][1])["id"]  # the entry id
+    disconnect = json.dumps({"disconnect": {"channel": name, "reason": kind}}).encode()
+    status, _ = await asyncio.to_thread(
+        post, hub.node.admin_port, "/disconnect", disconnect, headers
+    )
+    assert status == 200
+    for c in streams:
+        await c.read_to_eof(timeout=10)
+        assert [e.data for e in messages(c) if e.event != "ssehub-disconnect"] == ["over http"]
+        assert json.loads(c.events[-1].data) == {"reason": kind, "reconnect": True}
+
+
+def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, body, headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize(("topology", "model", "kind"), cells("resume"))

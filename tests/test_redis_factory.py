@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ssehub.config import parse
+from ssehub.hub.control import Control
 from ssehub.redis import factory
 from ssehub.redis.cluster import ClusterBroker
 from ssehub.redis.cluster_streams import ClusterStreamReader
@@ -47,6 +48,8 @@ ROLES = {
     "StreamReplays",
     "EventsWriter",
     "PresenceReader",
+    "Publisher",
+    "ControlPlane",
 }
 # Modules whose import outside the Redis layer means a client is made there.
 CLIENT_MODULES = ("hiredis", "redis.asyncio", "redis.client", "redis.cluster", "redis.sentinel")
@@ -137,6 +140,8 @@ async def test_the_factory_builds_every_role_for_every_topology(topology: str) -
     assert writer.node == "node1"
     presence = factory.create_presence_reader(config)
     assert presence.config is config
+    assert factory.create_publisher(config).config is config
+    assert factory.create_control(full, Control(lambda: full)).config is full
 
 
 def test_one_reconnect_state_machine_and_one_backoff_for_every_source() -> None:

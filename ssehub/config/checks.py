@@ -87,6 +87,11 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _http_url(value: Any) -> None:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise _Invalid(f"expected an http:// or https:// URL, got {value!r}")
+
+
 def _one_of(*allowed: str) -> Check:
     def check(value: Any) -> None:
         if value not in allowed:

@@ -29,7 +29,15 @@ from .checks import (
     _Invalid,
     parse_address,
 )
-from .model import AuthConfig, ChannelConfig, Config, Cors, RedisConfig, Sentinel
+from .model import (
+    AuthConfig,
+    ChannelConfig,
+    Config,
+    Cors,
+    PublishConfig,
+    RedisConfig,
+    Sentinel,
+)
 from .overlap import check_private
 
 
@@ -218,6 +226,8 @@ def _validate(obj: Any, path: str, source: str) -> None:
             )
     elif isinstance(obj, AuthConfig):
         object.__setattr__(obj, "key", _auth_key(obj, path, source))
+    elif isinstance(obj, PublishConfig):
+        object.__setattr__(obj, "key", _publish_key(obj, path, source))
     elif isinstance(obj, Config):
         _check_auth(obj, source)
         for ch in obj.channels.values():
@@ -283,6 +293,8 @@ def _auth_key(auth: AuthConfig, path: str, source: str) -> bytes:
 
     hmac = auth.algorithms[0] in HMAC_ALGORITHMS
     given = [k for k in ("secret_file", "secret_env", "key_file") if getattr(auth, k)]
+    if not given and auth.proxy is not None:
+        return b""  # proxy only: no JWT is verified (a channel saying `token` is an error)
     wanted = "secret_file or secret_env" if hmac else "key_file"
     if len(given) != 1 or (given[0] == "key_file") == hmac:
         what = "HS* algorithms" if hmac else "public-key algorithms"
@@ -319,15 +331,49 @@ def _auth_key(auth: AuthConfig, path: str, source: str) -> bytes:
     return key
 
 
+def _publish_key(publish: PublishConfig, path: str, source: str) -> bytes:
+    """The key POST /publish and POST /disconnect require, from its file or variable."""
+    given = [k for k in ("key_file", "key_env") if getattr(publish, k)]
+    if len(given) != 1:
+        return _fail(source, f"{path}.key_file", "exactly one of key_file or key_env is needed")
+    where = f"{path}.{given[0]}"
+    if publish.key_env:
+        value = os.environ.get(publish.key_env, "")
+        if not value:
+            _fail(source, where, f"environment variable {publish.key_env} is not set")
+        key = value.encode()
+    else:
+        try:
+            key = Path(publish.key_file).read_bytes()
+        except OSError as exc:
+            _fail(source, where, f"cannot read: {exc.strerror or exc}")
+    key = key.removesuffix(b"\n").removesuffix(b"\r")
+    if len(key) < 16:
+        _fail(source, where, f"the key must be at least 16 bytes, got {len(key)}")
+    return key
+
+
+def _fail(source: str, key: str, reason: str) -> typing.NoReturn:
+    raise ConfigError(source, key, reason)
+
+
 def _check_auth(config: Config, source: str) -> None:
     """Private channels need the auth section, and no public channel may read what one
     reads; the admin listener (every channel's presence, metrics) stays local."""
-    if config.auth is None:
-        for ch in config.channels.values():
-            if ch.auth == "token":
-                raise ConfigError(
-                    source, f"channels.{ch.name}.auth", "'token' needs a top-level auth section"
-                )
+    auth = config.auth
+    for ch in config.channels.values():
+        where = f"channels.{ch.name}.auth"
+        if ch.auth == "token" and (auth is None or not auth.key):
+            _fail(source, where, "'token' needs a top-level auth section with a key")
+        if ch.auth == "proxy" and (auth is None or auth.proxy is None):
+            _fail(source, where, "'proxy' needs auth.proxy (the application's url)")
+    names = {ch.redis_channel for ch in config.channels.values()}
+    if config.control.redis_channel in names:
+        _fail(
+            source,
+            "control.redis_channel",
+            f"{config.control.redis_channel!r} is a channel's redis_channel",
+        )
     check_private(config, source)
     admin = config.admin
     if admin is not None and not admin.allow_remote and not _is_loopback(admin.host):

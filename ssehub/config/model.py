@@ -10,6 +10,7 @@ from .checks import (
     DEFAULT_GRACE,
     _algorithms,
     _check,
+    _http_url,
     _log_format,
     _log_level,
     _non_negative,
@@ -105,6 +106,12 @@ class Limits:
     # Counted apart for sets of public channels only and for each private channel or
     # family (``auth: token``) a set holds: anonymous sets never spend private ones'.
     max_event_groups: int = field(default=1000, metadata=_check(_non_negative_int))
+    # Open streams of one user (a token's `sub`, a proxy answer's `user`) per worker
+    # process; past it the user's new streams get the busy answer (0 = no limit).
+    max_per_user: int = field(default=0, metadata=_check(_non_negative_int))
+    # Seconds a stream may last (0 = forever); each ends cleanly after a random 75-100%
+    # of it, so that browsers reconnect (spread over the nodes, tokens checked again).
+    max_stream_seconds: float = field(default=0.0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +177,22 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyAuthConfig:
+    """``auth: proxy`` channels: the hub asks the application (see README, Access control)."""
+
+    # The application's URL the hub POSTs {"channels", "cookies"} to.
+    url: str = field(metadata=_check(_http_url))
+    # The cookies sent along (their names); no other cookie leaves the hub.
+    cookies: tuple[str, ...] = ()
+    # Seconds the application may take; slower (or down) is `ssehub-busy` auth_unavailable.
+    timeout: float = field(default=3.0, metadata=_check(_positive))
+    # Seconds an answer is reused for the same cookies (never past its expire_at).
+    cache_seconds: float = field(default=60.0, metadata=_check(_non_negative))
+    # Answers kept at most (oldest dropped first).
+    cache_size: int = field(default=10000, metadata=_check(_non_negative_int))
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     """JWT verification for channels with ``auth: token`` (see README, Access control)."""
 
@@ -195,8 +218,40 @@ class AuthConfig:
     # Verified tokens remembered (by signature, until they expire) to spare a
     # signature check on every reconnect.
     cache_size: int = field(default=10000, metadata=_check(_non_negative_int))
-    # The secret or PEM key read at load; never shown in a repr.
+    # `auth: proxy` channels: ask the application at this URL (JWT keys not needed then).
+    proxy: ProxyAuthConfig | None = None
+    # The secret or PEM key read at load (b"" without one: proxy only); never in a repr.
     key: bytes = field(default=b"", repr=False, metadata={"internal": True})
+
+
+@dataclass(frozen=True, slots=True)
+class PublishConfig:
+    """``POST /publish`` and ``POST /disconnect`` (see README, Publishing over HTTP)."""
+
+    # The key clients send as `Authorization: Bearer <key>`: from a file or an
+    # environment variable, never inline. Without one there is no endpoint.
+    key_file: str = ""
+    key_env: str = ""
+    # Also serve POST /publish on the public listener (always on the admin one).
+    public: bool = False
+    # The largest request body, and the most messages one request may carry.
+    max_body_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
+    max_batch: int = field(default=100, metadata=_check(_positive))
+    # Seconds an Idempotency-Key is remembered (in Redis, so every node sees it).
+    idempotency_seconds: float = field(default=300.0, metadata=_check(_positive))
+    # The key read at load; never shown in a repr.
+    key: bytes = field(default=b"", repr=False, metadata={"internal": True})
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """Disconnects and refused reconnects, told to every node over Redis."""
+
+    # The Redis channel every node listens to for control messages (classic pub/sub,
+    # also with Redis Cluster); refusals are kept in the sorted set `<it>:refusals`.
+    redis_channel: str = field(default="ssehub:control", metadata=_check(_not_empty))
+    # Seconds a `"reconnect": false` disconnect refuses reconnects, unless it says.
+    refuse_seconds: float = field(default=3600.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +276,8 @@ class ChannelConfig:
     history: int = field(default=100, metadata=_check(_non_negative_int))
     history_ttl: float = field(default=0.0, metadata=_check(_non_negative))
     # "public": anyone may subscribe; "token": a JWT naming the channel is required.
-    auth: str = field(default="public", metadata=_check(_one_of("public", "token")))
+    # "proxy": the application is asked (auth.proxy).
+    auth: str = field(default="public", metadata=_check(_one_of("public", "token", "proxy")))
     # Families only: seconds a member stays subscribed (with its history) after its
     # last browser left, so that reconnecting browsers neither churn Redis nor lose
     # their place.
@@ -273,6 +329,9 @@ class Config:
     admin: Admin | None = None
     # JWT verification for channels with `auth: token`; off when absent.
     auth: AuthConfig | None = None
+    # POST /publish and POST /disconnect; off without a key.
+    publish: PublishConfig | None = None
+    control: ControlConfig = field(default_factory=ControlConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # GET / serves a demo page (channels, subscribe buttons, live events); false turns it off.
     demo: bool = True

@@ -102,7 +102,7 @@ def _leaks(config: Config) -> Iterator[tuple[ChannelConfig, ChannelConfig, str]]
     and only a family (a pattern) is compared with every channel of the other side.
     """
     reads = {ch.name: _reads(ch) for ch in config.channels.values()}
-    private = [ch for ch in config.channels.values() if ch.auth == "token"]
+    private = [ch for ch in config.channels.values() if ch.auth != "public"]
     exact: dict[tuple[str, str], ChannelConfig] = {}
     for ch in private:
         field, names = reads[ch.name]
@@ -110,7 +110,7 @@ def _leaks(config: Config) -> Iterator[tuple[ChannelConfig, ChannelConfig, str]]
             exact.setdefault((field, names.prefix), ch)
     families = [ch for ch in private if ch.family]
     for public in config.channels.values():
-        if public.auth == "token" or not private:
+        if public.auth != "public" or not private:
             continue
         field, names = reads[public.name]
         hit = None if public.family else exact.get((field, names.prefix))

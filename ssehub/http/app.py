@@ -19,6 +19,7 @@ from ..core import sse
 from ..core.ids import new_session_id
 from ..core.messages import MAX_ID_LENGTH
 from ..hub.channel import Channel, Subscriber
+from ..hub.control import Control
 from ..hub.hub import Hub, Refused, Unknown
 from ..hub.resume import MAX_STREAMS_PER_EVENTS, resume_streams
 from ..hub.sessions import META_PARAM, BadMeta, meta_of, session_event
@@ -28,14 +29,18 @@ from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
 from .compat import close_connection_after, expect, stream_transport
+from .control import CONTROL, refused
 from .cors import add_cors
 from .headers import add_response_headers
 from .presence import add_presence_route
+from .proxy_auth import PROXY, ProxyAuth, Unavailable, add_proxy_auth
+from .publish import add_publish_route
 
 __all__ = [
     "ACCESS",
     "BROKER",
     "BUSY_EVENT",
+    "CONTROL",
     "HUB",
     "TASKS",
     "create_app",
@@ -135,21 +140,43 @@ async def stream(request: web.Request) -> web.StreamResponse:
     frame lives as long as the stream, so each one saved is memory per connection.
     """
     hub = request.app[HUB]
+    control = request.app[CONTROL]
     mux = "name" not in request.match_info
     names = _names(hub, request, mux)
+    wants_stream = "text/event-stream" in request.headers.get("Accept", "")
+    configs = _configs(hub, names)
     try:
         # Before acquire: a request without the right token must not create a family
         # member (a Redis SUBSCRIBE) on its way to being refused.
-        grant = request.app[ACCESS].grant(request, _configs(hub, names))
+        grant = request.app[ACCESS].grant(request, configs)
+        proxied = None
+        if any(cfg.auth == "proxy" for _, cfg in configs):
+            proxied = await request.app[PROXY].grant(request, configs)
     except Denied as exc:
         raise exc.response() from None
+    except Unavailable:  # the application did not answer: transient
+        if not wants_stream:
+            return _unavailable(hub, "auth_unavailable")
+        return await _turn_away(hub, await _prepare(request), "auth_unavailable")
+    # Who it is (a token's sub, the application's user) and what it showed (the token,
+    # the cookies asked about): what disconnects, refusals and per-user limits know.
+    user = (grant.sub if grant is not None else None) or (proxied.sub if proxied else "")
+    user = str(user)
+    credential = ";".join(
+        c for c in (grant.token if grant else "", proxied.credential if proxied else "") if c
+    )
+    until = control.refused_until(user, credential)
+    if until:
+        control.stats.refused += 1
+        return refused(until)
     try:
         meta = meta_of(grant, request.query.get(META_PARAM), hub.config.meta)
     except BadMeta as exc:
         raise web.HTTPBadRequest(text=f"{exc}\n") from None
+    if proxied is not None and grant is None:
+        meta = proxied.meta
     last_event_id = _last_event_id(request)
     asked_rewind = _rewind(request)
-    wants_stream = "text/event-stream" in request.headers.get("Accept", "")
     if request.version.major != 1:
         # An HTTP/2 request line over plain HTTP/1 framing: nothing sensible to stream.
         raise web.HTTPBadRequest(text="HTTP/1.0 or HTTP/1.1 only\n")
@@ -176,13 +203,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
             rewind = min(rewind, hub.config.limits.max_rewind)
         if last_event_id is not None:
             rewind = 0
-        refusal = _over_limit(hub, channels, mux)
+        refusal = _over_limit(hub, channels, mux, control, user)
         if refusal is not None and not wants_stream:
             return _unavailable(hub, refusal)
         resp = await _prepare(request)
         if request.method == "HEAD":
             return resp
-        refusal = _over_limit(hub, channels, mux)  # again: the awaits above let others in
+        # Again: the awaits above let others in.
+        refusal = _over_limit(hub, channels, mux, control, user)
         if refusal is not None:
             return await _turn_away(hub, resp, refusal)
         # The first bytes go through aiohttp's writer, which sends the buffered
@@ -229,11 +257,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
         transport = stream_transport(request)
         if transport is None:
             return resp
+        # The last checks and the registration in one step: no await between them.
+        if control.over_user_limit(user):
+            return await _turn_away(hub, resp, "max_per_user")
+        if control.refused_until(user, credential):  # disconnected while setting up
+            return await _end(resp)
         sub = Subscriber(transport, request.version == HttpVersion11, _future(), channels)
-        sub.expires = 0.0 if grant is None else grant.exp
+        sub.expires = _expires(grant.exp if grant else 0.0, proxied.exp if proxied else 0.0)
         sub.session = session
         sub.meta = meta
         live = hub.subscribe(sub, last_event_id, mux, rewind)
+        control.track(sub, user, credential)
         request.app[ACCESS].track(sub)
         # A resume longer than the buffer bound goes out as the client reads it:
         # drain() waits on the transport's pause/resume_writing, nothing else.
@@ -245,6 +279,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     finally:
         if sub is not None:
             hub.unsubscribe(sub)
+            control.forget(sub)
             request.app[ACCESS].forget(sub)
         hub.sessions.close(session)
         hub.release(channels)
@@ -280,11 +315,20 @@ async def _prepare(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _over_limit(hub: Hub, channels: Sequence[Channel], mux: bool) -> str | None:
+def _expires(*times: float) -> float:
+    """The earliest of the expiry times that are set (0: none is)."""
+    return min((t for t in times if t), default=0.0)
+
+
+def _over_limit(
+    hub: Hub, channels: Sequence[Channel], mux: bool, control: Control, user: str
+) -> str | None:
     """Why a new stream must be turned away, or None."""
     limits = hub.config.limits
     if limits.max_connections and hub.connections >= limits.max_connections:
         return "max_connections"
+    if control.over_user_limit(user):
+        return "max_per_user"
     if limits.max_per_channel and any(len(c) >= limits.max_per_channel for c in channels):
         return "max_per_channel"
     if mux and hub.refuses_group(channels):
@@ -344,12 +388,17 @@ async def not_routed(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-def create_app(hub: Hub, broker: Broker) -> web.Application:
-    """The public application; streams end cleanly on shutdown."""
+def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
+    """The public application; streams end cleanly on shutdown. ``control``: the
+    process's streams by session and user (its node's, hub/control.py)."""
     app = web.Application()
     app[HUB] = hub
     app[BROKER] = broker
     app[ACCESS] = access = Access(lambda: hub.config)
+    app[CONTROL] = control
+    add_proxy_auth(app, ProxyAuth(lambda: hub.config, control.stats))
+    if hub.config.publish is not None and hub.config.publish.public:
+        add_publish_route(app, control, lambda: hub.config)
     app.router.add_get("/channels/{name}", stream, expect_handler=expect)
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)

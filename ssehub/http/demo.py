@@ -57,7 +57,8 @@ def channels_json(config: Config) -> str:
             "name": ch.name,
             "url": f"/channels/{ch.name}",
             "redis_channel": ch.stream or ch.redis_channel,
-            # "token": private; the page sends the pasted token as ?token=.
+            # "token": private; the page sends the pasted token as ?token=. "proxy":
+            # private; the application is asked, with the site's cookies.
             "auth": ch.auth,
             "publish": _publish(ch),
             **({"family": True} if ch.family else {}),

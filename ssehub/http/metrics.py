@@ -34,7 +34,16 @@ __all__ = ["CLOSE_REASONS", "DELAY_BUCKETS", "HubCollector", "Metrics", "Reporte
 
 # Every reason a stream can end for, reported even at zero so that rate() and
 # alerts work before the first occurrence.
-CLOSE_REASONS = ("client_gone", "slow", "shutdown", "limit", "channel_removed", "stream_error")
+CLOSE_REASONS = (
+    "client_gone",
+    "slow",
+    "shutdown",
+    "limit",
+    "channel_removed",
+    "stream_error",
+    "disconnect",
+    "lifetime",
+)
 
 # Seconds from a message's arrival from Redis to its write to the subscribers:
 # normally well under a millisecond (one loop iteration), so the buckets are fine there.

@@ -29,6 +29,10 @@ __all__ = ["MEMBER_SWEEP", "Follows", "Refused", "Registry", "Unknown"]
 # Seconds between sweeps for family members whose grace period is over.
 MEMBER_SWEEP = 0.5
 
+# Recent entries read when a stream starts (so resumes need no round trip), at most:
+# a channel's whole `history` up to this (its bytes stay within `history_bytes`).
+_MAX_PREFILL = 10_000
+
 
 class Unknown(LookupError):
     """Channel names that no listed channel and no family serves."""
@@ -85,6 +89,9 @@ class Registry:
         self.by_stream: dict[bytes, list[Channel]] = {}
         self.aging: set[History] = set()  # histories with an age bound, for the expiry timer
         self.juggernaut: bytes | None = None
+        # The control channel (disconnects, refusals: redis/control.py), on the same
+        # subscription as the channels, classic pub/sub also on a Cluster.
+        self.control = b""
         # The Redis side, told what to follow (set by the server): pub/sub channels
         # through the broker, stream channels through the stream reader.
         self.broker: Follows | None = None
@@ -101,6 +108,7 @@ class Registry:
         self.juggernaut = (
             config.juggernaut.redis_channel.encode() if config.juggernaut.enabled else None
         )
+        self.control = config.control.redis_channel.encode()
         self.families = Families(config.channels.values())
         # Refilled, never replaced: the hub's input holds these very dicts.
         self.by_redis.clear()
@@ -174,6 +182,7 @@ class Registry:
     def redis_channels(self) -> list[bytes]:
         """The Redis channels the broker must subscribe to."""
         names = set(self.by_redis)
+        names.add(self.control)
         if self.juggernaut is not None:
             names.add(self.juggernaut)
         return sorted(names)
@@ -187,6 +196,15 @@ class Registry:
     def stream_keys(self) -> list[bytes]:
         """The stream keys the stream reader must read."""
         return sorted(self.by_stream)
+
+    def stream_prefill(self, key: bytes) -> int:
+        """Recent entries of ``key`` to read when it starts: what its channels keep."""
+        kept = max((c.config.history for c in self.by_stream.get(key, ())), default=0)
+        return min(_MAX_PREFILL, kept)
+
+    def stream_maxlen(self, key: bytes) -> int:
+        """The length to trim ``key`` to (``stream_maxlen``; 0: leave it to publishers)."""
+        return max((c.config.stream_maxlen for c in self.by_stream.get(key, ())), default=0)
 
     # --- family members -------------------------------------------------------------
 
@@ -205,7 +223,7 @@ class Registry:
             if channel is not None:
                 continue
             match = self.families.find(name)
-            if match is None or match[0].redis_channel(match[1]) == self.juggernaut:
+            if match is None or match[0].redis_channel(match[1]) in (self.juggernaut, self.control):
                 unknown.append(name)
             else:
                 new.append((name, *match))

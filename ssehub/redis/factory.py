@@ -12,7 +12,9 @@ model. The roles:
 - ``create_replays``: the replay reader (``XRANGE`` pages for resuming clients, in
   processes that do not read the streams themselves: workers);
 - ``create_writer``: the events/presence writer (one per node);
-- ``create_presence_reader``: presence queries.
+- ``create_presence_reader``: presence queries;
+- ``create_control``: the control channel's commands and the refusals' store;
+- ``create_publisher``: ``POST /publish``'s PUBLISH/SPUBLISH/XADD (idempotent on demand).
 
 Every role is inert until its ``run()``/``start()`` or first use: building one opens
 no connection.
@@ -25,14 +27,18 @@ from collections.abc import Callable, Iterable
 from ..config import Config, RedisConfig
 from .cluster import ClusterBroker
 from .cluster_streams import ClusterStreamReader
+from .control import ControlPlane, Target
 from .events import EventsWriter, PresenceReader
+from .publish import Publisher
 from .pubsub import Broker, BrokerState
 from .sentinel import SentinelBroker
 from .streams import Entry, StreamReader, StreamReplays
 
 __all__ = [
     "create_broker",
+    "create_control",
     "create_presence_reader",
+    "create_publisher",
     "create_replays",
     "create_stream_reader",
     "create_writer",
@@ -88,3 +94,13 @@ def create_writer(config: Config, node: str) -> EventsWriter:
 def create_presence_reader(config: RedisConfig) -> PresenceReader:
     """Presence queries (count and members of a channel)."""
     return PresenceReader(config)
+
+
+def create_publisher(config: RedisConfig) -> Publisher:
+    """``POST /publish``'s sender (its connections open on first use)."""
+    return Publisher(config)
+
+
+def create_control(config: Config, target: Target) -> ControlPlane:
+    """The node's control plane (its messages come through the node's subscription)."""
+    return ControlPlane(config, target)

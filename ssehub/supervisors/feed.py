@@ -53,6 +53,8 @@ class Kind(enum.IntEnum):
     REFUSED = 10  # (REFUSED, token): a HOLD the node turned away
     PING = 11  # (PING, n)
     STATS = 12  # main: (STATS,) asks; worker: (STATS, [Metric, ...]) answers
+    CONTROL = 13  # (CONTROL, Command): a control message (core/control.py) for the streams
+    REFUSALS = 14  # (REFUSALS, [Refuse]): refused reconnects read from Redis
     # main -> a new worker, before anything else (see snapshot.py)
     SNAPSHOT = 20  # (SNAPSHOT, dict): the node's state but its histories
     HISTORY = 21  # (HISTORY, channel name, [Entry, ...], [seq with a publisher id, ...])
@@ -64,6 +66,7 @@ class Kind(enum.IntEnum):
     RELEASE = 33  # (RELEASE, name, token): no stream on this worker holds it any more
     JOIN = 34  # (JOIN, channel, session, meta, presence): a stream registered
     LEAVE = 35  # (LEAVE, channel, session, meta, reason, presence): a stream ended
+    REFUSE = 36  # (REFUSE, Refuse): a session here was refused by its credential
 
 
 _LEN = struct.Struct("!I")

@@ -25,7 +25,9 @@ import logging
 import socket
 
 from ..config import Config, Listen
+from ..core.control import Command, Refuse
 from ..core.history import Entry
+from ..http.control import ControlCollector
 from ..hub.channel import Channel
 from ..hub.hub import Refused, Unknown
 from ..logs import fields
@@ -84,7 +86,12 @@ class Supervisor(Listener):
     def _metrics(self, node: Node) -> NodeMetrics:
         assert node.reporter is not None
         self.metrics = NodeMetrics(
-            self.slots, self._ask_stats, node.hub, node.broker, node.reporter
+            self.slots,
+            self._ask_stats,
+            node.hub,
+            node.broker,
+            node.reporter,
+            ControlCollector(node.control, node.plane),
         )
         return self.metrics
 
@@ -113,6 +120,15 @@ class Supervisor(Listener):
 
     def outage(self, seq: int) -> None:
         self._push((Kind.OUTAGE, seq))
+
+    # --- the control plane: the workers hold the streams --------------------------------
+
+    def control_message(self, command: Command) -> None:
+        """Every worker carries a control message out (main keeps the refusals)."""
+        self._push((Kind.CONTROL, command))
+
+    def refusals_read(self, refusals: list[Refuse]) -> None:
+        self._push((Kind.REFUSALS, refusals))
 
     # --- the feed: the node's listener --------------------------------------------------
 
@@ -174,6 +190,7 @@ class Supervisor(Listener):
             live=[c.redis for c in members if c.redis in self.broker.subscribed],
             streams=[k for k in self.hub.stream_keys() if self.streams.live(k)],
             streams_state=self.streams.state.value,
+            refusals=[Refuse(k, u) for k, u in self.node.control.refusals.items()],
         )
 
     def _worker_config(self, config: Config) -> Config:
@@ -197,6 +214,12 @@ class Supervisor(Listener):
                 _, channel, session, meta, reason, presence = op
                 if slot.sessions.pop((channel, session), None) is not None:
                     self.reporter.leave(channel, session, meta, reason, presence)
+            elif kind == Kind.REFUSE:
+                # A worker refused a session by its credential: main keeps it, stores it
+                # and tells every node (whose workers, this one's siblings too, hear it).
+                self.node.control.apply(op[1])
+                if self.node.plane is not None:
+                    self.node.plane.refuse(op[1])
             elif kind == Kind.HOLD:
                 self._hold(slot, op[1], op[2])
             elif kind == Kind.RELEASE:

@@ -52,8 +52,12 @@ class NodeMetrics(Metrics):
         hub: Hub,
         broker: Broker,
         writer: EventsWriter,
+        local: Collector | None = None,
     ) -> None:
         self.slots = slots
+        # Main's own counters of families the workers count too (the control plane's:
+        # POST /publish and /disconnect are served here), added to their sums.
+        self._local = local
         self._ask = ask  # sends a worker the request for its counters
         # Counters of workers that died, so that the node's totals never go back.
         self._dead: dict[str, tuple[str, str, dict[SampleKey, float]]] = {}
@@ -96,6 +100,10 @@ class NodeMetrics(Metrics):
         sums: dict[str, tuple[str, str, dict[SampleKey, float]]] = {
             name: (doc, kind, dict(samples)) for name, (doc, kind, samples) in self._dead.items()
         }
+        local = list(self._local.collect()) if self._local is not None else []
+        for metric in local:
+            _, _, acc = sums.setdefault(metric.name, (metric.documentation, metric.type, {}))
+            _add_samples(acc, metric)
         for slot in self.slots:
             if slot.link is None:
                 continue

@@ -18,6 +18,7 @@ from before it accepts a single connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -106,7 +107,9 @@ class FeedBroker(Broker):
     ``streams`` and ``sink``, the worker node's upstream (see node.Feed)."""
 
     def __init__(self, config: Config, hub: WorkerHub, sock: socket.socket) -> None:
-        super().__init__(config.redis, (), _no_message)
+        # It never connects to Redis (main does, for the node), so it has no address of
+        # its own: the node's URL, a Cluster's or Sentinel's, is not a plain one to parse.
+        super().__init__(dataclasses.replace(config.redis, url=_NO_REDIS), (), _no_message)
         self.hub = hub
         self.node: Node | None = None  # the worker's node, once built on this feed
         self._sock = sock
@@ -214,6 +217,12 @@ class FeedBroker(Broker):
             self.streams.live.intersection_update(hub.stream_keys())  # main reads them anew
             if self.node is not None:
                 self.node.config = op[1]
+        elif kind == Kind.CONTROL:
+            if self.node is not None:
+                self.node.control.apply(op[1])
+        elif kind == Kind.REFUSALS:
+            if self.node is not None:
+                self.node.control.load(op[1])
         elif kind == Kind.REFUSED:
             hub.refused(op[1])
             self._wake()
@@ -277,6 +286,10 @@ class FeedSink:
             await asyncio.sleep(0.01)
 
 
+# The feed's stand-in for a Redis URL (see FeedBroker).
+_NO_REDIS = "unix:///nonexistent/ssehub-feed"
+
+
 def _no_message(channel: bytes, payload: bytes) -> None:  # pragma: no cover - never called
     pass
 
@@ -297,6 +310,10 @@ async def serve(
     # The node a single process builds, with its entries from the feed.
     broker.node = node = Node(config, hub=hub, feed=broker)
     node.tasks.on_failure = stop.set
+    # The node's control plane is main's: commands and refusals come in the feed; a
+    # session refused here by its credential goes to main, which tells every node.
+    node.control.load(header["refusals"])
+    node.control.on_refuse = lambda refusal: broker._reply((Kind.REFUSE, refusal))
     # Only SIGTERM, from main: SIGINT and SIGHUP are ignored (see main()).
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     server = HubServer(config, Notifier({}), node=node, reuse_port=True)
