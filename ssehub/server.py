@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -30,12 +32,45 @@ from .redis.control import ControlPlane
 from .redis.events import EventsWriter
 from .redis.pubsub import Broker, BrokerState
 from .redis.streams import StreamSource
-from .supervisors.systemd import Notifier
 from .tasks import Tasks
 
-__all__ = ["HubServer"]
+__all__ = ["HubServer", "Notify"]
 
 log = logging.getLogger(__name__)
+
+
+class Notify(Protocol):
+    """Whom the server tells that it is ready, reloading or stopping: its supervisor's
+    link to systemd (``supervisors/systemd.Notifier``), given by the supervisor."""
+
+    def notify_ready(self, status: str | None = None) -> None: ...
+    def notify_status(self, status: str) -> None: ...
+    def notify_reloading(self) -> None: ...
+    def notify_stopping(self) -> None: ...
+    def start(self, status: Callable[[], str], alive: Callable[[], bool] | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Unsupervised:
+    """No one to tell (code, tests, a worker: only the node's main process notifies)."""
+
+    def notify_ready(self, status: str | None = None) -> None:
+        pass
+
+    def notify_status(self, status: str) -> None:
+        pass
+
+    def notify_reloading(self) -> None:
+        pass
+
+    def notify_stopping(self) -> None:
+        pass
+
+    def start(self, status: Callable[[], str], alive: Callable[[], bool] | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # aiohttp logs every request it cannot parse with a traceback: one DEBUG line instead.
@@ -49,7 +84,7 @@ class HubServer(Listener):
     def __init__(
         self,
         config: Config,
-        notifier: Notifier | None = None,
+        notifier: Notify | None = None,
         *,
         node: Node | None = None,
         reuse_port: bool = False,
@@ -60,8 +95,8 @@ class HubServer(Listener):
             node.listener = self
         self.node = node
         self._reuse_port = reuse_port
-        # systemd's notify socket (a no-op outside systemd): READY=1 waits for Redis.
-        self.notifier = Notifier() if notifier is None else notifier
+        # systemd's notify socket, when the supervisor gives it: READY=1 waits for Redis.
+        self.notifier: Notify = _Unsupervised() if notifier is None else notifier
         self._ready_sent = False
         self.app = create_app(self.hub, self.broker, node.control)
         self.app[TASKS] = self.tasks

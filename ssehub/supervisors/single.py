@@ -16,6 +16,7 @@ from ..logs import fields
 from ..server import HubServer
 from .process import EXIT_FAILED, capture_signals, raise_fd_limit
 from .process import run as run_loop
+from .systemd import Notifier
 
 __all__ = ["run", "serve"]
 
@@ -26,7 +27,7 @@ async def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT (or a failed task), then shut down gracefully;
     SIGHUP reloads. Returns the process's exit code."""
     stop = asyncio.Event()
-    server = HubServer(config)
+    server = HubServer(config, Notifier())
     server.tasks.on_failure = stop.set
     capture_signals(stop, server.reload)
     await server.start()

@@ -39,7 +39,6 @@ from .feed import FrameProtocol, FrameReader, Kind, Op
 from .process import EXIT_FAILED
 from .process import run as run_loop
 from .snapshot import Receiver
-from .systemd import Notifier
 from .worker_hub import WorkerHub
 
 __all__ = ["FeedBroker", "FeedSink", "FeedStreams", "main"]
@@ -317,7 +316,7 @@ async def serve(
     node.control.on_refuse = lambda refusal: broker._reply((Kind.REFUSE, refusal))
     # Only SIGTERM, from main: SIGINT and SIGHUP are ignored (see main()).
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    server = HubServer(config, Notifier({}), node=node, reuse_port=True)
+    server = HubServer(config, node=node, reuse_port=True)  # (no systemd: main's)
     for ops in receiver.later:
         broker._apply(ops)
     await broker.connect(receiver.reader)
