@@ -273,7 +273,12 @@ class Node:
         listener (metrics and readiness stay readable while streams drain), then Redis."""
         self.stopping()
         if self.reporter is not None:  # every stream's unsubscribe is queued by now
-            await self.reporter.close(self.config.shutdown_timeout)
+            try:
+                await self.reporter.close(self.config.shutdown_timeout)
+            except Exception:  # the rest of the stop must happen all the same
+                if self.tasks.failed is None:  # (else its task's failure was logged)
+                    log.exception("events writer failed at shutdown")
+                    self.tasks.fail("ssehub-events-writer")
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self.plane is not None:

@@ -89,9 +89,9 @@ class Node:
                 pids[int(match[1])] = int(match[2])
         return pids
 
-    def errors(self) -> list[str]:
-        """ERROR and CRITICAL lines and traceback lines, as logged so far."""
-        return [line for line in self.lines if _ERROR.search(line)]
+    def errors(self, start: int = 0) -> list[str]:
+        """ERROR and CRITICAL lines and traceback lines logged from line ``start`` on."""
+        return [line for line in self.lines[start:] if _ERROR.search(line)]
 
     def stop(self) -> None:
         """Kill what a test left running (main and workers) and close the pipe."""

@@ -17,8 +17,8 @@ import redis
 from redis.crc import key_slot
 
 from ssehub.config import ConfigError, parse
-from ssehub.redis.cluster import ClusterBroker, slot_map
-from ssehub.redis.cluster_streams import ClusterStreamReader
+from ssehub.redis.cluster import ClusterBroker, _Node, slot_map
+from ssehub.redis.cluster_streams import ClusterStreamReader, _SlotReader
 from ssehub.redis.factory import create_presence_reader, create_replays
 from ssehub.server import HubServer
 
@@ -27,6 +27,7 @@ from .redis_topology import RedisCluster
 from .sseclient import SSEClient, open_stream, wait_until
 from .test_faults import data, gaps
 from .test_redis_events import events_config, events_heard, running_writer
+from .test_redis_side import ends_by_itself
 
 
 def cluster_redis(cluster: RedisCluster, **more: Any) -> dict[str, Any]:
@@ -505,3 +506,27 @@ async def test_replay_reads_go_to_the_master_owning_each_key(cluster: RedisClust
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["pubsub", "streams"])
+async def test_a_part_that_dies_ends_the_cluster_source_loudly(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    """Issue 19: a node's (a slot reader's) task that ended on an exception was never
+    heard of: ClusterBroker.run / ClusterStreamReader.run went on without it. Now the
+    source's run() raises it, for the process's task owner to act on."""
+    config = parse({"channels": {"a": {}}, "redis": cluster_redis(cluster)}).redis
+
+    async def broken(self: Any) -> None:
+        raise RuntimeError("a bug in a part")
+
+    role: Any
+    if source == "pubsub":
+        monkeypatch.setattr(_Node, "run", broken)
+        role = ClusterBroker(config, ["a"], lambda channel, payload: None)
+    else:
+        monkeypatch.setattr(_SlotReader, "run", broken)
+        role = ClusterStreamReader(config, print, print, lambda key: 0)
+        role.want([b"cs:part"])
+    await ends_by_itself(role.run(), RuntimeError, "a bug in a part", 10)

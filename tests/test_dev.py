@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from .hubprocess import alive
 from .redis_server import RedisServer, free_port
 from .terminal import ROOT, http_status
 
@@ -21,14 +22,6 @@ def dev(
     return subprocess.run(
         [DEV, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/cwd").exists()  # a zombie has none
 
 
 def test_dev_ssehub_runs_the_venv_command_from_the_caller_s_directory(tmp_path: Path) -> None:

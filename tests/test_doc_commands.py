@@ -90,7 +90,7 @@ JUGGERNAUT_START = "SSEHUB_CONFIG=config/examples/juggernaut.yaml ./dev run"
 ROSTER = "redis-cli SUBSCRIBE juggernaut:subscribe juggernaut:unsubscribe"
 JUGGERNAUT_PUBLISH = """redis-cli PUBLISH juggernaut '{"channels": ["chat"], "data": "hi"}'"""
 EXCEPT = (
-    """redis-cli PUBLISH chat '{"data": "hi", "except": "Xk3v_9aQ.1c"}'""",
+    """redis-cli PUBLISH chat '{"data": "hi", "except": "Xk3v_9aQ1cZ0mPq7"}'""",
     """redis-cli PUBLISH juggernaut '{"channels": ["chat"], "data": "hi", """
     """"except": ["a.1", "b.7"]}'""",
 )
@@ -205,6 +205,28 @@ def test_every_command_shown_is_run() -> None:
     assert not stale, f"no longer shown in the docs: {stale}"
 
 
+def _output_shown(page: str, first_line: str) -> str:
+    """The ``text`` block of ``page`` that starts with ``first_line``."""
+    for block in re.findall(r"^```text\n(.*?)^```", (ROOT / page).read_text(), re.M | re.S):
+        if block.startswith(first_line):
+            return str(block)
+    raise AssertionError(f"{page}: no text block starting {first_line!r}")
+
+
+def _shape(stream: str) -> str:
+    """A stream with its session id and event ids replaced by their shape: the same on
+    every run, and different for an id of another form."""
+
+    def session(m: re.Match[str]) -> str:  # URL-safe characters, any of them anywhere
+        return re.sub(r"[A-Za-z0-9_-]", "x", m.group(0))
+
+    def event_id(m: re.Match[str]) -> str:  # <epoch>-<n>: base 36 around one dash
+        return re.sub(r"[a-z0-9]", "x", m.group(0))
+
+    stream = re.sub(r"(?m)(?<=^event: ssehub-session\ndata: )\S+$", session, stream)
+    return re.sub(r"(?m)(?<=^id: )\S+$", event_id, stream).strip()
+
+
 # --- the scenarios -----------------------------------------------------------------------
 
 
@@ -232,7 +254,10 @@ def test_publish_subscribe_and_resume_as_the_first_tour_shows(desk: Desk) -> Non
     chat.type(SUBSCRIBE)
     chat.wait_for(POSITION)
     assert shell.run(PUBLISH).strip() == "1"
-    chat.wait_for(r"^data: hello$")
+    shown = chat.wait_for(r"^data: hello\n\n")
+    # What README and getting-started show the first terminal printing, ids aside.
+    for page in ("README.md", "docs/getting-started.md"):
+        assert _shape(shown) == _shape(_output_shown(page, "retry: 3000")), page
 
     for subscribe, publish, data in (
         (*NEWS, "fed to /channels/news"),
@@ -326,10 +351,11 @@ def test_juggernaut_publishers_except_events_and_presence(desk: Desk) -> None:
     room = desk.terminal()
     room.type(PRESENCE[0])
     room.wait_for(POSITION)
-    deadline_runs = 100
+    deadline = time.monotonic() + 20
     while '"meta":"Ann"' not in (out := shell.run(PRESENCE[1])):
-        deadline_runs -= 1  # the presence writer batches: poll as a reader would
-        assert deadline_runs, out
+        # The presence writer batches, off the stream's path: ask again, as a reader would.
+        assert time.monotonic() < deadline, out
+        time.sleep(0.05)
     assert out.startswith('{"channel":"room.7","count":1,"members":[{"session_id":'), out
 
 

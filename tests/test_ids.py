@@ -9,6 +9,7 @@ from ssehub.core.ids import (
     Numbering,
     compact,
     expand,
+    hub_part,
     just_before,
     mux_id,
     parse_stream_id,
@@ -52,6 +53,7 @@ def test_compact_ids_round_trip_and_out_of_range_ones_are_no_ids() -> None:
 def test_mux_ids_carry_each_stream_position() -> None:
     value = mux_id("e", 5, ["1700000000000-0", "1700000000001-2"])
     assert split_mux_id(value, 2) == ("e-5", ["1700000000000-0", "1700000000001-2"])
+    assert hub_part(value) == "e-5" and hub_part("e-6") == "e-6"
     assert split_mux_id(value, 1) == ("e-5", None)  # the channel list changed
 
 

@@ -1,6 +1,7 @@
 """The package shows its layers: the HTTP, hub, core, config, CLI and logging modules
 import no module that imports them back (at run time, inside a function or under
-``TYPE_CHECKING`` alike), and none is over 500 lines."""
+``TYPE_CHECKING`` alike), no import circle anywhere in the package, and no module over
+500 lines."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ BELOW = {
     "ssehub.hub": ("ssehub.hub", "ssehub.core", "ssehub.config", "ssehub.redis", "ssehub.logs"),
 }
 MAX_LINES = 500
+# Modules still over MAX_LINES, each a strict xfail until it is split (then it passes,
+# fails as XPASS, and leaves this list). None now: supervisors/ was split.
+OVER: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -41,11 +45,13 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in ROOT.rglob("*.py")}
 
 
-def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """Every ssehub module ``name`` imports, anywhere in its text."""
+def _imports(name: str, path: Path, known: set[str], text: str | None = None) -> set[str]:
+    """Every ssehub module ``name`` imports, anywhere in its text (``text``: instead of
+    the file's)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    source = path.read_text(encoding="utf-8") if text is None else text
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -124,7 +130,46 @@ def test_hub_and_core_import_only_the_layers_below(layer: str) -> None:
     assert not wrong
 
 
-@pytest.mark.parametrize("name", sorted(n for n in _modules() if _checked(n)))
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Modules that reach each other through imports, each group once (sorted)."""
+    out: list[list[str]] = []
+    done: set[str] = set()
+    for name in sorted(graph):
+        if name in done:
+            continue
+        group = sorted({name} | {o for o in _reaches(graph, name) if name in _reaches(graph, o)})
+        done.update(group)
+        if len(group) > 1:
+            out.append(group)
+    return out
+
+
+def test_the_circle_finder_finds_a_circle_under_type_checking_or_in_a_function() -> None:
+    toy = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert _circles(toy) == [["a", "b", "c"]]
+    source = ROOT / "redis" / "pubsub.py"
+    text = source.read_text(encoding="utf-8")
+    for planted in (
+        "if TYPE_CHECKING:\n    from ..server import HubServer\n",
+        "def _later() -> None:\n    from .. import node\n",
+    ):
+        graph = dict(_graph())
+        name = "ssehub.redis.pubsub"
+        graph[name] = _imports(name, source, set(_modules()), text + "\n" + planted)
+        assert _circles(graph), planted
+
+
+def test_no_import_circle_anywhere_in_the_package() -> None:
+    assert _circles(_graph()) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=OVER[n])] if n in OVER else [])
+        for n in sorted(_modules())
+    ],
+)
 def test_no_module_over_500_lines(name: str) -> None:
     lines = len(_modules()[name].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{name}: {lines} lines"

@@ -27,7 +27,7 @@ FORMATTERS = {"text": TextFormatter, "json": JsonFormatter}
 
 class Captured:
     """Lines the hub's own formatter (text or json) writes for the ``ssehub.access`` and
-    ``ssehub.hub.hub`` loggers, the ones that carry client and publisher text."""
+    ``ssehub.hub.ingest`` loggers, the ones that carry client and publisher text."""
 
     def __init__(self, format: str) -> None:
         self.format = format
@@ -42,7 +42,7 @@ class Captured:
 @pytest.fixture(params=sorted(FORMATTERS))
 def captured(request: pytest.FixtureRequest) -> Iterator[Captured]:
     cap = Captured(request.param)
-    loggers = [logging.getLogger(name) for name in ("ssehub.access", "ssehub.hub.hub")]
+    loggers = [logging.getLogger(name) for name in ("ssehub.access", "ssehub.hub.ingest")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(cap.handler)

@@ -96,14 +96,14 @@ async def test_juggernaut_delivers_to_every_valid_channel_whatever_happens_to_on
     start_hub: StartHub, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = await start_hub({"a": {}, "b": {}, "c": {}}, juggernaut={"enabled": True})
-    ingest = hub.hub._ingest
+    ingest = hub.hub.ingest._ingest
 
     def failing_on_b(channel: object, event: Event) -> None:
         if getattr(channel, "name", None) == "b":
             raise RuntimeError("b is broken")
         ingest(channel, event)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(hub.hub, "_ingest", failing_on_b)
+    monkeypatch.setattr(hub.hub.ingest, "_ingest", failing_on_b)
     a = await open_stream(hub.port, "/channels/a")
     c = await open_stream(hub.port, "/channels/c")
     try:

@@ -14,7 +14,9 @@ from ssehub.hub.control import Control
 from ssehub.redis import factory
 from ssehub.redis.cluster import ClusterBroker
 from ssehub.redis.cluster_streams import ClusterStreamReader
+from ssehub.redis.pubsub import Broker
 from ssehub.redis.sentinel import SentinelBroker
+from ssehub.redis.source import Source
 from ssehub.redis.streams import StreamReader
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ssehub"
@@ -140,3 +142,20 @@ async def test_the_factory_builds_every_role_for_every_topology(topology: str) -
     assert presence.config is config
     assert factory.create_publisher(config).config is config
     assert factory.create_control(full, Control(lambda: full)).config is full
+
+
+def test_one_reconnect_state_machine_and_one_backoff_for_every_source() -> None:
+    """Issue 19: the reconnect loop (state, backoff, reconnect count, 'up when every part
+    is up') was written four times and had drifted. Every source is a Source now, and
+    only source.py computes a backoff from reconnect_min/reconnect_max."""
+    for kind in (Broker, SentinelBroker, ClusterBroker, StreamReader, ClusterStreamReader):
+        assert issubclass(kind, Source), kind
+        for name in ("_set_state", "_down", "reconnect_forever", "backoff"):
+            assert name not in vars(kind) or kind is Source, (kind, name)
+    redis_layer = PACKAGE / "redis"
+    for path in sorted(redis_layer.glob("*.py")):
+        if path.name == "source.py":
+            continue
+        tree = ast.parse(path.read_text())
+        used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert not used & {"reconnect_min", "reconnect_max", "uniform"}, path

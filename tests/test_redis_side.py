@@ -10,19 +10,23 @@ import dataclasses
 import logging
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 
 from ssehub.config import ConfigError, RedisConfig, parse
+from ssehub.redis.info import RedisVersionError
 from ssehub.redis.pubsub import Broker
 
 from .conftest import StartHub
 from .logcheck import records_with
 from .redis_server import RedisServer
 from .sseclient import open_stream, wait_until
+from .test_faults import data, gaps
 
 BAD_URLS = {
     "redis://a..b/0": "invalid host",  # IDNA error inside getaddrinfo
@@ -120,6 +124,20 @@ async def test_reload_while_the_redis_connection_is_going_keeps_hub_and_server_t
         await client.close()
 
 
+async def ends_by_itself(
+    run: Coroutine[Any, Any, None], kind: type[BaseException], match: str, timeout: float
+) -> None:
+    """``run`` ends within ``timeout`` by itself (not when cancelled), raising ``kind``."""
+    task = asyncio.create_task(run)
+    try:
+        await wait_until(task.done, timeout)
+        with pytest.raises(kind, match=match):
+            task.result()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _run_broker(broker: Broker) -> asyncio.Task[None]:
     task = asyncio.create_task(broker.run())
     await wait_until(lambda: broker.ready or task.done(), timeout=10)
@@ -155,3 +173,96 @@ async def test_a_channel_wanted_again_in_the_batch_that_drops_it_is_subscribed(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class OldRedis:
+    """Speaks just enough RESP to pass for a Redis of ``version`` (INFO, PING, AUTH)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        parser = hiredis.Reader()
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    name = command[0].upper()
+                    if name == b"INFO":
+                        text = f"# Server\r\nredis_version:{self.version}\r\nrun_id:x\r\n".encode()
+                        writer.write(b"$%d\r\n%s\r\n" % (len(text), text))
+                    elif name == b"PING":
+                        writer.write(b"+PONG\r\n")
+                    else:
+                        writer.write(b"-ERR unknown command\r\n")
+
+    async def stop(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.mark.parametrize(("version", "cluster"), [("6.0.16", False), ("6.2.14", True)])
+async def test_a_redis_older_than_ssehub_needs_is_refused_with_a_clear_message(
+    caplog: pytest.LogCaptureFixture, version: str, cluster: bool
+) -> None:
+    """6.2 at least (XRANGE's exclusive ranges, SET ... GET); 7.0 for Cluster's sharded
+    pub/sub. The broker's run() ends with the error (its owner stops the process)
+    instead of retrying forever or failing later in ways far harder to read."""
+    caplog.set_level(logging.ERROR, logger="ssehub.redis.pubsub")
+    old = OldRedis(version)
+    await old.start()
+    try:
+        config = RedisConfig(url=f"redis://127.0.0.1:{old.port}/0", reconnect_min=0.01)
+        broker = Broker(config, ["chat"], lambda channel, payload: None)
+        if cluster:
+            broker.subscribe_command = "SSUBSCRIBE"  # as a cluster node's broker
+        await ends_by_itself(
+            broker.run(), RedisVersionError, f"version {version}; ssehub needs Redis", 5
+        )
+        (line,) = records_with(caplog, "redis too old")
+        assert "6.2, or 7.0 with Redis Cluster" in line["reason"]
+    finally:
+        await old.stop()
+
+
+async def test_redis_closing_the_subscription_for_a_big_message_is_explained(
+    caplog: pytest.LogCaptureFixture, start_hub: StartHub
+) -> None:
+    """A publisher's message past Redis's client-output-buffer-limit for pub/sub makes
+    Redis close the hub's subscription (a gap for every pub/sub channel), before the
+    hub's limits.max_message_bytes can act: the hub says so, then resubscribes."""
+    caplog.set_level(logging.INFO, logger="ssehub.redis.pubsub")
+    redis = RedisServer("--client-output-buffer-limit", "pubsub 1mb 256kb 60")
+    redis.start()
+    publisher = aioredis.Redis.from_url(redis.url)
+    try:
+        hub = await start_hub(
+            {"chat": {}}, redis_url=redis.url, redis={"url": redis.url, "reconnect_min": 0.01}
+        )
+        client = await open_stream(hub.port, "/channels/chat")
+        try:
+            await publisher.publish("chat", b"x" * (2 << 20))
+            await wait_until(lambda: hub.broker.reconnects == 1 and hub.broker.ready, 10)
+            (closed,) = records_with(caplog, "redis had closed the subscription connection")
+            assert "client-output-buffer-limit pubsub" in closed["cause"]
+            down = records_with(caplog, "redis down")
+            assert [d["reason"] for d in down] == ["connection closed by redis"]
+            await client.read_until(lambda c: bool(gaps(c)))
+            await publisher.publish("chat", "small")
+            await client.read_until(lambda c: "small" in data(c))
+        finally:
+            await client.close()
+    finally:
+        await publisher.aclose()
+        redis.stop()

@@ -28,6 +28,7 @@ from .redis_topology import SentinelSetup
 from .sseclient import open_stream, wait_until
 from .test_faults import data, gaps
 from .test_redis_events import events_config, events_heard, running_writer
+from .test_redis_side import ends_by_itself
 
 
 def sentinel_redis(setup: SentinelSetup, **more: Any) -> dict[str, Any]:
@@ -278,3 +279,22 @@ async def test_writer_presence_and_replay_reads_follow_the_master(
         await reader.close()
         replaying.cancel()
         await asyncio.gather(replaying, return_exceptions=True)
+
+
+async def test_a_sentinel_watch_that_dies_ends_the_broker_loudly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 19: the +switch-master watch was a task nobody watched; an exception other
+    than a network fault ended it silently (and with it, failovers announced by the
+    sentinels). Now the broker's run() raises it, for the process's task owner."""
+    dead = [f"127.0.0.1:{free_port()}"]
+    config = parse(
+        {"channels": {"chat": {}}, "redis": {"sentinel": {"master": "m", "nodes": dead}}}
+    ).redis
+
+    async def broken(self: Any, addr: Any) -> None:
+        raise ValueError("a bug in the watch")
+
+    monkeypatch.setattr(SentinelBroker, "_watch_one", broken)
+    broker = SentinelBroker(config, ["chat"], lambda channel, payload: None)
+    await ends_by_itself(broker.run(), ValueError, "a bug in the watch", 5)

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from ssehub.config import RedisConfig
-from ssehub.redis.factory import create_stream_reader
+from ssehub.redis.factory import create_replays, create_stream_reader
 from ssehub.redis.pubsub import BrokerState
 from ssehub.redis.streams import Entry, StreamReader
 
@@ -41,10 +43,10 @@ class Seen:
 
 
 @contextlib.asynccontextmanager
-async def running(reader: StreamReader) -> AsyncIterator[StreamReader]:
-    task = asyncio.create_task(reader.run())
+async def running(role: Any) -> AsyncIterator[Any]:
+    task = asyncio.create_task(role.run())
     try:
-        yield reader
+        yield role
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -169,3 +171,47 @@ async def test_a_family_member_whose_key_is_no_stream_ends_alone(
 def hub_url(client: aioredis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/0"
+
+
+# --- replay reads -----------------------------------------------------------------------
+
+BAD_ID = b"1-99999999999999999999"  # a sequence past 2^64-1: Redis refuses the XRANGE
+
+
+@pytest.mark.parametrize("role", ["replays", "reader"])
+async def test_replay_reads_run_side_by_side_and_fail_alone(
+    redis_server: RedisServer, redis_client: aioredis.Redis, role: str
+) -> None:
+    """Issue 20 (its Redis side): reads Redis refuses, among honest ones, fail alone; and
+    the honest ones really run side by side (the single-connection client made
+    MAX_REPLAY_READS reads in flight one read at a time, and dropped the connection
+    the others were reading on when one failed)."""
+    key = f"sr:replay:{role}".encode()
+    await redis_client.delete(key)
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for i in range(2000):
+            pipe.xadd(key, {"data": str(i)})
+        ids = [i.decode() for i in await pipe.execute()]
+    config = RedisConfig(url=redis_server.url, reconnect_min=0.01, reconnect_max=0.05)
+    source: Any = create_replays(config)
+    if role == "reader":
+        source = reader_for(redis_server, Seen())
+        source.want([key])
+    async with running(source):
+        if role == "reader":
+            assert await source.wait_live([key], 5)
+
+        async def honest() -> list[str]:
+            entries = await source.read_range(key, b"0-0", b"+", 2000)
+            return [e[0].decode() for e in entries]
+
+        reads = [honest() if i % 3 else source.read_range(key, BAD_ID, b"+", 10) for i in range(90)]
+        results = await asyncio.gather(*reads, return_exceptions=True)
+        honest_results = [r for i, r in enumerate(results) if i % 3]
+        bad_results = [r for i, r in enumerate(results) if not i % 3]
+        assert all(r == ids for r in honest_results), [
+            type(r).__name__ for r in honest_results if r != ids
+        ]
+        assert all(isinstance(r, RedisError) for r in bad_results)
+        replay_connections = [c for c in await redis_client.client_list() if c["cmd"] == "xrange"]
+        assert len(replay_connections) > 1  # the reads ran side by side

@@ -549,14 +549,14 @@ async def test_an_unexpected_error_on_one_entry_costs_that_entry_only(
 ) -> None:
     stream = key("one-fails")
     hub = await start(start_hub, {"orders": {"stream": stream}})
-    ingest = hub.hub._ingest
+    ingest = hub.hub.ingest._ingest
 
     def failing_on_b(channel: Any, event: Any) -> None:
         if event.data == "b":
             raise RuntimeError("a bug")
         ingest(channel, event)
 
-    monkeypatch.setattr(hub.hub, "_ingest", failing_on_b)
+    monkeypatch.setattr(hub.hub.ingest, "_ingest", failing_on_b)
     c = await open_stream(hub.port, "/channels/orders")
     try:
         pipe = redis_client.pipeline(transaction=True)  # one XREAD batch for the reader

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +15,7 @@ from ssehub.redis.pubsub import Broker
 from ssehub.tasks import Tasks
 
 from .conftest import StartHub
-from .hubprocess import alive as _alive
+from .hubprocess import Node, alive
 from .planted import plant
 from .redis_server import RedisServer
 from .sseclient import http_request, wait_until
@@ -136,62 +130,6 @@ async def test_a_dead_source_turns_readiness_503_on_both_listeners(
 # --- real processes ------------------------------------------------------------------------
 
 
-class Process:
-    """``python -m ssehub`` with a planted failure; its stderr collected by a thread."""
-
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ssehub", "--config", str(config)],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **env},
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, start: int = 0, timeout: float = 20.0) -> str:
-        """The first line from ``start`` on with ``text`` in it (a regular expression)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [line for line in self.lines[start:] if re.search(text, line)]
-            if found:
-                return found[0]
-            assert time.monotonic() < deadline, f"no {text!r}:\n{self.text}"
-            assert self.proc.poll() is None, f"exited without {text!r}:\n{self.text}"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
-# Main's line, once every worker listens (a worker's own says "listening host=… port=…").
-MAIN_LISTENS = r"listening host=\S+ port=\d+ workers=2"
-
-
 def config_file(tmp_path: Path, redis_url: str, extra: str = "") -> Path:
     path = tmp_path / "hub.yaml"
     path.write_text(
@@ -201,67 +139,68 @@ def config_file(tmp_path: Path, redis_url: str, extra: str = "") -> Path:
     return path
 
 
-def traceback_after(text: str, line: str) -> str:
+def traceback_after(node: Node, line: str) -> str:
     """The indented traceback lines that follow the log line ``line``."""
-    rest = text.split(line, 1)[1].splitlines()[1:]
+    rest = "".join(node.lines).split(line, 1)[1].splitlines()[1:]
     return "\n".join(x for x in rest if x.startswith("    "))
 
 
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    started: list[Node] = []
+    yield started
+    for n in started:
+        n.stop()
+
+
 def test_a_process_whose_source_dies_says_why_and_exits_non_zero(
-    tmp_path: Path, redis_server: RedisServer, processes: list[Process]
+    tmp_path: Path, redis_server: RedisServer, nodes: list[Node]
 ) -> None:
     env, trigger = plant(tmp_path, "broker")
-    p = Process(config_file(tmp_path, redis_server.url), env)
-    processes.append(p)
+    p = Node(config_file(tmp_path, redis_server.url), env, single=True)
+    nodes.append(p)
     p.wait_for("INFO ssehub.server ready")
     trigger.write_text("*")
     assert p.proc.wait(timeout=15) == 1
-    p.stop()
-    line = p.wait_for("task failed")
+    line = p.wait_for("task failed").string
     assert "ERROR" in line and "task=ssehub-broker" in line
-    assert "RuntimeError: planted failure in Broker.run" in traceback_after(p.text, line)
-    assert "stopping: a task failed task=ssehub-broker" in p.text
+    assert "RuntimeError: planted failure in Broker.run" in traceback_after(p, line)
+    assert p.count("stopping: a task failed task=ssehub-broker") == 1
     assert "stopped" in p.lines[-1]
 
 
 def test_a_worker_whose_task_dies_is_restarted_by_main(
-    tmp_path: Path, redis_server: RedisServer, processes: list[Process]
+    tmp_path: Path, redis_server: RedisServer, nodes: list[Node]
 ) -> None:
     env, trigger = plant(tmp_path, "replays")
-    extra = "workers: 2\nadmin: {port: 0}\n"
-    p = Process(config_file(tmp_path, redis_server.url, extra), env)
-    processes.append(p)
-    p.wait_for(MAIN_LISTENS)
-    pid = p.wait_for("worker started worker=0").split("pid=")[1].split()[0]
+    p = Node(config_file(tmp_path, redis_server.url, "workers: 2\nadmin: {port: 0}\n"), env)
+    nodes.append(p)
+    pid = p.worker_pids()[0]
     mark = len(p.lines)
-    trigger.write_text(pid)
-    exited = p.wait_for("worker exited worker=0", mark)
+    trigger.write_text(str(pid))
+    exited = p.wait_for("worker exited worker=0", mark).string
     assert f"pid={pid} code=1 " in exited
-    line = p.wait_for("task failed", mark)
+    line = p.wait_for("task failed", mark).string
     assert "task=ssehub-streams" in line
-    assert "planted failure in StreamReplays.run" in traceback_after(p.text, line)
+    assert "planted failure in StreamReplays.run" in traceback_after(p, line)
     # Main goes on, with a fresh worker 0 (whose pid the trigger does not name).
     p.wait_for("worker ready worker=0", mark)
-    assert p.proc.poll() is None
+    assert p.proc.poll() is None and p.worker_pids()[0] != pid
     p.proc.send_signal(signal.SIGTERM)
     assert p.proc.wait(timeout=15) == 0
 
 
 def test_main_whose_source_dies_stops_the_node_and_exits_non_zero(
-    tmp_path: Path, redis_server: RedisServer, processes: list[Process]
+    tmp_path: Path, redis_server: RedisServer, nodes: list[Node]
 ) -> None:
     env, trigger = plant(tmp_path, "broker")
-    extra = "workers: 2\n"
-    p = Process(config_file(tmp_path, redis_server.url, extra), env)
-    processes.append(p)
-    p.wait_for(MAIN_LISTENS)
+    p = Node(config_file(tmp_path, redis_server.url, "workers: 2\n"), env)
+    nodes.append(p)
     p.wait_for(r"ready port=\d+ workers=2")
-    workers = [p.wait_for(f"worker started worker={i}").split("pid=")[1].split()[0] for i in (0, 1)]
+    workers = p.worker_pids()
     trigger.write_text(str(p.proc.pid))
     assert p.proc.wait(timeout=15) == 1
-    p.stop()
-    line = p.wait_for("task failed")
+    line = p.wait_for("task failed").string
     assert "task=ssehub-broker" in line
-    assert "planted failure in Broker.run" in traceback_after(p.text, line)
-    for pid in workers:  # the workers were stopped first, cleanly
-        assert not _alive(int(pid))
+    assert "planted failure in Broker.run" in traceback_after(p, line)
+    assert not any(alive(pid) for pid in workers.values())  # stopped first, cleanly

@@ -30,6 +30,7 @@ __all__ = [
     "base36",
     "compact",
     "expand",
+    "hub_part",
     "just_before",
     "mux_id",
     "new_epoch",
@@ -160,6 +161,11 @@ def mux_id(epoch: str, seq: int, positions: Sequence[str]) -> str:
     if not positions:
         return hub
     return hub + "".join("~" + compact(p) for p in positions)
+
+
+def hub_part(value: str) -> str:
+    """The ``<epoch>-<seq>`` an ``/events`` id starts with (the whole of any other id)."""
+    return value.partition("~")[0]
 
 
 def split_mux_id(value: str, streams: int) -> tuple[str, list[str] | None]:

@@ -2,6 +2,8 @@
 
 The hub is composed of the parts it holds, each in its own module:
 
+- ``Ingest`` (ingest.py): the way in -- pub/sub messages, stream entries and
+  Juggernaut's format validated, numbered and encoded once, handed to the fan-out.
 - ``Registry`` (registry.py): every channel by name and by what feeds it, and family
   members' lifetime (created on a stream's arrival, dropped after their ``grace``).
 - ``Fanout`` (fanout.py): the hot path -- pending entries, the ``/events`` groups, the
@@ -11,38 +13,28 @@ The hub is composed of the parts it holds, each in its own module:
 - ``Sessions`` (sessions.py): streams by session id (``except``), and the roster that
   reports comings and goings.
 
-This module takes input (pub/sub messages, stream entries, Juggernaut's format),
-validates, numbers and encodes each message once, and hands it to the fan-out. It
-also keeps the hub's timers (one heartbeat, one history expiry, one member sweep for
-the whole hub) and applies reloads.
-
-Ids: every event carries one. The hub numbers events with one sequence for the whole
-process and prefixes a per-run epoch (``<epoch>-<seq>``: see core/ids.py), so ids
-from an earlier run are recognised as unknown instead of matching another message. A
-publisher-given id (``json`` format) is sent as is on ``/channels`` streams and
-resolved through the history. ``/events`` streams always carry hub ids: one number is
-a position in every channel at once, so one ``Last-Event-ID`` resumes them all (with
-each stream channel's entry id after it). Stream channels' events carry their entry ids.
+This module wires them together, keeps the hub's timers (one heartbeat, one history
+expiry, one member sweep for the whole hub) and applies reloads. Ids (core/ids.py):
+``<epoch>-<seq>`` from one sequence per process, a publisher's own id as is on
+``/channels``, one position in every channel on ``/events`` (with each stream
+channel's entry id), entry ids on stream channels.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..core import sse
 from ..core.families import Families
-from ..core.history import Budget, entry
+from ..core.history import Budget
 from ..core.ids import Numbering
-from ..core.messages import Event, Rejected, parse, parse_entry, parse_juggernaut
-from ..logs import fields
 from .channel import Channel, Group, Subscriber, Tap
 from .fanout import Fanout
+from .ingest import Ingest
 from .registry import MEMBER_SWEEP, Refused, Registry, Unknown
 from .replay import Replay, Replays
 from .resume import GAP_EVENT
@@ -51,16 +43,9 @@ from .stats import Stats
 
 if TYPE_CHECKING:
     from ..redis.pubsub import Broker
-    from ..redis.streams import Entry as StreamEntry
     from ..redis.streams import StreamSource
 
 __all__ = ["GAP_EVENT", "Hub", "Refused", "Replay", "Stats", "Tap", "Unknown"]
-
-log = logging.getLogger(__name__)
-
-# Recent entries read when a stream starts (so resumes need no round trip), at most:
-# a channel's whole `history` up to this (its bytes stay within `history_bytes`).
-_MAX_PREFILL = 10_000
 
 
 class Hub:
@@ -81,6 +66,11 @@ class Hub:
         self.replays = Replays(config, self.stats, self.numbering, self.fanout, self.sessions)
         # The one way in for numbered entries (the workers' feed calls it too).
         self.deliver = self.fanout.deliver
+        self.ingest = Ingest(config, self.stats, self.numbering, self.registry, self.deliver)
+        # Messages and stream entries from Redis (the broker and stream reader call these).
+        self.publish = self.ingest.publish
+        self.stream_started = self.ingest.stream_started
+        self.stream_entries = self.ingest.stream_entries
         # The registry's indexes by Redis channel and stream key (refilled, never replaced).
         self._by_redis = self.registry.by_redis
         self._by_stream = self.registry.by_stream
@@ -89,8 +79,6 @@ class Hub:
         self._broker: Broker | None = None
         self._streams: StreamSource | None = None
         self._tap: Tap | None = None
-        # Told of every message on the control channel (the node's control plane).
-        self.on_control: Callable[[bytes, bytes], None] | None = None
         self._connections = 0
         self._heartbeat: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -100,7 +88,7 @@ class Hub:
     def _apply(self, config: Config) -> None:
         """Take the settings read on the hot path from ``config``."""
         self.config = config
-        self._max_message = config.limits.max_message_bytes
+        self.ingest.apply(config)
         self.fanout.apply(config)
         self.replays.apply(config)
         self.budget.limit = config.limits.history_bytes
@@ -143,6 +131,15 @@ class Hub:
     @roster.setter
     def roster(self, roster: Roster | None) -> None:
         self.sessions.roster = roster
+
+    @property
+    def on_control(self) -> Callable[[bytes, bytes], None] | None:
+        """Told of every message on the control channel (the node's control plane)."""
+        return self.ingest.on_control
+
+    @on_control.setter
+    def on_control(self, on_control: Callable[[bytes, bytes], None] | None) -> None:
+        self.ingest.on_control = on_control
 
     @property
     def observe_delay(self) -> Callable[[float], None] | None:
@@ -227,13 +224,11 @@ class Hub:
 
     def stream_prefill(self, key: bytes) -> int:
         """Recent entries of ``key`` to read when it starts: what its channels keep."""
-        return min(
-            _MAX_PREFILL, max((c.config.history for c in self._by_stream.get(key, ())), default=0)
-        )
+        return self.registry.stream_prefill(key)
 
     def stream_maxlen(self, key: bytes) -> int:
         """The length to trim ``key`` to (``stream_maxlen``; 0: leave it to publishers)."""
-        return max((c.config.stream_maxlen for c in self._by_stream.get(key, ())), default=0)
+        return self.registry.stream_maxlen(key)
 
     def groups(self) -> Iterable[Group]:
         """Every group of subscribers."""
@@ -262,33 +257,6 @@ class Hub:
             self._streams.set_streams(self._by_stream)
         return changes
 
-    # --- input --------------------------------------------------------------------
-
-    def publish(self, redis_channel: bytes, payload: bytes) -> None:
-        """Take one message from Redis: validate and encode it once, deliver on flush."""
-        channels = self._by_redis.get(redis_channel)
-        if channels is None:
-            if redis_channel == self.registry.juggernaut:
-                self._publish_juggernaut(payload)
-            elif redis_channel == self.registry.control and self.on_control is not None:
-                self.on_control(redis_channel, payload)
-            return
-        for channel in channels:
-            self.stats.received[channel.label] += 1
-            try:
-                event = parse(channel.config.format, payload, self._max_message)
-                self._ingest(channel, event)
-            except Rejected as exc:
-                self._reject(channel.label, exc)
-            except Exception:  # a bug must cost this message only, never the next ones
-                self._failed(channel.label)
-
-    def stream_started(self, key: bytes, entries: list[StreamEntry]) -> None:
-        """The reader knows where ``key`` ends: keep its recent ``entries`` for resume."""
-        for channel in self._by_stream.get(key, ()):
-            channel.stream_pos = channel.flushed_pos = entries[-1][0].decode() if entries else "0-0"
-        self._stream_input(key, entries, received=False)
-
     def stream_failed(self, key: bytes, reason: str) -> None:
         """Redis refused to read ``key`` (it holds no stream: with a family, a name a
         client chose), and the reader dropped it: its members go, ending their streams;
@@ -299,77 +267,6 @@ class Hub:
                 self.registry.remove_member(channel, "stream_error")
             else:
                 self._end(channel, "stream_error")
-
-    def stream_entries(self, key: bytes, entries: list[StreamEntry]) -> None:
-        """New entries of ``key``: each one an event whose id is its entry id."""
-        self._stream_input(key, entries, received=True)
-
-    def _stream_input(self, key: bytes, entries: list[StreamEntry], received: bool) -> None:
-        for channel in self._by_stream.get(key, ()):
-            fmt = channel.config.format
-            for entry_id, entry_fields in entries:
-                eid = entry_id.decode()
-                channel.stream_pos = eid
-                if received:
-                    self.stats.received[channel.label] += 1
-                try:
-                    self._ingest(channel, parse_entry(fmt, eid, entry_fields, self._max_message))
-                except Rejected as exc:
-                    self._reject(channel.label, exc)
-                except Exception:  # the reader moved past it: the rest of the batch goes on
-                    self._failed(channel.label)
-
-    def _publish_juggernaut(self, payload: bytes) -> None:
-        try:
-            names, event = parse_juggernaut(payload, self._max_message)
-        except Rejected as exc:
-            self._reject("juggernaut", exc)
-            return
-        unknown: list[str] = []
-        for name in names:
-            channel = self.channels.get(name)
-            if channel is None:
-                if self.registry.families.find(name) is None:
-                    unknown.append(name)
-                # else: a family member nobody follows on this hub; nothing to do
-                continue
-            self.stats.received[channel.label] += 1
-            # Each channel on its own: whatever happens to one, the others get the event.
-            try:
-                if channel.stream:
-                    raise Rejected("stream_channel", "its events are its stream's entries")
-                self._ingest(channel, event)
-            except Rejected as exc:
-                self._reject(channel.label, exc)
-            except Exception:
-                self._failed(channel.label)
-        if unknown:
-            # One line per message however many names it lists; each one is counted.
-            detail = ", ".join(unknown)
-            self._reject("juggernaut", Rejected("unknown_channel", detail), len(unknown))
-
-    def _reject(self, channel: str, exc: Rejected, count: int = 1) -> None:
-        self.stats.rejected[(channel, exc.reason)] += count
-        log.warning(
-            "message rejected", extra=fields(channel=channel, reason=exc.reason, detail=exc.detail)
-        )
-
-    def _failed(self, channel: str) -> None:
-        self.stats.rejected[(channel, "internal_error")] += 1
-        log.exception("delivery failed", extra=fields(channel=channel))
-
-    def _ingest(self, channel: Channel, event: Event) -> None:
-        numbering = self.numbering
-        seq = numbering.seq + 1
-        event_id = event.id if event.id is not None else f"{numbering.epoch}-{seq}"
-        try:
-            raw = sse.encode(event.data, event=event.event, id=event_id, retry=event.retry)
-        except sse.EncodeError as exc:
-            raise Rejected("bad_field", str(exc)) from None
-        except UnicodeEncodeError:  # a lone surrogate that got past the parser
-            raise Rejected("invalid_utf8", "lone surrogate") from None
-        numbering.seq = seq
-        self.deliver(channel, entry(seq, event_id, raw), event.id is not None, event.exclude)
 
     def signal_outage(self, seq: int | None = None) -> None:
         """After a Redis outage: tell every stream that events may have been lost.

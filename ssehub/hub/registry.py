@@ -29,6 +29,10 @@ __all__ = ["MEMBER_SWEEP", "Follows", "Refused", "Registry", "Unknown"]
 # Seconds between sweeps for family members whose grace period is over.
 MEMBER_SWEEP = 0.5
 
+# Recent entries read when a stream starts (so resumes need no round trip), at most:
+# a channel's whole `history` up to this (its bytes stay within `history_bytes`).
+_MAX_PREFILL = 10_000
+
 
 class Unknown(LookupError):
     """Channel names that no listed channel and no family serves."""
@@ -192,6 +196,15 @@ class Registry:
     def stream_keys(self) -> list[bytes]:
         """The stream keys the stream reader must read."""
         return sorted(self.by_stream)
+
+    def stream_prefill(self, key: bytes) -> int:
+        """Recent entries of ``key`` to read when it starts: what its channels keep."""
+        kept = max((c.config.history for c in self.by_stream.get(key, ())), default=0)
+        return min(_MAX_PREFILL, kept)
+
+    def stream_maxlen(self, key: bytes) -> int:
+        """The length to trim ``key`` to (``stream_maxlen``; 0: leave it to publishers)."""
+        return max((c.config.stream_maxlen for c in self.by_stream.get(key, ())), default=0)
 
     # --- family members -------------------------------------------------------------
 

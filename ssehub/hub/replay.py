@@ -211,6 +211,7 @@ class Replays:
         last: Entry | None = None
         streams = streams_of(sub.channels) if r.mux else ()
         epoch = self.numbering.epoch
+        mux_bytes = self.fanout.mux_bytes
         skip = self.sessions.skips(sub.session)
         for channel, e in self._after(sub.channels, r):
             if room < 0:
@@ -221,7 +222,7 @@ class Replays:
                 continue  # excepted for this stream (its session was excluded)
             if r.mux:
                 event_id = mux_id(epoch, e[SEQ], [r.positions[c] for c in streams])
-                data = self.fanout.mux_bytes(channel, e, event_id.encode())
+                data = mux_bytes(channel, e, event_id.encode())
             else:
                 data = e[RAW]
             parts.append(data)

@@ -9,11 +9,14 @@ refuses sharded commands across slots. Channels that say ``sharded: false`` (and
 Juggernaut channel) use classic ``SUBSCRIBE`` over one more node connection, to any
 master: classic messages reach every node of a cluster.
 
-Following the cluster: a node whose session ends (master killed, connection cut), and
-a channel Redis unsubscribes by itself (``sunsubscribe`` when its slot moved or its
-master was demoted), make the broker read the slot map again — at once, then with the
-usual capped, jittered backoff until every channel is placed — and move channels to the
-master that now owns them. Nodes that are no longer masters are closed.
+Following the cluster (``SlotMapWatcher``, the one slot-map follower of both cluster
+sources, this broker and the stream reader of cluster_streams.py): a node whose session
+ends (master killed, connection cut), and a channel Redis unsubscribes by itself
+(``sunsubscribe`` when its slot moved or its master was demoted), make the broker read
+the slot map again — at once, then with the usual capped, jittered backoff until every
+channel is placed — and move channels to the master that now owns them. Nodes that are
+no longer masters are closed. A node's task that ends on its own (a Redis too old, a
+bug) ends the broker's ``run()`` with what it raised: never a node silently gone.
 
 State, as the hub sees it: UP once the slot map is known and every channel placed is
 confirmed by its owner; DOWN when a node that was up goes down or a channel is lost, UP
@@ -26,10 +29,8 @@ cluster_streams.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import groupby
@@ -40,9 +41,10 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from ..config import RedisConfig
 from ..logs import fields
 from .discovery import Address, QueryError, node_url, query, show
-from .pubsub import Broker, BrokerState, _PubSubProtocol, _SessionEnded
+from .pubsub import Broker, _PubSubProtocol
+from .source import BrokerState, Parts, SessionEnded, Source
 
-__all__ = ["ClusterBroker", "SlotMap", "read_slot_map", "slot_map"]
+__all__ = ["ClusterBroker", "SlotMap", "SlotMapWatcher", "read_slot_map", "slot_map"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def slot_map(reply: Any, asked: Address) -> tuple[SlotMap, list[Address]]:
 async def read_slot_map(
     config: RedisConfig, known: Iterable[Address]
 ) -> tuple[SlotMap, list[Address]]:
-    """The slot map from the first of ``known`` that has one; ``_SessionEnded`` if none."""
+    """The slot map from the first of ``known`` that has one; ``SessionEnded`` if none."""
     errors = []
     for addr in list(known):
         try:
@@ -75,7 +77,61 @@ async def read_slot_map(
         if any(slots):
             return slots, nodes
         errors.append(f"{show(addr)}: no slots assigned")
-    raise _SessionEnded("no cluster node gave the slot map: " + "; ".join(errors))
+    raise SessionEnded("no cluster node gave the slot map: " + "; ".join(errors))
+
+
+class SlotMapWatcher:
+    """Follows a cluster's slot map for one cluster source (pub/sub or streams), and owns
+    the source's parts (a connection per master, a reader per slot).
+
+    It reads ``CLUSTER SLOTS`` from a node it knows (the seeds, then every node named),
+    hands the map to the source's ``place`` (which puts each channel or stream on the
+    master owning it now, and calls ``mark_up()`` once all is placed and every part is
+    up), and reads it again whenever told (``refresh_soon``: a part's session ended, a
+    channel moved), at once, then with the source's backoff until the source is UP.
+    A part that ends on its own ends ``run()`` with what it raised.
+    """
+
+    def __init__(self, source: Source, place: Callable[[], None]) -> None:
+        self.source = source
+        self.config = source.config
+        self.seeds = source.config.seeds()
+        self.known: list[Address] = list(self.seeds)  # nodes to ask for the slot map
+        self.slots: SlotMap = []
+        self.wake = asyncio.Event()
+        self.parts = Parts(self.wake)
+        self._place = place
+
+    def refresh_soon(self) -> None:
+        """Read the slot map again now."""
+        self.wake.set()
+
+    async def run(self, wanted: Callable[[], bool] = lambda: True) -> None:
+        """Follow the slot map until cancelled (nothing while not ``wanted()``)."""
+        source = self.source
+        try:
+            while True:
+                while not wanted():
+                    self.wake.clear()
+                    await self.wake.wait()
+                    self.parts.check()
+                self.wake.clear()
+                try:
+                    slots, nodes = await read_slot_map(self.config, self.known)
+                except SessionEnded as exc:
+                    source.fault(str(exc))
+                else:
+                    self.slots = slots
+                    self.known = [*nodes, *(s for s in self.seeds if s not in nodes)]
+                    self._place()
+                self.parts.check()
+                if source.ready:
+                    await self.wake.wait()
+                else:
+                    await source.backoff(self.wake)
+                self.parts.check()
+        finally:
+            await self.parts.aclose()
 
 
 class _Node(Broker):
@@ -135,19 +191,19 @@ class ClusterBroker(Broker):
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
         sharded: Callable[[bytes], bool] | None = None,
     ) -> None:
+        super().__init__(config, channels, on_message, on_state)
         self.seeds = config.seeds()
-        seed = dataclasses.replace(config, url=node_url(config, self.seeds[0]))
-        super().__init__(seed, channels, on_message, on_state)
         self._sharded = sharded or (lambda channel: True)
-        self._slots: SlotMap = []
-        self._known: list[Address] = list(self.seeds)  # nodes to ask for the slot map
+        self._watcher = SlotMapWatcher(self, self._refreshed)
         self._classic: Address | None = None  # the node for classic SUBSCRIBE
         self._nodes: dict[tuple[Address, bool], _Node] = {}
-        self._closing: set[asyncio.Task[None]] = set()
         self._route: dict[bytes, _Node] = {}  # channel -> the node it is placed on
         self._pending: set[bytes] = set()  # placed, not confirmed yet
         self._unplaced: set[bytes] = set()  # wanted, but no master serves its slot
-        self._wake: asyncio.Event | None = None
+
+    @property
+    def _slots(self) -> SlotMap:
+        return self._watcher.slots
 
     def _safe_url(self) -> str:
         more = f"+{len(self.seeds) - 1}" if len(self.seeds) > 1 else ""
@@ -188,7 +244,7 @@ class ClusterBroker(Broker):
         node = self._nodes.get((addr, sharded))
         if node is None:
             node = self._nodes[(addr, sharded)] = _Node(self, addr, sharded)
-            node.task = asyncio.create_task(node.run(), name=f"ssehub-redis-{show(addr)}")
+            node.task = self._watcher.parts.spawn(node.run(), f"ssehub-redis-{show(addr)}")
         return node
 
     def _place(self, channels: Iterable[bytes]) -> None:
@@ -238,12 +294,12 @@ class ClusterBroker(Broker):
             "redis cluster channel moved",
             extra=fields(node=show(node.addr), channel=channel.decode("utf-8", "replace")),
         )
-        self._down(f"channel {channel!r} left {show(node.addr)}")
-        self._refresh_soon()
+        self.fault(f"channel {channel!r} left {show(node.addr)}")
+        self._watcher.refresh_soon()
 
     def _node_state(self, node: _Node, old: BrokerState, new: BrokerState) -> None:
         if new is BrokerState.DOWN:
-            self._down(f"node {show(node.addr)} down")
+            self.fault(f"node {show(node.addr)} down")
         self._maybe_up()
 
     def _session_ended(self, node: _Node) -> None:
@@ -253,36 +309,23 @@ class ClusterBroker(Broker):
             if self._route.get(c) is node:
                 self.subscribed.discard(c)
                 self._pending.add(c)
-        self._refresh_soon()
-
-    def _refresh_soon(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _down(self, why: str) -> None:
-        if self.state is BrokerState.UP:
-            self._set_state(BrokerState.DOWN, why)
+        self._watcher.refresh_soon()
 
     def _maybe_up(self) -> None:
+        """UP once every channel is placed and confirmed, and every node is up."""
         if (
-            self.state is BrokerState.UP
-            or not self._slots
-            or self._pending
-            or self._unplaced
-            or not all(n.state is BrokerState.UP for n in self._nodes.values())
+            self._slots
+            and not self._pending
+            and not self._unplaced
+            and all(n.state is BrokerState.UP for n in self._nodes.values())
         ):
-            return
-        if self.state is BrokerState.DOWN:
-            self.reconnects += 1
-        self._set_state(BrokerState.UP)
+            self.mark_up()
 
     # --- following the slot map -------------------------------------------------------
 
-    async def _refresh(self) -> None:
-        slots, nodes = await read_slot_map(self.config, self._known)
-        self._slots = slots
-        self._known = [*nodes, *(s for s in self.seeds if s not in nodes)]
-        masters = {a for a in slots if a is not None}
+    def _refreshed(self) -> None:
+        """A new slot map: one node per master, every channel on its owner."""
+        masters = {a for a in self._slots if a is not None}
         if self._classic not in masters:
             self._classic = min(masters)
         for (addr, sharded), node in list(self._nodes.items()):
@@ -292,7 +335,7 @@ class ClusterBroker(Broker):
             self._node(addr, True)  # one connection per master, channels or not
         self._place(self.wanted)
         if self._unplaced:
-            self._down(f"{len(self._unplaced)} channels in slots without a master")
+            self.fault(f"{len(self._unplaced)} channels in slots without a master")
         self._maybe_up()
 
     def _close(self, node: _Node) -> None:
@@ -305,39 +348,8 @@ class ClusterBroker(Broker):
                 self.subscribed.discard(c)
                 self._pending.discard(c)
         if node.task is not None:
-            node.task.cancel()
-            self._closing.add(node.task)
-            node.task.add_done_callback(self._closing.discard)
+            self._watcher.parts.close(node.task)
 
     async def run(self) -> None:
         """Read the slot map, keep the nodes, follow every change; cancel to stop."""
-        cfg = self.config
-        self._wake = wake = asyncio.Event()
-        attempt = 0
-        reported = False
-        try:
-            while True:
-                wake.clear()
-                try:
-                    await self._refresh()
-                except _SessionEnded as exc:
-                    self._down(str(exc))
-                    if not reported:
-                        log.warning(
-                            "redis cluster unavailable; retrying", extra=fields(reason=str(exc))
-                        )
-                        reported = True
-                if self.state is BrokerState.UP:
-                    attempt = 0
-                    await wake.wait()
-                    continue
-                cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
-                attempt = min(attempt + 1, 30)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), random.uniform(cfg.reconnect_min / 2, cap))
-        finally:
-            tasks = [n.task for n in self._nodes.values() if n.task is not None]
-            tasks.extend(self._closing)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._watcher.run()

@@ -26,22 +26,20 @@ has no master, UP again once all read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from ..config import RedisConfig
+from ..core.waiters import Waiters
 from ..logs import fields
-from .cluster import SlotMap, read_slot_map
+from .cluster import SlotMap, SlotMapWatcher
 from .discovery import Address, node_url, show
-from .pubsub import BrokerState, _SessionEnded
-from .streams import MAX_REPLAY_READS, Entry, StreamReader
+from .source import BrokerState, Source
+from .streams import Entry, StreamReader, StreamReplays
 
 __all__ = ["ClusterStreamReader"]
 
@@ -63,11 +61,11 @@ class _SlotReader(StreamReader):
             lambda old, new: cluster._reader_state(self, new),
             cluster._maxlen,
             on_failed=lambda key, reason: cluster._failed(self, key, reason),
+            replays=cluster.replays,  # one pool (and bound) for the whole process
         )
         self.cluster = cluster
         self.slot = slot
         self.addr = addr
-        self._replays = cluster._replays  # one bound for the whole process
         self.task: asyncio.Task[None] | None = None
 
     async def _session(self) -> None:
@@ -77,8 +75,13 @@ class _SlotReader(StreamReader):
             self.cluster._session_ended(self)
 
 
-class ClusterStreamReader:
+class ClusterStreamReader(Source):
     """``StreamReader``'s interface over one ``StreamReader`` per slot in use."""
+
+    log = log
+    up_line = "redis cluster streams reading"
+    down_line = "redis cluster streams down"
+    unavailable_line = "redis cluster streams unavailable, retrying"
 
     def __init__(
         self,
@@ -91,27 +94,21 @@ class ClusterStreamReader:
         *,
         on_failed: Callable[[bytes, str], None] | None = None,
     ) -> None:
-        self.config = config
+        super().__init__(config, on_state)
         self._on_failed = on_failed
-        self.state = BrokerState.CONNECTING
-        self.reconnects = 0
         self._on_entries = on_entries
         self._on_start = on_start
         self._prefill = prefill
-        self._on_state = on_state
         self._maxlen = maxlen
-        self.seeds = config.seeds()
-        self._known: list[Address] = list(self.seeds)  # nodes to ask for the slot map
-        self._slots: SlotMap = []
+        self._watcher = SlotMapWatcher(self, self._refreshed)
         self._wanted: set[bytes] = set()
         self._readers: dict[int, _SlotReader] = {}  # slot -> its reader
         # Wanted streams no reader has: the slot map is not known yet, or their slot
         # has no master now; with the position to go on from (None: not started yet).
         self._unplaced: dict[bytes, bytes | None] = {}
-        self._waiters: dict[bytes, asyncio.Future[None]] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()  # the first stream wanted, or read the slot map now
-        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+        self._waiters = Waiters()
+        # Replay reads: one pool; redis-py's cluster client reads each key on its master.
+        self.replays = StreamReplays(config)
 
     # --- what the hub asks for ------------------------------------------------------
 
@@ -129,8 +126,11 @@ class ClusterStreamReader:
         return out
 
     @property
-    def ready(self) -> bool:
-        return self.state is BrokerState.UP
+    def _slots(self) -> SlotMap:
+        return self._watcher.slots
+
+    def up_fields(self) -> dict[str, Any]:
+        return {"streams": len(self._wanted), "readers": len(self._readers)}
 
     def want(self, keys: Iterable[bytes]) -> None:
         """Start reading ``keys`` (from their current end) on the masters owning them."""
@@ -142,7 +142,7 @@ class ClusterStreamReader:
         if self._slots:
             self._place()
         else:
-            self._wake.set()  # the first slot map places them
+            self._watcher.refresh_soon()  # the first slot map places them
 
     def drop(self, keys: Iterable[bytes]) -> None:
         """Stop reading ``keys``; a reader left without streams is closed."""
@@ -157,9 +157,7 @@ class ClusterStreamReader:
                 reader.drop((k,))
                 if not reader.wanted:
                     emptied.add(reader)
-            waiter = self._waiters.pop(k, None)
-            if waiter is not None:
-                waiter.cancel()
+            self._waiters.forget(k)
         for reader in emptied:
             self._close(reader)
         self._maybe_up()
@@ -179,32 +177,15 @@ class ClusterStreamReader:
 
     async def wait_live(self, keys: Iterable[bytes], timeout: float) -> bool:
         """True once every one of ``keys`` is live; False after ``timeout``."""
-        missing = [k for k in keys if not self.live(k)]
-        if not missing:
-            return True
-        loop = asyncio.get_running_loop()
-        futures = set()
-        for k in missing:
-            waiter = self._waiters.get(k)
-            if waiter is None:
-                waiter = self._waiters[k] = loop.create_future()
-            futures.add(waiter)
-        await asyncio.wait(futures, timeout=timeout)  # never cancels the shared futures
-        return all(self.live(k) for k in missing)
+        return await self._waiters.wait(keys, self.live, timeout)
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
-        """``XRANGE`` on the master owning ``key`` (see ``StreamReader.read_range``)."""
-        return await self._reader_of(key).read_range(key, after, until, count)
+        """``XRANGE`` on the master owning ``key`` (see ``StreamReplays.read_range``)."""
+        return await self.replays.read_range(key, after, until, count)
 
     async def first_id(self, key: bytes) -> bytes | None:
         """The id of the oldest entry ``key`` still has, asked of its master."""
-        return await self._reader_of(key).first_id(key)
-
-    def _reader_of(self, key: bytes) -> _SlotReader:
-        reader = self._readers.get(key_slot(key))
-        if reader is None:
-            raise RedisError("redis streams: no master reads this stream now")
-        return reader
+        return await self.replays.first_id(key)
 
     # --- what the readers report --------------------------------------------------------
 
@@ -219,9 +200,7 @@ class ClusterStreamReader:
         if not self._current(reader):
             return
         self._on_start(key, entries)
-        waiter = self._waiters.pop(key, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._waiters.wake(key)
 
     def _failed(self, reader: _SlotReader, key: bytes, reason: str) -> None:
         if not self._current(reader):
@@ -234,46 +213,24 @@ class ClusterStreamReader:
         if not self._current(reader):
             return
         if new is BrokerState.DOWN:
-            self._down(f"stream reader on {show(reader.addr)} down")
+            self.fault(f"stream reader on {show(reader.addr)} down")
         self._maybe_up()
 
     def _session_ended(self, reader: _SlotReader) -> None:
         if not self._current(reader):
             return  # closed on purpose
         # The master may be gone, or no longer own the slot: read the slot map again.
-        self._down(f"stream reader on {show(reader.addr)} lost its connection")
-        self._wake.set()
-
-    def _down(self, why: str) -> None:
-        if self.state is BrokerState.UP:
-            self._set_state(BrokerState.DOWN, why)
+        self.fault(f"stream reader on {show(reader.addr)} lost its connection")
+        self._watcher.refresh_soon()
 
     def _maybe_up(self) -> None:
+        """UP once every stream is placed and every slot reader reads."""
         if (
-            self.state is BrokerState.UP
-            or not self._slots
-            or self._unplaced
-            or not all(r.state is BrokerState.UP for r in self._readers.values())
+            self._slots
+            and not self._unplaced
+            and all(r.state is BrokerState.UP for r in self._readers.values())
         ):
-            return
-        if self.state is BrokerState.DOWN:
-            self.reconnects += 1
-        self._set_state(BrokerState.UP)
-
-    def _set_state(self, state: BrokerState, why: str = "") -> None:
-        old, self.state = self.state, state
-        if state is BrokerState.UP:
-            log.info(
-                "redis cluster streams reading",
-                extra=fields(streams=len(self._wanted), readers=len(self._readers)),
-            )
-        else:
-            log.warning("redis cluster streams down", extra=fields(reason=why))
-        if self._on_state is not None:
-            try:
-                self._on_state(old, state)
-            except Exception:
-                log.exception("stream state listener failed")
+            self.mark_up()
 
     # --- placing streams on the masters ---------------------------------------------
 
@@ -281,8 +238,8 @@ class ClusterStreamReader:
         reader = self._readers.get(slot)
         if reader is None:
             reader = self._readers[slot] = _SlotReader(self, slot, addr)
-            reader.task = asyncio.create_task(
-                reader.run(), name=f"ssehub-streams-{show(addr)}-{slot}"
+            reader.task = self._watcher.parts.spawn(
+                reader.run(), f"ssehub-streams-{show(addr)}-{slot}"
             )
         return reader
 
@@ -290,9 +247,7 @@ class ClusterStreamReader:
         if self._readers.get(reader.slot) is reader:
             del self._readers[reader.slot]
         if reader.task is not None:
-            reader.task.cancel()
-            self._closing.add(reader.task)
-            reader.task.add_done_callback(self._closing.discard)
+            self._watcher.parts.close(reader.task)
 
     def _place(self) -> None:
         """Put every stream on the reader of its slot's current master; a slot that moved
@@ -333,54 +288,16 @@ class ClusterStreamReader:
 
     # --- following the slot map -------------------------------------------------------
 
-    async def _refresh(self) -> None:
-        slots, nodes = await read_slot_map(self.config, self._known)
-        self._slots = slots
-        self._known = [*nodes, *(s for s in self.seeds if s not in nodes)]
+    def _refreshed(self) -> None:
         self._place()
         if self._unplaced:
-            self._down(f"{len(self._unplaced)} streams in slots without a master")
+            self.fault(f"{len(self._unplaced)} streams in slots without a master")
         self._maybe_up()
 
     async def run(self) -> None:
-        """Read the slot map, keep the readers, follow every change; cancel to stop."""
-        cfg = self.config
-        wake = self._wake
-        attempt = 0
-        reported = False
+        """Read the slot map, keep the readers, follow every change; cancel to stop.
+        Nothing until a stream is wanted: hubs without stream channels never ask."""
         try:
-            while True:
-                # Nothing until there is a stream to read: hubs without stream channels
-                # never ask the cluster anything for them.
-                while not self._wanted:
-                    wake.clear()
-                    await wake.wait()
-                wake.clear()
-                try:
-                    await self._refresh()
-                except _SessionEnded as exc:
-                    self._down(str(exc))
-                    if not reported:
-                        log.warning(
-                            "redis cluster streams unavailable; retrying",
-                            extra=fields(reason=str(exc)),
-                        )
-                        reported = True
-                if self.state is BrokerState.UP:
-                    attempt = 0
-                    reported = False
-                    await wake.wait()
-                    continue
-                cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
-                attempt = min(attempt + 1, 30)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(random.uniform(cfg.reconnect_min / 2, cap)):
-                        await wake.wait()
+            await self._watcher.run(lambda: bool(self._wanted))
         finally:
-            tasks: list[asyncio.Task[Any]] = [
-                r.task for r in self._readers.values() if r.task is not None
-            ]
-            tasks.extend(self._closing)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.replays.aclose()

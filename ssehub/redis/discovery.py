@@ -56,7 +56,11 @@ def node_url(config: RedisConfig, addr: Address) -> str:
 async def query(config: RedisConfig, addr: Address, *args: str | bytes, auth: bool = True) -> Any:
     """Send one command to ``addr`` and return its reply (within ``connect_timeout``)."""
     try:
-        return await asyncio.wait_for(_query(config, addr, args, auth), config.connect_timeout)
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that lands
+        # as the query completes (a refused connection does at once), and the owner's
+        # stop would wait for a loop that never ends.
+        async with asyncio.timeout(config.connect_timeout):
+            return await _query(config, addr, args, auth)
     except (OSError, ssl.SSLError, EOFError) as exc:  # TimeoutError is an OSError
         raise QueryError(f"{show(addr)}: {str(exc) or type(exc).__name__}") from None
 

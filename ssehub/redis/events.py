@@ -43,13 +43,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 from typing import Any
 
 from ..config import Config, RedisConfig
 from ..logs import fields
 from ..tasks import Tasks
 from .clients import FAULTS, Client, close, command_client
+from .source import Backoff
 
 __all__ = ["EventsWriter", "PresenceReader", "batch_key", "count_key", "dumps", "key", "node_key"]
 
@@ -186,10 +186,9 @@ class EventsWriter:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        redis = self.config.redis
         ttl = self.config.presence.ttl
         next_refresh = 0.0
-        backoff = redis.reconnect_min
+        backoff = Backoff(self.config.redis)
         while not (self._closing and not self._pending()):
             live = bool(self._mine) or self._announced
             if not self._pending() and not self._closing:
@@ -205,14 +204,14 @@ class EventsWriter:
             try:
                 await self._write(refresh)
             except FAULTS as exc:
+                delay = backoff.next()
                 log.warning(
                     "events and presence not written, retrying",
-                    extra=fields(error=str(exc) or type(exc).__name__, retry_in=round(backoff, 2)),
+                    extra=fields(error=str(exc) or type(exc).__name__, retry_in=round(delay, 2)),
                 )
-                await asyncio.sleep(random.uniform(backoff / 2, backoff))
-                backoff = min(backoff * 2, redis.reconnect_max)
+                await backoff.wait(delay=delay)
                 continue
-            backoff = redis.reconnect_min
+            backoff.reset()
             if refresh:
                 next_refresh = loop.time() + ttl / 3
 

@@ -8,7 +8,10 @@ feeding hiredis' C parser, handing each message to the hub synchronously from
 Faults: a refused or dropped connection, an error reply, and a half-open
 connection (no answer to PING within ``health_check_timeout``) all end the session;
 the broker then reconnects with capped exponential backoff with full jitter and
-resubscribes. It logs state changes, not every retry.
+resubscribes (the state machine every source shares: source.py). It logs state
+changes, not every retry. Each connect reads ``INFO``: a Redis too old is refused
+(info.py), and when Redis had closed the last connection itself the likely cause is
+logged (a message past ``client-output-buffer-limit pubsub``, say).
 
 Subscriptions change while the connection lives: the hub asks for Redis channels with
 ``want()`` and gives them up with ``drop()`` (family members come and go with their
@@ -21,9 +24,7 @@ that must not start before its channel is live awaits ``wait_subscribed()``.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import random
 import ssl
 import typing
 from collections import Counter
@@ -37,16 +38,12 @@ from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
 from .discovery import command, node_url
+from .info import MIN_SHARDED_VERSION, MIN_VERSION, CloseDiagnosis, check_version, parse_info
+from .source import BrokerState, SessionEnded, Source
 
 __all__ = ["Broker", "BrokerState"]
 
 log = logging.getLogger(__name__)
-
-
-class BrokerState(enum.Enum):
-    CONNECTING = "connecting"  # never connected yet
-    UP = "up"  # subscribed to every channel
-    DOWN = "down"  # lost after having been up
 
 
 # Channels per SUBSCRIBE/UNSUBSCRIBE command: big enough that a storm of thousands
@@ -61,10 +58,6 @@ _ACKS = {
     b"ssubscribe": b"subscribe",
     b"sunsubscribe": b"unsubscribe",
 }
-
-
-class _SessionEnded(Exception):
-    """The current connection is unusable; reconnect."""
 
 
 def _key(channel: str | bytes) -> bytes:
@@ -91,6 +84,7 @@ class _PubSubProtocol(asyncio.Protocol):
         # Set at the first error reply, so that a wait for confirmations ends at once.
         self.error: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_rx = 0.0
+        self.closed_by_redis = False  # Redis closed the connection (not us, not the network)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; cast, don't check.
@@ -130,13 +124,16 @@ class _PubSubProtocol(asyncio.Protocol):
                 self.error.set_result(None)
             self._replies.put_nowait(reply)
 
+    def eof_received(self) -> None:
+        self.closed_by_redis = True  # (then connection_lost: the transport closes)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
 
     def send(self, *args: str | bytes) -> None:
         if self.transport is None or self.transport.is_closing():
-            raise _SessionEnded("connection closed")
+            raise SessionEnded("connection closed")
         self.transport.write(command(*args))
 
     def send_batched(self, command: str, channels: list[bytes]) -> None:
@@ -157,11 +154,11 @@ class _PubSubProtocol(asyncio.Protocol):
         if get in done:
             reply = get.result()
             if isinstance(reply, hiredis.ReplyError):
-                raise _SessionEnded(f"redis error: {reply}")
+                raise SessionEnded(f"redis error: {reply}")
             return reply
         if self.lost.done():
-            raise _SessionEnded("connection lost")
-        raise _SessionEnded(f"no reply within {timeout:g}s")
+            raise SessionEnded("connection lost")
+        raise SessionEnded(f"no reply within {timeout:g}s")
 
     def drain_replies(self) -> list[Any]:
         out = []
@@ -170,8 +167,13 @@ class _PubSubProtocol(asyncio.Protocol):
         return out
 
 
-class Broker:
+class Broker(Source):
     """Keeps the Redis subscriptions the hub wants, for as long as it runs."""
+
+    log = log
+    up_line = "redis subscribed"
+    down_line = "redis down"
+    unavailable_line = "redis unavailable, retrying"
 
     # Redis Cluster's sharded pub/sub (ssehub/redis/cluster.py) uses SSUBSCRIBE/SUNSUBSCRIBE.
     subscribe_command = "SUBSCRIBE"
@@ -184,11 +186,8 @@ class Broker:
         on_message: Callable[[bytes, bytes], None],
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
     ) -> None:
-        self.config = config
-        self.state = BrokerState.CONNECTING
-        self.reconnects = 0  # sessions established after the first
+        super().__init__(config, on_state)
         self._on_message = on_message
-        self._on_state = on_state
         # One node's address and credentials (with Cluster, the first seed's: a
         # ClusterBroker's nodes are Brokers of one node each).
         url = node_url(config, config.seeds()[0]) if config.cluster else config.url
@@ -213,6 +212,9 @@ class Broker:
         self._all_confirmed: asyncio.Future[None] | None = None
         # One future per channel someone awaits (shared, never one per stream).
         self._waiters = Waiters()
+        # Why Redis closed the last connection, if it did (told at the next connect).
+        self._diagnosis = CloseDiagnosis()
+        self._closed_by_redis = False
 
     @property
     def channels(self) -> list[str]:
@@ -291,7 +293,7 @@ class Broker:
                 self._send(proto, self.subscribe_command, add)
             if remove:
                 self._send(proto, self.unsubscribe_command, remove)
-        except _SessionEnded:
+        except SessionEnded:
             pass  # the connection is going; the next session starts from `wanted`
 
     def _send(self, proto: _PubSubProtocol, command: str, channels: list[bytes]) -> None:
@@ -315,29 +317,11 @@ class Broker:
         self.subscribed.add(channel)
         self._waiters.wake(channel)
 
-    @property
-    def ready(self) -> bool:
-        """True while subscribed to every channel on a healthy connection."""
-        return self.state is BrokerState.UP
+    def where(self) -> dict[str, Any]:
+        return {"url": self._safe_url()}
 
-    def _set_state(self, state: BrokerState, why: str = "") -> None:
-        old = self.state
-        if state is old:
-            return
-        self.state = state
-        if state is BrokerState.UP:
-            log.info(
-                "redis subscribed", extra=fields(url=self._safe_url(), channels=len(self.channels))
-            )
-        else:
-            log.warning("redis down", extra=fields(url=self._safe_url(), reason=why))
-        if self._on_state is not None:
-            try:
-                self._on_state(old, state)
-            except Exception:  # like delivery: a listener's bug must not end the subscription
-                log.exception(
-                    "redis state listener failed", extra=fields(old=old.value, new=state.value)
-                )
+    def up_fields(self) -> dict[str, Any]:
+        return {"channels": len(self.wanted)}
 
     def _safe_url(self) -> str:
         p = self._params
@@ -347,29 +331,7 @@ class Broker:
 
     async def run(self) -> None:
         """Connect, subscribe and read forever; cancel the task to stop."""
-        attempt = 0
-        first_failure_logged = False
-        while True:
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure of an attempt: log, back off, retry
-                why = str(exc) or type(exc).__name__
-                if not isinstance(exc, (OSError, _SessionEnded)):  # not a network fault: a bug?
-                    why = f"{type(exc).__name__}: {why}"
-                if self.state is BrokerState.UP:
-                    attempt = 0
-                    self._set_state(BrokerState.DOWN, why)
-                elif not first_failure_logged:
-                    log.warning(
-                        "redis unavailable, retrying",
-                        extra=fields(url=self._safe_url(), reason=why),
-                    )
-                first_failure_logged = True
-            cap = min(self.config.reconnect_max, self.config.reconnect_min * 2**attempt)
-            attempt = min(attempt + 1, 30)
-            await asyncio.sleep(random.uniform(self.config.reconnect_min / 2, cap))
+        await self.reconnect_forever(self._session)
 
     async def _connect(self) -> _PubSubProtocol:
         loop = asyncio.get_running_loop()
@@ -384,7 +346,8 @@ class Broker:
             coro = loop.create_connection(
                 lambda: proto, p.get("host", "127.0.0.1"), p.get("port", 6379), ssl=tls
             )
-        await asyncio.wait_for(coro, self.config.connect_timeout)
+        async with asyncio.timeout(self.config.connect_timeout):  # (not wait_for: see query)
+            await coro
         return proto
 
     async def _session(self) -> None:
@@ -397,12 +360,12 @@ class Broker:
                 username = self._params.get("username")
                 proto.send(*(("AUTH", username, password) if username else ("AUTH", password)))
                 await proto.reply(cfg.connect_timeout)
+            self._check_server(parse_info(await self._ask(proto, "INFO")))
             await self._subscribe_all(proto)
-            if self.state is not BrokerState.CONNECTING:
-                self.reconnects += 1
-            self._set_state(BrokerState.UP)
+            self.mark_up()
             await self._watch(proto)
         finally:
+            self._closed_by_redis = proto.closed_by_redis
             self._proto = None
             self._live = None
             self.subscribed.clear()
@@ -410,6 +373,26 @@ class Broker:
             self._awaiting.clear()
             if proto.transport is not None:
                 proto.transport.abort()
+
+    async def _ask(self, proto: _PubSubProtocol, *args: str) -> Any:
+        proto.send(*args)
+        return await proto.reply(self.config.connect_timeout)
+
+    def _check_server(self, info: dict[str, str]) -> None:
+        """Refuse a Redis too old; say why the last connection was closed, if Redis did."""
+        sharded = self.subscribe_command == "SSUBSCRIBE"
+        check_version(info, MIN_SHARDED_VERSION if sharded else MIN_VERSION, self._safe_url())
+        if self._closed_by_redis:
+            self._closed_by_redis = False
+            log.warning(
+                "redis had closed the subscription connection",
+                extra=fields(
+                    url=self._safe_url(),
+                    cause=self._diagnosis.cause(info),
+                    effect="what was published meanwhile is lost: streams get a gap event",
+                ),
+            )
+        self._diagnosis.seen(info)
 
     async def _subscribe_all(self, proto: _PubSubProtocol) -> None:
         """Subscribe the new connection to everything wanted; wait for Redis to confirm."""
@@ -431,10 +414,10 @@ class Broker:
         if self._all_confirmed not in done:
             for reply in proto.drain_replies():
                 if isinstance(reply, hiredis.ReplyError):
-                    raise _SessionEnded(f"redis error: {reply}")
+                    raise SessionEnded(f"redis error: {reply}")
             if proto.lost.done():
-                raise _SessionEnded("connection lost")
-            raise _SessionEnded(f"{len(self._awaiting)} subscriptions not confirmed in time")
+                raise SessionEnded("connection lost")
+            raise SessionEnded(f"{len(self._awaiting)} subscriptions not confirmed in time")
 
     async def _watch(self, proto: _PubSubProtocol) -> None:
         """Health-check the idle connection until it is lost or stops answering."""
@@ -445,16 +428,17 @@ class Broker:
         while True:
             await asyncio.wait({proto.lost}, timeout=tick)
             if proto.lost.done():
-                raise _SessionEnded("connection lost")
+                closed = "closed by redis" if proto.closed_by_redis else "lost"
+                raise SessionEnded(f"connection {closed}")
             for reply in proto.drain_replies():
                 if isinstance(reply, hiredis.ReplyError):
-                    raise _SessionEnded(f"redis error: {reply}")
+                    raise SessionEnded(f"redis error: {reply}")
             now = loop.time()
             if ping_sent is not None:
                 if proto.last_rx >= ping_sent:
                     ping_sent = None
                 elif now - ping_sent > cfg.health_check_timeout:
-                    raise _SessionEnded(
+                    raise SessionEnded(
                         f"no answer to PING within {cfg.health_check_timeout:g}s (half-open?)"
                     )
             if ping_sent is None and now - proto.last_rx >= cfg.health_check_interval:

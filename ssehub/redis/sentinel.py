@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable, Iterable
 
 from ..config import RedisConfig
 from ..logs import fields
 from .discovery import Address, QueryError, query, show
-from .pubsub import Broker, BrokerState, _PubSubProtocol, _SessionEnded
+from .pubsub import Broker, _PubSubProtocol
+from .source import Backoff, BrokerState, Parts, SessionEnded
 
 __all__ = ["SentinelBroker"]
 
@@ -66,7 +66,7 @@ class SentinelBroker(Broker):
             self.sentinels.remove(addr)
             self.sentinels.insert(0, addr)
             return reply[0].decode(), int(reply[1])
-        raise _SessionEnded(f"no sentinel gave the master: {'; '.join(errors)}")
+        raise SessionEnded(f"no sentinel gave the master: {'; '.join(errors)}")
 
     async def _connect(self) -> _PubSubProtocol:
         self.master = await self.resolve()
@@ -80,18 +80,21 @@ class SentinelBroker(Broker):
         role = await proto.reply(self.config.connect_timeout)
         if not isinstance(role, list) or not role or role[0] != b"master":
             kind = role[0] if isinstance(role, list) and role else role
-            raise _SessionEnded(f"{self._safe_url()} is not a master (ROLE {kind!r})")
+            raise SessionEnded(f"{self._safe_url()} is not a master (ROLE {kind!r})")
         await super()._subscribe_all(proto)
 
     async def run(self) -> None:
-        """Run the broker and, beside it, the watch for ``+switch-master``."""
-        watcher = asyncio.create_task(self._watch_sentinels(), name="ssehub-sentinel-watch")
+        """Run the broker and, beside it, the watch for ``+switch-master``; either
+        ending on its own ends this (the process's task owner hears of it)."""
+        ended = asyncio.Event()
+        parts = Parts(ended)
+        parts.spawn(super().run(), "ssehub-sentinel-broker")
+        parts.spawn(self._watch_sentinels(), "ssehub-sentinel-watch")
         try:
-            await super().run()
+            await ended.wait()
+            parts.check()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await parts.aclose()
 
     def _on_switch(self, channel: bytes, payload: bytes) -> None:
         # "<name> <old-ip> <old-port> <new-ip> <new-port>"
@@ -106,19 +109,20 @@ class SentinelBroker(Broker):
 
     async def _watch_sentinels(self) -> None:
         """Follow ``+switch-master`` on one sentinel at a time, moving on when it goes."""
-        cfg = self.config
+        backoff = Backoff(self.config)
         while True:
             for addr in list(self.sentinels):
-                with contextlib.suppress(OSError, _SessionEnded):
+                with contextlib.suppress(OSError, SessionEnded):
                     await self._watch_one(addr)
-                await asyncio.sleep(random.uniform(cfg.reconnect_min, cfg.reconnect_max))
+                await backoff.wait()
 
     async def _watch_one(self, addr: Address) -> None:
         proto = _PubSubProtocol(self._on_switch, _ignore_ack)
         loop = asyncio.get_running_loop()
         try:
             connect = loop.create_connection(lambda: proto, *addr)
-            await asyncio.wait_for(connect, self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):  # (see query)
+                await connect
             proto.send("SUBSCRIBE", "+switch-master")
             await proto.lost
         finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -32,7 +31,7 @@ from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
 from .clients import Client, close, command_client
-from .pubsub import BrokerState
+from .source import Backoff, BrokerState, SessionEnded, Source
 
 __all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource"]
 
@@ -50,10 +49,6 @@ BLOCK_MS = 5000
 TRIM_EVERY = 1.0
 # XRANGE round trips in flight for all resuming clients together.
 MAX_REPLAY_READS = 16
-
-
-class _SessionEnded(Exception):
-    pass
 
 
 def _key_fault(exc: Exception) -> bool:
@@ -91,8 +86,8 @@ class StreamReplays:
     that fails (an error reply, a connection cut) fails alone and never touches another
     client's. A read whose connection turns out dead (Redis restarted while it idled) is
     tried once more; a read that cannot reach Redis makes the next ones fail at once for
-    ``reconnect_min`` seconds rather than each trying Redis again (their clients come
-    back later). Cancel ``run()`` to close the pool.
+    a while (the reconnect backoff) rather than each trying Redis again (their clients
+    come back later). Cancel ``run()`` to close the pool.
     """
 
     def __init__(self, config: RedisConfig) -> None:
@@ -100,6 +95,7 @@ class StreamReplays:
         self._client: Client | None = None
         self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
         self._failed_until = 0.0
+        self._backoff = Backoff(config)  # how long reads fail at once after one could not
         self._down = False
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
@@ -128,7 +124,7 @@ class StreamReplays:
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     if attempt == 1:
                         continue  # a pooled connection that died idle: once more
-                    self._failed_until = loop.time() + self.config.reconnect_min
+                    self._failed_until = loop.time() + self._backoff.next()
                     if not self._down:
                         self._down = True
                         why = str(exc) or type(exc).__name__
@@ -137,6 +133,7 @@ class StreamReplays:
                 # (an error reply, RedisError, is this read's alone: it propagates)
                 if self._down:
                     self._down = False
+                    self._backoff.reset()
                     log.info("redis replays connected")
                 return entries
         raise AssertionError("unreachable")
@@ -156,13 +153,22 @@ class StreamReplays:
         try:
             await asyncio.get_running_loop().create_future()
         finally:
-            client, self._client = self._client, None
-            if client is not None:
-                await close(client)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pool's connections (a later read opens new ones)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await close(client)
 
 
-class StreamReader:
+class StreamReader(Source):
     """Reads every wanted stream from where it left off; cancel ``run()`` to stop."""
+
+    log = log
+    up_line = "redis streams reading"
+    down_line = "redis streams down"
+    unavailable_line = "redis streams unavailable"
 
     def __init__(
         self,
@@ -174,15 +180,13 @@ class StreamReader:
         maxlen: Callable[[bytes], int] = lambda key: 0,
         *,
         on_failed: Callable[[bytes, str], None] | None = None,
+        replays: StreamReplays | None = None,
     ) -> None:
-        self.config = config
+        super().__init__(config, on_state)
         self._on_failed = on_failed
-        self.state = BrokerState.CONNECTING
-        self.reconnects = 0
         self._on_entries = on_entries
         self._on_start = on_start
         self._prefill = prefill
-        self._on_state = on_state
         self._maxlen = maxlen
         # Stream -> loop time of its last XTRIM (streams with a `stream_maxlen`).
         self._trimmed: dict[bytes, float] = {}
@@ -197,7 +201,10 @@ class StreamReader:
         self._reader_id: int | None = None
         self._blocked = False
         self._unblocker: asyncio.Task[None] | None = None
-        self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
+        # Replay reads (resuming clients' XRANGE): a pool of their own, opened on use
+        # (Cluster's slot readers share their cluster reader's, which closes it).
+        self._own_replays = replays is None
+        self.replays = StreamReplays(config) if replays is None else replays
 
     # --- what the hub asks for ------------------------------------------------------
 
@@ -275,26 +282,13 @@ class StreamReader:
         return self.state is BrokerState.UP
 
     async def read_range(self, key: bytes, after: bytes, until: bytes, count: int) -> list[Entry]:
-        """Entries of ``key`` after ``after`` up to ``until`` (inclusive), oldest first.
-
-        At most ``MAX_REPLAY_READS`` of these are in flight for the whole process, and
-        a caller has one at a time: a resume storm queues here instead of loading Redis.
-        """
-        async with self._replays:
-            control = self._need_control()
-            entries: Any = await control.xrange(key, b"(" + after, until, count=count)
-            return typing.cast(list[Entry], entries)
+        """As ``StreamReplays.read_range``: on the replay reader's connections, never on
+        the reader's own (a resume storm must not delay the reading, nor share its fate)."""
+        return await self.replays.read_range(key, after, until, count)
 
     async def first_id(self, key: bytes) -> bytes | None:
-        """The id of the oldest entry ``key`` still has, or None when it is empty."""
-        async with self._replays:
-            entries: Any = await self._need_control().xrange(key, count=1)
-        return typing.cast(bytes, entries[0][0]) if entries else None
-
-    def _need_control(self) -> aioredis.Redis:
-        if self._control is None or self.state is not BrokerState.UP:
-            raise RedisError("redis streams connection is down")
-        return self._control
+        """As ``StreamReplays.first_id``."""
+        return await self.replays.first_id(key)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -325,44 +319,23 @@ class StreamReader:
         assert isinstance(client, aioredis.Redis)  # one node: never a cluster client
         return client
 
+    def up_fields(self) -> dict[str, Any]:
+        return {"streams": len(self.wanted)}
+
     async def run(self) -> None:
         """Connect, read forever, reconnect with capped jittered backoff."""
-        attempt = 0
-        while True:
-            # No connection until there is a stream to read: hubs without stream
-            # channels never open one.
-            while not self.wanted:
-                self._changed.clear()
-                await self._changed.wait()
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure ends the session, never the loop
-                why = str(exc) or type(exc).__name__
-                if self.state is BrokerState.UP:
-                    attempt = 0
-                    self._set_state(BrokerState.DOWN, why)
-                elif attempt == 0:
-                    log.warning("redis streams unavailable", extra=fields(reason=why))
-            cfg = self.config
-            cap = min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt)
-            attempt = min(attempt + 1, 30)
-            await asyncio.sleep(random.uniform(cfg.reconnect_min / 2, cap))
+        try:
+            await self.reconnect_forever(self._session, self._until_wanted)
+        finally:
+            if self._own_replays:
+                await self.replays.aclose()
 
-    def _set_state(self, state: BrokerState, why: str = "") -> None:
-        old, self.state = self.state, state
-        if state is old:
-            return
-        if state is BrokerState.UP:
-            log.info("redis streams reading", extra=fields(streams=len(self.wanted)))
-        else:
-            log.warning("redis streams down", extra=fields(reason=why))
-        if self._on_state is not None:
-            try:
-                self._on_state(old, state)
-            except Exception:
-                log.exception("stream state listener failed")
+    async def _until_wanted(self) -> None:
+        # No connection until there is a stream to read: hubs without stream
+        # channels never open one.
+        while not self.wanted:
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _session(self) -> None:
         cfg = self.config
@@ -372,9 +345,7 @@ class StreamReader:
             self._reader_id = int(await reader.client_id())
             await control.ping()
             self._control = control
-            if self.state is not BrokerState.CONNECTING:
-                self.reconnects += 1
-            self._set_state(BrokerState.UP)
+            self.mark_up()
             while True:
                 await self._read_once(reader, control)
         finally:
@@ -436,7 +407,7 @@ class StreamReader:
             async with asyncio.timeout(deadline):
                 reply: Any = await reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
         except TimeoutError:
-            raise _SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
+            raise SessionEnded(f"no answer to XREAD within {deadline:g}s") from None
         except ResponseError as exc:
             # A key that held a stream when it started holds something else now: find
             # it and drop it; the others go on in the same session.

@@ -18,6 +18,7 @@ from before it accepts a single connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -106,7 +107,9 @@ class FeedBroker(Broker):
     ``streams`` and ``sink``, the worker node's upstream (see node.Feed)."""
 
     def __init__(self, config: Config, hub: WorkerHub, sock: socket.socket) -> None:
-        super().__init__(config.redis, (), _no_message)
+        # It never connects to Redis (main does, for the node), so it has no address of
+        # its own: the node's URL, a Cluster's or Sentinel's, is not a plain one to parse.
+        super().__init__(dataclasses.replace(config.redis, url=_NO_REDIS), (), _no_message)
         self.hub = hub
         self.node: Node | None = None  # the worker's node, once built on this feed
         self._sock = sock
@@ -281,6 +284,10 @@ class FeedSink:
             and loop.time() < deadline
         ):
             await asyncio.sleep(0.01)
+
+
+# The feed's stand-in for a Redis URL (see FeedBroker).
+_NO_REDIS = "unix:///nonexistent/ssehub-feed"
 
 
 def _no_message(channel: bytes, payload: bytes) -> None:  # pragma: no cover - never called

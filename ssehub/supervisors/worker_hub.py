@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..config import Config
-from ..core.ids import parse_stream_id, split_mux_id
+from ..core.ids import hub_part, parse_stream_id, split_mux_id
 from ..core.waiters import Changes
 from ..hub.channel import Channel, streams_of
 from ..hub.hub import Hub
@@ -139,7 +139,7 @@ class WorkerHub(Hub):
         if last_event_id is None:
             return 0
         # (an /events id may carry stream positions after a '~': the node's part first)
-        seq = self.numbering.seq_of(last_event_id.split("~")[0])
+        seq = self.numbering.seq_of(hub_part(last_event_id))
         return seq if seq is not None and seq > self.seq else 0
 
     def advanced(self) -> None:
