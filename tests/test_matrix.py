@@ -148,9 +148,9 @@ class Hubs:
             raise AssertionError(self.failed[key])
         if key not in self.running:
             path = self.dir / f"{topology.name}-{model}.yaml"
-            key = self.dir / "publish-key"
-            key.write_text(PUBLISH_KEY)
-            settings = {**config(topology, model), "publish": {"key_file": str(key)}}
+            key_file = self.dir / "publish-key"
+            key_file.write_text(PUBLISH_KEY)
+            settings = {**config(topology, model), "publish": {"key_file": str(key_file)}}
             path.write_text(json.dumps(settings))  # YAML is a superset of JSON
             node: Node | None = None
             try:

@@ -109,7 +109,8 @@ class FeedBroker(Broker):
     def __init__(self, config: Config, hub: WorkerHub, sock: socket.socket) -> None:
         # It never connects to Redis (main does, for the node), so it has no address of
         # its own: the node's URL, a Cluster's or Sentinel's, is not a plain one to parse.
-        super().__init__(dataclasses.replace(config.redis, url=_NO_REDIS), (), _no_message)
+        plain = dataclasses.replace(config.redis, url=_NO_REDIS, cluster=False, sentinel=None)
+        super().__init__(plain, (), _no_message)
         self.hub = hub
         self.node: Node | None = None  # the worker's node, once built on this feed
         self._sock = sock
