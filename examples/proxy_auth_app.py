@@ -6,8 +6,11 @@ Run it (``python examples/proxy_auth_app.py``) beside a hub whose config says::
     channels: {"user.*": {auth: proxy}}
 
 then ``curl -N -b sessionid=s3cr3t http://127.0.0.1:8080/channels/user.42``. In a real
-application the lookup is your framework's session (Django's, Rails', …).
+application the lookup is your framework's session (Django's, Rails', …). It listens on
+port 8001, or the one given as its argument.
 """
+
+import sys
 
 from aiohttp import web
 
@@ -26,4 +29,4 @@ app = web.Application()
 app.router.add_post("/sse-auth", authorize)
 
 if __name__ == "__main__":
-    web.run_app(app, host="127.0.0.1", port=8001)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]) if sys.argv[1:] else 8001)

@@ -35,6 +35,7 @@ class Node:
         self, config: Path, env: dict[str, str] | None = None, *, single: bool = False
     ) -> None:
         """Start it; return once it listens (``single``: a config without ``workers:``)."""
+        self.config = config
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ssehub", "--config", str(config)],
             stderr=subprocess.PIPE,

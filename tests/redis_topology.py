@@ -155,6 +155,8 @@ class RedisCluster:
                 if "cluster_state:ok" not in info:
                     return False
                 maps.add(tuple(self.slots(port)))
+            if len(maps) != 1:
+                return False  # the nodes do not agree yet (a failover spreading)
             (slots,) = maps
             return (
                 sum(last + 1 - first for first, last, _ in slots) == 16384

@@ -6,7 +6,8 @@ replaced, ``redis-cli`` pointed at the test's Redis, and ``SSEHUB_CONFIG`` and
 ``DEV_RUN_DIR`` set so nothing touches the developer's own ``./dev run``. A ``Terminal``
 is one bash reading the lines typed into it; what it prints is read with deadlines.
 Commands are typed as the docs show them; only ``127.0.0.1:8080``, ``127.0.0.1:9090``
-and the config paths are rewritten to the test's.
+and the config paths are rewritten to the test's (and the example ``auth: proxy``
+application is given a free port instead of its 8001).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = ["ROOT", "Desk", "Terminal", "http_status"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB, ADMIN = "127.0.0.1:8080", "127.0.0.1:9090"
+# examples/proxy_auth_app.py, the auth: proxy application (its port is its argument).
+APP, APP_SCRIPT = "127.0.0.1:8001", "examples/proxy_auth_app.py"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -50,6 +53,7 @@ class Desk:
         self.tmp = tmp
         self.hub_port = free_port()
         self.admin_port = free_port()
+        self.app_port = free_port()
         self.redis_port = redis_port
         self.run_dir = tmp / "run"
         bin_dir = tmp / "bin"
@@ -75,6 +79,7 @@ class Desk:
             "CURL_HOME": str(tmp),
         }
         self.env.pop("SSEHUB_JWT_SECRET", None)
+        self.env.pop("SSEHUB_PUBLISH_KEY", None)
         self.terminals: list[Terminal] = []
 
     @staticmethod
@@ -86,6 +91,7 @@ class Desk:
         for old, new in [
             ("port: 8080", f"port: {self.hub_port}"),
             ("port: 9090", f"port: {self.admin_port}"),
+            (APP, f"127.0.0.1:{self.app_port}"),
             (REDIS_URL, f"redis://127.0.0.1:{self.redis_port}/0"),
         ]:
             text = text.replace(old, new)
@@ -97,6 +103,7 @@ class Desk:
         """The command as typed here: the docs' addresses and configs moved to the test's."""
         command = command.replace(HUB, f"127.0.0.1:{self.hub_port}")
         command = command.replace(ADMIN, f"127.0.0.1:{self.admin_port}")
+        command = command.replace(APP_SCRIPT, f"{APP_SCRIPT} {self.app_port}")
         for name, copy in self.configs.items():
             command = command.replace(name, str(copy))
         return command

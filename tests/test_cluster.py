@@ -9,7 +9,7 @@ Every process is stopped at the end, also on failure.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -28,20 +28,19 @@ from .sseclient import SSEClient, open_stream, wait_until
 from .test_faults import data, gaps
 from .test_redis_events import events_config, events_heard, running_writer
 from .test_redis_side import ends_by_itself
+from .topologies import ClusterTopology
 
 
 def cluster_redis(cluster: RedisCluster, **more: Any) -> dict[str, Any]:
     return {"url": cluster.seeds, "reconnect_min": 0.02, "reconnect_max": 0.2, **more}
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster()
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
+@pytest.fixture
+def cluster(cluster_topology: ClusterTopology) -> RedisCluster:
+    """The session's cluster (shared with tests/test_matrix.py), every master with its
+    replica again if a test before killed one."""
+    cluster_topology.heal()
+    return cluster_topology.cluster
 
 
 @pytest.fixture
@@ -165,7 +164,8 @@ async def test_classic_channels_and_members_on_demand(
         async def no_members() -> bool:
             masters = await asyncio.to_thread(cluster.masters)
             for port in masters:
-                if await asyncio.to_thread(cluster.shard_channels, port):
+                on_port = await asyncio.to_thread(cluster.shard_channels, port)
+                if any(c.startswith("app:user:") for c in on_port):
                     return False
             return True
 

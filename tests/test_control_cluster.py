@@ -71,10 +71,15 @@ async def test_on_a_cluster_publish_spublishes_and_xadds_on_the_owning_master(
         assert results[-1]["id"]
         for client, name in zip(clients, [*names, "legacy", "orders"], strict=True):
             assert [e.data for e in await client.next_events(1)] == [f"to {name}"]
+        # One message per request goes without a pipeline: routed by its channel too.
+        for client, name in zip(clients, names, strict=False):
+            status, answer, _ = await post(http, hub.admin_port, {"channel": name, "data": "one"})
+            assert (status, answer) == (200, {"channel": name, "receivers": 1})
+            await client.next_events(2)
         for client, name in zip(clients, names, strict=False):
             await cluster_publish_marker(cluster, name)
             await client.read_until(lambda c: c.events[-1].data == "marker")
-            assert [e.data for e in client.events] == [f"to {name}", "marker"]
+            assert [e.data for e in client.events] == [f"to {name}", "one", "marker"]
     finally:
         for client in clients:
             await client.close()

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from .redis_server import RedisServer
-from .terminal import ROOT, Desk
+from .terminal import ROOT, Desk, http_status
 
 pytestmark = pytest.mark.slow
 
@@ -104,10 +105,39 @@ WORKERS = (
     "curl -s http://127.0.0.1:9090/metrics | grep '^ssehub_workers'",
 )
 
+# control.md (one hub, the example application; user 42 is s3cr3t's).
+CONTROL_START = (
+    "export SSEHUB_PUBLISH_KEY=$(head -c 24 /dev/urandom | base64)",
+    "SSEHUB_CONFIG=config/examples/control.yaml ./dev run &",
+    ".venv/bin/python examples/proxy_auth_app.py &",
+)
+_BEARER = 'curl -s -H "Authorization: Bearer $SSEHUB_PUBLISH_KEY" -d '
+HTTP_PUBLISH = (
+    _BEARER + """'{"channel": "chat", "data": "hi"}' http://127.0.0.1:9090/publish""",
+    _BEARER + """'{"channel": "orders", "data": "shipped", "event": "status"}' """
+    "http://127.0.0.1:9090/publish",
+    _BEARER + """'[{"channel": "chat", "data": "one"}, {"channel": "prices", "data": """
+    """{"EURUSD": 1.08}, "event": "quote"}]' http://127.0.0.1:9090/publish""",
+)
+DISCONNECTS = (
+    "curl -N -b sessionid=s3cr3t http://127.0.0.1:8080/channels/user.42 &",
+    """redis-cli PUBLISH ssehub:control '{"disconnect": {"user": "42", "reason": "logged out"}}'""",
+    "redis-cli PUBLISH ssehub:control "
+    """'{"disconnect": {"channel": "chat", "reason": "closed"}}'""",
+    _BEARER + """'{"disconnect": {"user": "42", "reason": "banned", "reconnect": false, """
+    """"refuse_seconds": 600}}' http://127.0.0.1:9090/disconnect""",
+    "curl -i -b sessionid=s3cr3t http://127.0.0.1:8080/channels/user.42",
+)
+PROXY = (
+    "curl -N -b sessionid=s3cr3t http://127.0.0.1:8080/channels/user.42",
+    "curl -i -b sessionid=wrong http://127.0.0.1:8080/channels/user.42",
+)
+
 RUN = {
     START, SUBSCRIBE, PUBLISH, *NEWS, *FAMILY, *EVENTS, *STREAM_RESUME, *PUBSUB_RESUME,
     *XADDS, REWIND, *CHECKS, READYZ, SECRET, PRIVATE_START, STOP, *PRIVATE, *TRYING,
     JUGGERNAUT_START, ROSTER, JUGGERNAUT_PUBLISH, *EXCEPT, *PRESENCE, *WORKERS,
+    *CONTROL_START, *HTTP_PUBLISH, *DISCONNECTS, *PROXY,
 }  # fmt: skip
 
 SYSTEMD = (
@@ -336,3 +366,49 @@ def test_workers_serve_one_node_and_one_scrape(desk: Desk) -> None:
     shell = desk.terminal()
     out = shell.run(WORKERS[1])
     assert re.fullmatch(r"ssehub_workers \d+\.0\n", out), out
+
+
+def test_publish_disconnect_and_proxy_auth_as_the_control_plane_page_shows(
+    desk: Desk, redis_server: RedisServer
+) -> None:
+    term = desk.terminal()
+    for line in CONTROL_START:
+        term.run(line)
+    desk.wait_ready()
+    deadline = time.monotonic() + 20
+    while http_status(desk.app_port, "/sse-auth") is None:  # (a GET: 405 once it listens)
+        assert time.monotonic() < deadline, desk.screens()
+        time.sleep(0.05)
+    try:
+        chat = desk.terminal()
+        chat.type(SUBSCRIBE)
+        chat.wait_for(POSITION)
+        shell = term  # where the key was exported
+        assert shell.run(HTTP_PUBLISH[0]).strip() == '{"channel": "chat", "receivers": 1}'
+        chat.wait_for(r"^data: hi$")
+        assert re.fullmatch(r'\{"channel": "orders", "id": "\d+-\d+"\}', shell.run(HTTP_PUBLISH[1]))
+        assert '"results": [{"channel": "chat", "receivers": 1}' in shell.run(HTTP_PUBLISH[2])
+        chat.wait_for(r"^data: one$")
+
+        # auth: proxy: the example application grants user 42 to s3cr3t's cookie.
+        user = desk.terminal()
+        user.type(PROXY[0])
+        user.wait_for(POSITION)
+        assert "HTTP/1.1 403 Forbidden" in shell.run(PROXY[1])
+
+        # Disconnects: a user, a channel, then a ban that refuses the reconnect.
+        shell.run(DISCONNECTS[0])
+        shell.wait_for(POSITION)
+        shell.run(DISCONNECTS[1])
+        for t in (user, shell):
+            t.wait_for(
+                r'^event: ssehub-disconnect\ndata: \{"reason":"logged out","reconnect":true\}$'
+            )
+        shell.run(DISCONNECTS[2])
+        chat.wait_for(r'^event: ssehub-disconnect\ndata: \{"reason":"closed","reconnect":true\}$')
+        assert shell.run(DISCONNECTS[3]).strip() == '{"nodes": 1}'
+        refused = shell.run(DISCONNECTS[4])
+        assert "HTTP/1.1 403 Forbidden" in refused and "Retry-After: " in refused
+    finally:
+        # The ban of user 42 would outlive this test in the session's Redis.
+        redis.Redis(port=redis_server.port).delete("ssehub:control:refusals")

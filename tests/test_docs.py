@@ -27,7 +27,11 @@ REFERENCE = DOCS / "configuration.md"
 EXAMPLES = sorted((ROOT / "config" / "examples").glob("*.yaml"))
 CONFIGS = [ROOT / "config" / "ssehub.yaml", *EXAMPLES, ROOT / "deploy" / "ssehub.compose.yaml"]
 # A secret for config/examples/private.yaml (auth.secret_env), as its comment says to set.
-SECRET_ENV = {"SSEHUB_JWT_SECRET": "0123456789abcdef0123456789abcdef"}
+# And the publish key of config/examples/control.yaml (publish.key_env).
+SECRET_ENV = {
+    "SSEHUB_JWT_SECRET": "0123456789abcdef0123456789abcdef",
+    "SSEHUB_PUBLISH_KEY": "0123456789abcdef0123456789abcdef",
+}
 
 
 # --- the site ---------------------------------------------------------------------------

@@ -135,42 +135,46 @@ def readyz(port: int) -> bool:
 
 @dataclass
 class Hubs:
-    """Hubs started on first use and kept for the session; a start that failed is not
-    tried again (its error is raised for every cell that needs it)."""
+    """Hubs started on first use and kept for the session, each once; a start that failed
+    is not tried again (its error is raised for every cell that needs it)."""
 
     dir: Path
     running: dict[tuple[str, str], Hub] = field(default_factory=dict)
     failed: dict[tuple[str, str], str] = field(default_factory=dict)
+    nodes: list[Node] = field(default_factory=list)  # every node started, to stop them all
 
     def get(self, topology: Topology, model: str) -> Hub:
-        key = (topology.name, model)
-        if key in self.failed:
-            raise AssertionError(self.failed[key])
-        if key not in self.running:
-            path = self.dir / f"{topology.name}-{model}.yaml"
-            key_file = self.dir / "publish-key"
-            key_file.write_text(PUBLISH_KEY)
-            settings = {**config(topology, model), "publish": {"key_file": str(key_file)}}
-            path.write_text(json.dumps(settings))  # YAML is a superset of JSON
-            node: Node | None = None
-            try:
-                node = Node(path, single=model == "single")
-                deadline = time.monotonic() + 15
-                while not readyz(node.admin_port):
-                    assert node.proc.poll() is None, "".join(node.lines)
-                    assert time.monotonic() < deadline, "not ready:\n" + "".join(node.lines[-30:])
-                    time.sleep(0.05)
-            except BaseException as exc:
-                if node is not None:
-                    node.stop()
-                self.failed[key] = f"the {model} hub on {topology.name} did not start: {exc}"
-                raise
-            self.running[key] = Hub(topology, model, node)
-        return self.running[key]
+        cell = (topology.name, model)
+        if cell in self.failed:
+            raise AssertionError(self.failed[cell])
+        if cell in self.running:
+            return self.running[cell]
+        # A second start of the same hub would leak the first one's processes.
+        assert not any(n.config.name == f"{topology.name}-{model}.yaml" for n in self.nodes)
+        path = self.dir / f"{topology.name}-{model}.yaml"
+        key_file = self.dir / "publish-key"
+        key_file.write_text(PUBLISH_KEY)
+        settings = {**config(topology, model), "publish": {"key_file": str(key_file)}}
+        path.write_text(json.dumps(settings))  # YAML is a superset of JSON
+        try:
+            node = Node(path, single=model == "single")
+            self.nodes.append(node)
+            deadline = time.monotonic() + 15
+            while not readyz(node.admin_port):
+                assert node.proc.poll() is None, "".join(node.lines)
+                assert time.monotonic() < deadline, "not ready:\n" + "".join(node.lines[-30:])
+                time.sleep(0.05)
+        except BaseException as exc:
+            if self.nodes and self.nodes[-1].config == path:
+                self.nodes[-1].stop()  # (a Node that failed to start stopped itself)
+            self.failed[cell] = f"the {model} hub on {topology.name} did not start: {exc}"
+            raise
+        self.running[cell] = Hub(topology, model, node)
+        return self.running[cell]
 
     def stop(self) -> None:
-        for hub in self.running.values():
-            hub.node.stop()
+        for node in self.nodes:
+            node.stop()
 
 
 @pytest.fixture(scope="module")

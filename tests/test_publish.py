@@ -297,3 +297,16 @@ def test_the_idempotency_key_shares_its_channels_slot() -> None:
 
     for target in (b"chat", b"{orders}:7", b"app:{x}", b"{}odd", b"a{"):
         assert key_slot(idempotency_key("k", 3, target)) == key_slot(target)
+
+
+async def test_a_member_fed_by_the_control_channel_is_no_channel_to_publish_to(
+    start_hub: StartHub, publish_key: dict[str, Any], http: aiohttp.ClientSession
+) -> None:
+    # x.control would be fed by "ssehub:control": publishing there would be a control
+    # message, so it is unknown here as it is to a stream request.
+    channels = {**CHANNELS, "x.*": {"redis_channel": "ssehub:*"}}
+    hub = await start_hub(channels, admin=ADMIN, publish=publish_key)
+    status, answer, _ = await post(http, hub.admin_port, {"channel": "x.control", "data": "{}"})
+    assert status == 404 and "unknown channel 'x.control'" in answer
+    status, _, _ = await post(http, hub.admin_port, {"channel": "x.other", "data": "ok"})
+    assert status == 200

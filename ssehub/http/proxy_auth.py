@@ -17,11 +17,12 @@ guessed and the door never opens without an answer.
 
 **Cost.** Answers are cached by the cookies sent (at most ``cache_size``, each for
 ``cache_seconds`` and never past its ``expire_at``), denials too, so reconnects cost
-nothing. At most one call per cookie set is in flight: a storm of connects of one
-session waits for one answer (a failed call fails its waiters too, rather than each
-trying again), and aiohttp's connector holds at most 100 connections to the
-application. A stream's ``expire_at`` ends it as a token's ``exp`` does
-(``ssehub-auth-expired`` first), so the application is asked again on the reconnect.
+nothing. At most one call per cookie set is in flight (per process: with ``workers: N``
+each worker asks for itself): a storm of connects of one session waits for one answer
+(a failed call fails its waiters too, rather than each trying again), and aiohttp's
+connector holds at most 100 connections to the application. A stream's ``expire_at``
+ends it as a token's ``exp`` does (``ssehub-auth-expired`` first), so the application
+is asked again on the reconnect.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class ProxyAuth:
         self._stats = stats.proxy
         self._session: aiohttp.ClientSession | None = None
         self._cache: dict[str, ProxyGrant] = {}
+        self._config: ProxyAuthConfig | None = None  # what the cached answers were asked with
         self._inflight: dict[str, asyncio.Future[ProxyGrant]] = {}
 
     async def grant(
@@ -106,6 +108,10 @@ class ProxyAuth:
         auth = self._get_config().auth
         if auth is None or auth.proxy is None:  # pragma: no cover - config validation
             raise Unavailable("no auth.proxy configured")
+        if auth.proxy is not self._config:
+            # A reload changed it (another URL, other cookies): no answer carries over.
+            self._config = auth.proxy
+            self._cache.clear()
         cookies = {n: request.cookies[n] for n in auth.proxy.cookies if n in request.cookies}
         key = json.dumps(sorted(cookies.items()), separators=(",", ":"))
         while True:

@@ -62,7 +62,19 @@ def _target(
         shown = name.encode("utf-8", "backslashreplace").decode()[:200]
         raise Failed(404, f"{where}.channel: unknown channel {shown!r}", "unknown_channel")
     family, part = found
-    return family.config, family.redis_channel(part)
+    target = family.redis_channel(part)
+    if target in _reserved(config):
+        # (A member the hub itself would not serve: see the registry.)
+        raise Failed(404, f"{where}.channel: unknown channel {name!r}", "unknown_channel")
+    return family.config, target
+
+
+def _reserved(config: Config) -> set[bytes]:
+    """Redis channels that carry the hub's own messages, never a channel's events."""
+    reserved = {config.control.redis_channel.encode()}
+    if config.juggernaut.enabled:
+        reserved.add(config.juggernaut.redis_channel.encode())
+    return reserved
 
 
 def _message(config: Config, families: Families, item: Any, where: str) -> tuple[str, Message]:

@@ -28,7 +28,15 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..config import RedisConfig
 from .discovery import node_url
 
-__all__ = ["FAULTS", "Client", "close", "command_client"]
+__all__ = [
+    "FAULTS",
+    "Client",
+    "close",
+    "close_sentinels",
+    "command_client",
+    "master_moved",
+    "sentinels",
+]
 
 # What a role gets: one client whatever the topology. Both speak the commands used here
 # (XRANGE, PUBLISH, HSET, pipelines); RedisCluster routes each by its key.
@@ -88,13 +96,49 @@ def command_client(
     # The master as the sentinels name it at each new connection. The credentials and
     # db of redis.url are the master's; the sentinels are asked without them.
     options.update(_params(config.url))
-    timeouts = {"socket_timeout": config.connect_timeout}
-    timeouts["socket_connect_timeout"] = config.connect_timeout
-    finder = Sentinel(sentinel.addresses(), sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
-    pool = SentinelConnectionPool(sentinel.master, finder, **options)  # type: ignore[no-untyped-call]
+    pool = SentinelConnectionPool(sentinel.master, sentinels(config), **options)  # type: ignore[no-untyped-call]
     client = aioredis.Redis(connection_pool=pool, single_connection_client=single)
     client.auto_close_connection_pool = True  # aclose() closes the pool it owns
     return client
+
+
+async def master_moved(client: Client) -> bool:
+    """With Sentinel: whether the sentinels name another master than ``client``'s
+    connections were opened to (its idle connections are then dropped, so the next
+    command reaches the new master). A demoted master that lives on as a replica still
+    answers reads, with what it had: a reader that must not read stale data asks this
+    when an answer looks short. False without Sentinel, or when the sentinels cannot
+    be asked."""
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return False
+    before = pool.master_address
+    try:
+        now = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    except FAULTS:
+        return False
+    return before is not None and now != before
+
+
+def sentinels(config: RedisConfig) -> Sentinel:
+    """redis-py's Sentinel client for ``config``'s sentinels: ``discover_master`` asks
+    them in order (``SENTINEL MASTERS``), skips one that sees the master down, and asks
+    the one that answered first next time. No password (as ``redis.url``'s is the
+    master's); TLS as ``redis.url`` says."""
+    assert config.sentinel is not None
+    options: dict[str, Any] = {
+        "socket_timeout": config.connect_timeout,
+        "socket_connect_timeout": config.connect_timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if config.url.startswith("rediss://"):
+        options["ssl"] = True
+    return Sentinel(config.sentinel.addresses(), sentinel_kwargs=options)  # type: ignore[no-untyped-call]
+
+
+async def close_sentinels(finder: Sentinel) -> None:
+    """Close the connections of ``finder`` to the sentinels."""
+    await close(*finder.sentinels)
 
 
 async def close(*clients: Client) -> None:

@@ -92,10 +92,10 @@ class SlotMapWatcher:
     A part that ends on its own ends ``run()`` with what it raised.
     """
 
-    def __init__(self, source: Source, place: Callable[[], None]) -> None:
+    def __init__(self, source: Source, seeds: list[Address], place: Callable[[], None]) -> None:
         self.source = source
         self.config = source.config
-        self.seeds = source.config.seeds()
+        self.seeds = seeds
         self.known: list[Address] = list(self.seeds)  # nodes to ask for the slot map
         self.slots: SlotMap = []
         self.wake = asyncio.Event()
@@ -191,10 +191,14 @@ class ClusterBroker(Broker):
         on_state: Callable[[BrokerState, BrokerState], None] | None = None,
         sharded: Callable[[bytes], bool] | None = None,
     ) -> None:
-        super().__init__(config, channels, on_message, on_state)
-        self.seeds = config.seeds()
+        # A Broker of one node's URL (the first seed's: its credentials and TLS serve
+        # for every node), which never connects itself: its nodes do.
+        seeds = config.seeds()
+        seed = dataclasses.replace(config, url=node_url(config, seeds[0]))
+        super().__init__(seed, channels, on_message, on_state)
+        self.seeds = seeds
         self._sharded = sharded or (lambda channel: True)
-        self._watcher = SlotMapWatcher(self, self._refreshed)
+        self._watcher = SlotMapWatcher(self, seeds, self._refreshed)
         self._classic: Address | None = None  # the node for classic SUBSCRIBE
         self._nodes: dict[tuple[Address, bool], _Node] = {}
         self._route: dict[bytes, _Node] = {}  # channel -> the node it is placed on

@@ -100,7 +100,7 @@ class ClusterStreamReader(Source):
         self._on_start = on_start
         self._prefill = prefill
         self._maxlen = maxlen
-        self._watcher = SlotMapWatcher(self, self._refreshed)
+        self._watcher = SlotMapWatcher(self, config.seeds(), self._refreshed)
         self._wanted: set[bytes] = set()
         self._readers: dict[int, _SlotReader] = {}  # slot -> its reader
         # Wanted streams no reader has: the slot map is not known yet, or their slot

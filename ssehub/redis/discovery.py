@@ -1,9 +1,10 @@
-"""Finding Redis nodes: one-shot commands to seeds and sentinels, and node URLs.
+"""Finding Redis nodes: one-shot commands to cluster nodes, node URLs, RESP encoding.
 
-Cluster and Sentinel brokers ask a node where things are (``CLUSTER SLOTS``,
-``SENTINEL get-master-addr-by-name``) before they subscribe. Those questions are rare
-(start-up and faults), so each is its own short connection: connect, authenticate,
-one command, one reply, close. The subscription connections stay the broker's own.
+Cluster sources ask a node where things are (``CLUSTER SLOTS``) before they subscribe
+or read. Those questions are rare (start-up and faults), so each is its own short
+connection: connect, authenticate, one command, one reply, close. The subscription
+connections stay the sources' own. (Sentinels are asked through redis-py's Sentinel
+client: clients.sentinels.)
 """
 
 from __future__ import annotations
@@ -53,28 +54,26 @@ def node_url(config: RedisConfig, addr: Address) -> str:
     return f"{scheme}://{userinfo}{at}{show(addr)}"
 
 
-async def query(config: RedisConfig, addr: Address, *args: str | bytes, auth: bool = True) -> Any:
+async def query(config: RedisConfig, addr: Address, *args: str | bytes) -> Any:
     """Send one command to ``addr`` and return its reply (within ``connect_timeout``)."""
     try:
         # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that lands
         # as the query completes (a refused connection does at once), and the owner's
         # stop would wait for a loop that never ends.
         async with asyncio.timeout(config.connect_timeout):
-            return await _query(config, addr, args, auth)
+            return await _query(config, addr, args)
     except (OSError, ssl.SSLError, EOFError) as exc:  # TimeoutError is an OSError
         raise QueryError(f"{show(addr)}: {str(exc) or type(exc).__name__}") from None
 
 
-async def _query(
-    config: RedisConfig, addr: Address, args: tuple[str | bytes, ...], auth: bool
-) -> Any:
+async def _query(config: RedisConfig, addr: Address, args: tuple[str | bytes, ...]) -> Any:
     tls = ssl.create_default_context() if _tls(config) else None
     reader, writer = await asyncio.open_connection(*addr, ssl=tls)
     try:
         parser = hiredis.Reader()
         commands = [args]
         parts = urlsplit(config.url.replace("+cluster://", "://", 1))
-        if auth and parts.password:
+        if parts.password:
             user = unquote(parts.username) if parts.username else None
             password = unquote(parts.password)
             commands.insert(0, ("AUTH", user, password) if user else ("AUTH", password))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from ..config import RedisConfig
 from .clients import Client, close, command_client
@@ -155,13 +156,15 @@ class Publisher:
         ``Conflict``. Redis unreachable raises (``RedisError``/``OSError``).
         """
         async with self._slots:
-            pipe = self._redis().pipeline(transaction=False)
+            redis = self._redis()
+            # One message (the common request) without a pipeline's bookkeeping.
+            batch: Any = _One(redis) if len(messages) == 1 else redis.pipeline(transaction=False)
             for i, m in enumerate(messages):
                 if key is None:
-                    _queue(pipe, m)
+                    _queue(batch, m)
                 else:
-                    _queue_once(pipe, m, idempotency_key(key, i, m.target), window)
-            results = await pipe.execute(raise_on_error=False)
+                    _queue_once(batch, m, idempotency_key(key, i, m.target), window)
+            results = await batch.execute(raise_on_error=False)
         out: list[int | str | Replayed | Exception] = []
         for m, raw in zip(messages, results, strict=True):
             if isinstance(raw, Exception):
@@ -176,6 +179,35 @@ class Publisher:
         if self._client is not None:
             await close(self._client)
             self._client = None
+
+
+class _One:
+    """A pipeline's interface for a single command, sent as it is: one round trip, no
+    pipeline object (a ResponseError comes back as the answer, as a pipeline's would)."""
+
+    __slots__ = ("_call", "_redis")
+
+    def __init__(self, redis: Client) -> None:
+        self._redis = redis
+        self._call: tuple[Any, ...] = ()
+
+    def execute_command(self, *args: Any) -> None:
+        self._call = args
+
+    def xadd(self, name: bytes, fields: Any, maxlen: int | None, approximate: bool) -> None:
+        args: list[Any] = ["XADD", name]
+        if maxlen:
+            args += ["MAXLEN", "~" if approximate else "=", maxlen]
+        args.append("*")
+        for field, value in fields.items():
+            args += [field, value]
+        self._call = tuple(args)
+
+    async def execute(self, raise_on_error: bool = False) -> list[Any]:
+        try:
+            return [await self._redis.execute_command(*self._call)]
+        except ResponseError as exc:
+            return [exc]
 
 
 def _queue(pipe: Any, m: Message) -> None:

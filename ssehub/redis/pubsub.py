@@ -37,7 +37,7 @@ from redis.connection import parse_url
 from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
-from .discovery import command, node_url
+from .discovery import command
 from .info import MIN_SHARDED_VERSION, MIN_VERSION, CloseDiagnosis, check_version, parse_info
 from .source import BrokerState, SessionEnded, Source
 
@@ -188,10 +188,8 @@ class Broker(Source):
     ) -> None:
         super().__init__(config, on_state)
         self._on_message = on_message
-        # One node's address and credentials (with Cluster, the first seed's: a
-        # ClusterBroker's nodes are Brokers of one node each).
-        url = node_url(config, config.seeds()[0]) if config.cluster else config.url
-        self._params: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        # One node's address and credentials (a ClusterBroker gives its first seed's).
+        self._params: dict[str, Any] = parse_url(config.url)  # type: ignore[no-untyped-call]
         self._proto: _PubSubProtocol | None = None
         # What the hub wants; what Redis confirmed on this connection; and the
         # changes not yet sent (deltas against what the connection was told).

@@ -1,13 +1,14 @@
 """Redis Sentinel: the same broker, with the master's address asked of the sentinels.
 
 Sentinel is a way to find the address, not a new broker: before every connection
-attempt the broker asks the configured sentinels, in order, for the master
-(``SENTINEL get-master-addr-by-name``; the first that answers is asked first next
-time), connects as usual, and checks with ``ROLE`` that the node is the master before
-subscribing. A failover ends the session in one of three ways — the connection to the
-old master is lost, a sentinel publishes ``+switch-master`` (watched on one sentinel's
-pub/sub at a time), or the node answers ``ROLE`` as a replica — and the broker's usual
-reconnect (capped, jittered backoff) asks the sentinels again. Once it is subscribed on
+attempt the broker asks the configured sentinels for the master through redis-py's own
+Sentinel client (``discover_master``: in order, skipping a sentinel that sees the master
+down; the first that answers is asked first next time), connects as usual, and checks
+with ``ROLE`` that the node is the master before subscribing. A failover ends the
+session in one of three ways — the connection to the old master is lost, a sentinel
+publishes ``+switch-master`` (watched on one sentinel's pub/sub at a time), or the node
+answers ``ROLE`` as a replica — and the broker's usual reconnect (capped, jittered
+backoff) asks the sentinels again. Once it is subscribed on
 the new master the hub sees DOWN then UP and tells every stream ``redis_outage``.
 """
 
@@ -20,7 +21,8 @@ from collections.abc import Callable, Iterable
 
 from ..config import RedisConfig
 from ..logs import fields
-from .discovery import Address, QueryError, query, show
+from .clients import FAULTS, close_sentinels, sentinels
+from .discovery import Address, show
 from .pubsub import Broker, _PubSubProtocol
 from .source import Backoff, BrokerState, Parts, SessionEnded
 
@@ -42,8 +44,9 @@ class SentinelBroker(Broker):
         super().__init__(config, channels, on_message, on_state)
         assert config.sentinel is not None
         self.master_name = config.sentinel.master
-        self.sentinels: list[Address] = config.sentinel.addresses()
+        self.sentinels: list[Address] = config.sentinel.addresses()  # (the watch's)
         self.master: Address | None = None  # as last resolved
+        self._finder = sentinels(config)
 
     def _safe_url(self) -> str:
         where = show(self.master) if self.master is not None else "unresolved"
@@ -51,22 +54,11 @@ class SentinelBroker(Broker):
 
     async def resolve(self) -> Address:
         """The master's address according to the first sentinel that knows it."""
-        errors = []
-        for addr in list(self.sentinels):
-            args = ("SENTINEL", "get-master-addr-by-name", self.master_name)
-            try:
-                reply = await query(self.config, addr, *args, auth=False)
-            except QueryError as exc:
-                errors.append(str(exc))
-                continue
-            if not isinstance(reply, list) or len(reply) != 2:
-                errors.append(f"{show(addr)}: does not know {self.master_name!r}")
-                continue
-            # Ask this one first next time (redis-py's Sentinel does the same).
-            self.sentinels.remove(addr)
-            self.sentinels.insert(0, addr)
-            return reply[0].decode(), int(reply[1])
-        raise SessionEnded(f"no sentinel gave the master: {'; '.join(errors)}")
+        try:
+            host, port = await self._finder.discover_master(self.master_name)
+        except FAULTS as exc:  # (MasterNotFoundError is a ConnectionError)
+            raise SessionEnded(f"no sentinel gave the master: {exc}") from None
+        return str(host), int(port)
 
     async def _connect(self) -> _PubSubProtocol:
         self.master = await self.resolve()
@@ -95,6 +87,7 @@ class SentinelBroker(Broker):
             parts.check()
         finally:
             await parts.aclose()
+            await close_sentinels(self._finder)
 
     def _on_switch(self, channel: bytes, payload: bytes) -> None:
         # "<name> <old-ip> <old-port> <new-ip> <new-port>"

@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..config import RedisConfig
 from ..core.waiters import Waiters
 from ..logs import fields
-from .clients import Client, close, command_client
+from .clients import Client, close, command_client, master_moved
 from .source import Backoff, BrokerState, SessionEnded, Source
 
 __all__ = ["Entry", "StreamReader", "StreamReplays", "StreamSource"]
@@ -49,6 +49,8 @@ BLOCK_MS = 5000
 TRIM_EVERY = 1.0
 # XRANGE round trips in flight for all resuming clients together.
 MAX_REPLAY_READS = 16
+# Seconds between two checks, on an empty replay read, that the master did not move.
+MASTER_CHECK = 0.5
 
 
 def _key_fault(exc: Exception) -> bool:
@@ -95,6 +97,7 @@ class StreamReplays:
         self._client: Client | None = None
         self._replays = asyncio.Semaphore(MAX_REPLAY_READS)
         self._failed_until = 0.0
+        self._next_master_check = 0.0
         self._backoff = Backoff(config)  # how long reads fail at once after one could not
         self._down = False
 
@@ -135,8 +138,20 @@ class StreamReplays:
                     self._down = False
                     self._backoff.reset()
                     log.info("redis replays connected")
+                if not entries and attempt == 1 and await self._master_moved(client):
+                    continue  # read on a demoted master: read again on the new one
                 return entries
         raise AssertionError("unreachable")
+
+    async def _master_moved(self, client: Client) -> bool:
+        """With Sentinel: an empty answer may come from a master demoted in a failover,
+        which still answers reads with what it had (a resume would skip what it lacks):
+        ask the sentinels, at most every MASTER_CHECK seconds."""
+        now = asyncio.get_running_loop().time()
+        if now < self._next_master_check:
+            return False
+        self._next_master_check = now + MASTER_CHECK
+        return await master_moved(client)
 
     def _pool(self) -> Client:
         if self._client is None:
