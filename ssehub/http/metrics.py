@@ -3,7 +3,7 @@
 The hot path only bumps plain ints and ``Counter`` entries (once per message, never
 per subscriber); this collector turns them into metric families when ``/metrics`` is
 scraped, so metrics cost nothing between scrapes. The one live instrument is the
-delivery-delay histogram, observed once per channel per flush.
+delivery-delay histogram, observed once per flush.
 
 Each ``HubServer`` gets its own ``CollectorRegistry`` rather than the global one, so
 several hubs in one process (tests) do not clash. With worker processes, each worker
@@ -264,7 +264,7 @@ class Metrics:
             buckets=DELAY_BUCKETS,
             registry=self.registry,
         )
-        # Called by the hub once per channel per flush, never per subscriber.
+        # Called by the hub once per flush, never per subscriber.
         hub.observe_delay = self.delay.observe
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:

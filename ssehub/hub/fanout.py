@@ -73,8 +73,8 @@ class Fanout:
         self._pooled: Counter[str] = Counter()  # /events groups per pool (see pools_of)
         self._pending: list[tuple[Channel, Entry]] = []
         self._flush_scheduled = False
-        # Called once per channel per flush with the seconds from the first pending
-        # message's arrival to its write (the metrics histogram); never per subscriber.
+        # Called once per flush with the seconds from the oldest pending message's
+        # arrival to the flush's writes (the metrics histogram); never per subscriber.
         self.observe_delay: Callable[[float], None] | None = None
         # With workers, the main process's hub numbers messages and tells the feed.
         self.tap: Tap | None = None
