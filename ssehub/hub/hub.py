@@ -32,6 +32,7 @@ from ..config import Config
 from ..core.families import Families
 from ..core.history import Budget
 from ..core.ids import Numbering
+from .backfill import Backfill
 from .channel import Channel, Group, Subscriber, Tap
 from .fanout import Fanout
 from .ingest import Ingest
@@ -64,6 +65,8 @@ class Hub:
         self.fanout = Fanout(config, self.stats, self.numbering, self.channels, self.sessions)
         self.fanout.on_cut = self.unsubscribe
         self.replays = Replays(config, self.stats, self.numbering, self.fanout, self.sessions)
+        # Stream entries older than the histories, read once for the clients resuming them.
+        self.backfill = Backfill()
         # The one way in for numbered entries (the workers' feed calls it too).
         self.deliver = self.fanout.deliver
         self.ingest = Ingest(config, self.stats, self.numbering, self.registry, self.deliver)
@@ -399,6 +402,7 @@ class Hub:
         self._heartbeat = asyncio.get_running_loop().call_later(interval, self._beat)
         self.fanout.beat(interval)
         self.replays.beat()
+        self.backfill.beat(interval)
 
     def _sweep_members(self) -> None:
         loop = asyncio.get_running_loop()

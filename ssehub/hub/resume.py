@@ -6,9 +6,10 @@ in this process's numbering, a Redis Stream entry id on a stream channel, and an
 ``/events`` connection keep the last under 256 characters.
 
 ``catch_up_from_redis`` serves a stream channel's client whose position is older than
-the hub's cache: it pages through ``XRANGE`` (one round trip in flight per client, a
-bounded number in total: see ``StreamReader.read_range``) until the position reaches
-what the hub holds in memory, where the synchronous seam of ``Hub.subscribe`` takes over.
+the hub's cache: it pages through the channel's window of entries read from Redis
+(backfill.py: one read for every client resuming near the same position) until the
+position reaches what the hub holds in memory, where the synchronous seam of
+``Hub.subscribe`` takes over.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..config import Config
 from ..core import sse
 from ..core.ids import compact, just_before, parse_stream_id, split_mux_id, stream_order
 from ..core.messages import Rejected, parse_entry
+from .backfill import Backfill, Encode
 from .channel import Channel, streams_of
 from .stats import Stats
 
@@ -57,6 +59,8 @@ class Source(Protocol):
     def streams(self) -> StreamSource | None: ...
     @property
     def replay_bound(self) -> int: ...
+    @property
+    def backfill(self) -> Backfill: ...
     def mux_event(self, channel: Channel, raw: bytes, event_id: bytes) -> bytes: ...
 
 
@@ -71,19 +75,38 @@ def cached(channel: Channel, entry_id: str) -> bool:
     return entry_id == channel.stream_pos or channel.history.seq_of(entry_id) is not None
 
 
+def encoder(hub: Source, channel: Channel) -> Encode:
+    """How ``channel``'s entries read from Redis become events (b"" for one its format
+    rejects: counted and logged when the reader met it)."""
+    fmt = channel.config.format
+    limit = hub.config.limits.max_message_bytes
+
+    def encode(entry_id: str, fields: dict[bytes, bytes]) -> bytes:
+        try:
+            event = parse_entry(fmt, entry_id, fields, limit)
+            return sse.encode(event.data, event=event.event, id=entry_id, retry=event.retry)
+        except (Rejected, sse.EncodeError):
+            return b""
+
+    return encode
+
+
 async def catch_up_from_redis(
     hub: Source,
     streams: StreamSource,
     channel: Channel,
     position: str,
-    write: Callable[[list[tuple[bytes, str | None]]], Awaitable[None]],
+    write: Callable[[list[bytes], list[str | None]], Awaitable[None]],
     last_event_id: str,
     page_bytes: int,
 ) -> str:
     """Bring a stream channel's client from ``position`` to where the hub's memory
-    takes over, writing what it missed with ``write([(event bytes, entry id), ...])``
-    (one call per page, so one write to the client; entry id None for the gap event;
-    it waits for the client to read); returns the new position.
+    takes over, writing what it missed with ``write(events, entry ids)`` (one call per
+    page, so one write to the client; entry id None for the gap event; it waits for
+    the client to read); returns the new position.
+
+    The entries come from the channel's window (backfill.py), which clients resuming
+    near each other share: Redis is read once for all of them.
 
     A position older than the stream's first entry (trimmed) gets the ``expired``
     gap, one that is no entry of the stream ``unknown_id``; both then get what the
@@ -94,46 +117,32 @@ async def catch_up_from_redis(
         return position
     if stream_order(position) > stream_order(channel.stream_pos):
         return position  # from the future here: another stream's, or a foreign id
-    key = channel.redis
-    first = await streams.first_id(key)
-    if first is None:
-        return position  # the stream is empty: nothing to catch up with
-    reason = None
-    if stream_order(position) < stream_order(first.decode()):
-        reason = "expired"
-    elif not await streams.read_range(key, just_before(position).encode(), position.encode(), 1):
-        reason = "unknown_id"
-    if reason is not None:
-        hub.stats.gaps[channel.label] += 1
-        await write([(gap_event(channel.name, reason, last_event_id), None)])
+    backfill = hub.backfill
+    encode = encoder(hub, channel)
+    events, ids, reached = await backfill.page(streams, channel, position, page_bytes, encode)
+    known = backfill.holds(channel, position)
+    if not known:
+        reason = None
+        first = await streams.first_id(channel.redis) if known is None else b""
+        if first is None:
+            return position  # the stream is empty: nothing to catch up with
+        if first and stream_order(position) < stream_order(first.decode()):
+            reason = "expired"
+        elif known is False or not await streams.read_range(
+            channel.redis, just_before(position).encode(), position.encode(), 1
+        ):
+            reason = "unknown_id"
+        if reason is not None:
+            hub.stats.gaps[channel.label] += 1
+            await write([gap_event(channel.name, reason, last_event_id)], [None])
     hub.stats.redis_replays[channel.label] += 1
-    count = 10  # a first page; then sized so that a page holds about page_bytes
-    while not cached(channel, position):
-        until = channel.stream_pos
-        entries = await streams.read_range(key, position.encode(), until.encode(), count)
-        if not entries:
-            # Nothing between here and what the reader has: the client is there too.
-            position = until
-            continue
-        size = 0
-        fmt = channel.config.format
-        limit = hub.config.limits.max_message_bytes
-        page: list[tuple[bytes, str | None]] = []
-        read = len(entries)
-        for entry_id, fields in entries:
-            position = entry_id.decode()
-            try:
-                event = parse_entry(fmt, position, fields, limit)
-                raw = sse.encode(event.data, event=event.event, id=position, retry=event.retry)
-            except (Rejected, sse.EncodeError):
-                continue  # counted and logged when the reader met it
-            size += len(raw)
-            page.append((raw, position))
-        del entries  # the parsed page goes before the client is waited for
-        if page:
-            await write(page)
-        count = max(1, min(500, page_bytes * read // max(size, 1)))
-    return position
+    while True:
+        if events:
+            await write(events, list(ids))
+        position = reached
+        if cached(channel, position):
+            return position
+        events, ids, reached = await backfill.page(streams, channel, position, page_bytes, encode)
 
 
 async def resume_streams(
@@ -159,8 +168,8 @@ async def resume_streams(
     if not mux:
         (channel,) = channels
 
-        async def write(events: list[tuple[bytes, str | None]]) -> None:
-            await send(b"".join(raw for raw, _ in events))
+        async def write(events: list[bytes], ids: list[str | None]) -> None:
+            await send(b"".join(events))
 
         return await catch_up_from_redis(
             hub, streams, channel, last_event_id, write, last_event_id, page
@@ -172,10 +181,12 @@ async def resume_streams(
     for i, channel in enumerate(ordered):
 
         async def write_mux(
-            events: list[tuple[bytes, str | None]], i: int = i, channel: Channel = channel
+            events: list[bytes], ids: list[str | None], i: int = i, channel: Channel = channel
         ) -> None:
             parts = []
-            for raw, position in events:
+            for raw, position in zip(events, ids, strict=True):
+                if not raw:
+                    continue  # an entry its format rejects: no event
                 if position is None:
                     parts.append(raw)  # the gap event, as /events carry it
                     continue
