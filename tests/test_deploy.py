@@ -181,9 +181,24 @@ def run_nginx(prefix: Path, main: Path) -> Iterator[None]:
             proc.wait(timeout=10)
 
 
+def test_nginx_streams_location_serves_both_stream_endpoints() -> None:
+    """The location with the stream settings (no buffering, long timeouts) must take
+    /events as well as /channels/<name>: elsewhere nginx's defaults (a 60 s read
+    timeout, caching, gzip) apply to a stream."""
+    site = (DEPLOY / "nginx.conf").read_text()
+    (pattern,) = re.findall(r"location ~ (\S+) \{[^}]*proxy_buffering off;", site)
+    for path in ["/channels/chat", "/events"]:
+        assert re.match(pattern, path), path
+    assert not re.match(pattern, "/healthz")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("path", ["/channels/chat", "/events?channel=chat"])
 async def test_events_stream_through_nginx_unbuffered(
-    nginx_in_front: tuple[Path, int, int], start_hub: StartHub, redis_client: aioredis.Redis
+    nginx_in_front: tuple[Path, int, int],
+    start_hub: StartHub,
+    redis_client: aioredis.Redis,
+    path: str,
 ) -> None:
     _, https, upstream = nginx_in_front
     hub = await start_hub(listen={"host": "127.0.0.1", "port": upstream})
@@ -198,7 +213,7 @@ async def test_events_stream_through_nginx_unbuffered(
         deadline = time.monotonic() + 10
         while True:  # nginx may still be starting
             try:
-                conn.request("GET", "/channels/chat")
+                conn.request("GET", path)
                 return conn.getresponse()
             except ConnectionRefusedError:
                 conn.close()
@@ -213,7 +228,9 @@ async def test_events_stream_through_nginx_unbuffered(
         await wait_until(lambda: len(hub.hub.channels["chat"]) == 1)
         # One small event, then silence: it arrives only if nginx does not buffer.
         await redis_client.publish("chat", "through the proxy")
-        lines = [await asyncio.to_thread(resp.readline) for _ in range(9)]
+        # /events names each event's channel.
+        named = [b"event: chat\n"] if path.startswith("/events") else []
+        lines = [await asyncio.to_thread(resp.readline) for _ in range(9 + len(named))]
         epoch = hub.hub.epoch.encode()
         assert lines[2].startswith(b"data: ")
         assert lines == [
@@ -224,6 +241,7 @@ async def test_events_stream_through_nginx_unbuffered(
             b"id: %s-0\n" % epoch,  # the stream's position marker
             b"\n",
             b"id: %s-1\n" % epoch,
+            *named,
             b"data: through the proxy\n",
             b"\n",
         ]

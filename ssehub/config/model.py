@@ -133,7 +133,7 @@ class Juggernaut:
 
 @dataclass(frozen=True, slots=True)
 class Events:
-    """Subscribe/unsubscribe events published to Redis (see README, Juggernaut parity)."""
+    """Subscribe/unsubscribe events published to Redis (see docs/juggernaut.md)."""
 
     enabled: bool = False
     # Where ssehub's own format goes; with juggernaut.enabled the events go to
@@ -178,7 +178,7 @@ class Admin:
 
 @dataclass(frozen=True, slots=True)
 class ProxyAuthConfig:
-    """``auth: proxy`` channels: the hub asks the application (see README, Access control)."""
+    """``auth: proxy`` channels: the hub asks the application (see docs/control.md)."""
 
     # The application's URL the hub POSTs {"channels", "cookies"} to.
     url: str = field(metadata=_check(_http_url))
@@ -194,7 +194,7 @@ class ProxyAuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    """JWT verification for channels with ``auth: token`` (see README, Access control)."""
+    """JWT verification for channels with ``auth: token`` (see docs/access-control.md)."""
 
     # Accepted signature algorithms; anything else (``none`` included) is rejected.
     algorithms: tuple[str, ...] = field(default=("HS256",), metadata=_check(_algorithms))
@@ -226,7 +226,7 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class PublishConfig:
-    """``POST /publish`` and ``POST /disconnect`` (see README, Publishing over HTTP)."""
+    """``POST /publish`` and ``POST /disconnect`` (see docs/control.md)."""
 
     # The key clients send as `Authorization: Bearer <key>`: from a file or an
     # environment variable, never inline. Without one there is no endpoint.
