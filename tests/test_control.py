@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,6 @@ def auth(tmp_path: Path) -> dict[str, Any]:
 def publish_key(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setenv("SSEHUB_TEST_PUBLISH_KEY", KEY)
     return {"key_env": "SSEHUB_TEST_PUBLISH_KEY"}
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[SSEClient]]:
-    opened: list[SSEClient] = []
-    yield opened
-    for c in opened:
-        await c.close()
 
 
 @pytest.fixture

@@ -93,14 +93,6 @@ async def proxied_hub(start_hub: StartHub, port: int, **proxy: Any) -> HubServer
     return await start_hub(CHANNELS, auth={"proxy": settings}, admin={"port": 0})
 
 
-@pytest.fixture
-async def clients() -> AsyncIterator[list[SSEClient]]:
-    opened: list[SSEClient] = []
-    yield opened
-    for c in opened:
-        await c.close()
-
-
 def cookie(value: str, more: str = "") -> dict[str, str]:
     return {"Cookie": f"sid={value}{more}"}
 

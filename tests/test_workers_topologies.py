@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,6 @@ def node_on(tmp_path: Path) -> Iterator[list[Node]]:
     yield started
     for n in started:
         n.stop()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[SSEClient]]:
-    opened: list[SSEClient] = []
-    yield opened
-    for c in opened:
-        await c.close()
 
 
 async def on_every_worker(node: Node, clients: list[SSEClient], path: str) -> list[SSEClient]:
