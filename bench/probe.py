@@ -152,10 +152,10 @@ def compare(
                 "blocks_per_conn": round(s.count_diff / per, 2),
             }
         )
-    rest = stats[top:]
+    rest = [s for s in stats[top:] if s.size_diff or s.count_diff]
     rows.append(
         {
-            "site": f"(other {len(rest)} sites)",
+            "site": f"(the other {len(rest)} lines that changed, net)",
             "bytes_per_conn": round(sum(s.size_diff for s in rest) / per, 1),
             "blocks_per_conn": round(sum(s.count_diff for s in rest) / per, 2),
         }

@@ -54,8 +54,6 @@ def _note(r: Result) -> str:
         bits.insert(0, "CLIENT-BOUND")
     if r.extra.get("load_shares_server_cores"):
         bits.insert(0, "LOAD SHARES SERVER CORES")
-    if r.extra.get("storm_outlasted_window"):
-        bits.append("storm outlasted the latency window")
     if not r.ok:
         bits.insert(0, "FAIL")
     return " ".join(bits)
@@ -66,6 +64,7 @@ NOTE_KEYS = (
     "cores",
     "conns_per_s",
     "per_core_dps",
+    "first_step_us_per_delivery",
     "traced_per_conn_b",
     "gc_full_ms",
     "gc_gen2_count",

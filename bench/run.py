@@ -50,8 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         "--live-subs",
         type=int,
         default=1000,
-        help="existing subscribers (100 msg/s) whose delivery storm and stream-resume-storm "
-        "measure while they run (default 1,000; 0: none)",
+        help="existing subscribers (--live-rate msg/s) whose delivery storm and "
+        "stream-resume-storm measure while they run (default 1,000; 0: none)",
+    )
+    p.add_argument(
+        "--live-rate",
+        type=float,
+        default=100.0,
+        help="msg/s to those subscribers (default 100: 100,000 deliveries/s to 1,000)",
     )
     p.add_argument(
         "--probe",
@@ -131,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx.resume_clients = args.resume_clients
         ctx.cores = cores
         ctx.live_subs = max(0, args.live_subs)
+        ctx.live_rate = args.live_rate
         ctx.probe = args.probe
         if args.client == "c":
             ctx.client_exe = build(workdir)
