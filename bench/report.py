@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Result", "format_table", "json_line"]
+__all__ = ["Result", "format_sites", "format_table", "json_line", "storm_ratios"]
 
 
 @dataclass
@@ -52,6 +52,8 @@ def _note(r: Result) -> str:
     bits = [f"{k}={v}" for k, v in r.extra.items() if k in NOTE_KEYS]
     if r.client_bound:
         bits.insert(0, "CLIENT-BOUND")
+    if r.extra.get("load_shares_server_cores"):
+        bits.insert(0, "LOAD SHARES SERVER CORES")
     if not r.ok:
         bits.insert(0, "FAIL")
     return " ".join(bits)
@@ -59,6 +61,14 @@ def _note(r: Result) -> str:
 
 # Extra fields worth a place in the table's note column.
 NOTE_KEYS = (
+    "cores",
+    "conns_per_s",
+    "per_core_dps",
+    "first_step_us_per_delivery",
+    "traced_per_conn_b",
+    "gc_full_ms",
+    "gc_gen2_count",
+    "gc_gen2_ms",
     "rss_per_conn_kb",
     "open_all_s",
     "live_all_s",
@@ -68,6 +78,9 @@ NOTE_KEYS = (
     "xrange_calls",
     "redis_cpu_s",
     "hub_us_per_delivery",
+    "hub_cpu_s",
+    "hub_cpu_s_resume_est",
+    "peak_rss_mb",
     "redis_us_per_delivery",
     "listen_overflows",
     "failures",
@@ -122,6 +135,45 @@ def format_table(results: list[Result]) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = []
+    for n, row in enumerate(rows):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def storm_ratios(results: list[Result]) -> list[str]:
+    """``storm``'s ``open_all_s`` of each server against nchan's in the same run (issue
+    22: <= 2.5x), with the live p99 beside it; nothing when nchan did not run it."""
+    storms = [r for r in results if r.scenario == "storm" and r.extra.get("open_all_s")]
+    nchan = next((r for r in storms if r.server == "nchan"), None)
+    if nchan is None:
+        return []
+    base = nchan.extra["open_all_s"]
+    lines = ["", f"storm open_all_s against nchan's {base:.3f} s (issue 22: <= 2.5x):"]
+    for r in storms:
+        if r is nchan:
+            continue
+        t = r.extra["open_all_s"]
+        lines.append(
+            f"  {r.server}: {t:.3f} s = {t / base:.2f}x nchan; live p99 {_num(r.p99_ms)} ms "
+            f"(nchan {_num(nchan.p99_ms)} ms), max {_num(r.max_ms)} ms"
+        )
+    return lines
+
+
+def format_sites(r: Result) -> str:
+    """The probe's allocation sites per connection (``idle-memory --probe``)."""
+    rows = [("site", "bytes/conn", "blocks/conn")]
+    for s in r.extra["sites"]:
+        rows.append((s["site"], f"{s['bytes_per_conn']:,.1f}", f"{s['blocks_per_conn']:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    head = (
+        f"{r.server} idle-memory {r.label}: tracemalloc growth per connection, "
+        f"{r.extra.get('traced_per_conn_b')} B in all; full gc.collect() "
+        f"{r.extra.get('gc_full_ms')} ms"
+    )
+    lines = [head, ""]
     for n, row in enumerate(rows):
         lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
         if n == 0:

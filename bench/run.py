@@ -16,7 +16,7 @@ from types import FrameType
 
 from . import install
 from .cclient import build
-from .report import Result, format_table, json_line
+from .report import Result, format_sites, format_table, json_line, storm_ratios
 from .scenarios import SCENARIOS, Ctx, smoke
 from .servers import SERVERS, RedisServer, stop_all
 
@@ -35,14 +35,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--servers",
-        default=",".join(n for n, cls in SERVERS.items() if cls.by_default),
-        help=f"comma-separated, from: {', '.join(SERVERS)} (default: all but ssehub+cluster)",
+        default=None,
+        help=f"comma-separated, from: {', '.join(SERVERS)} "
+        "(default: all but ssehub+cluster and ssehub-base; --smoke: ssehub)",
     )
     p.add_argument("--quick", action="store_true", help="3 s windows instead of 10 s")
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="a few streams and messages on ssehub only, no set-up; seconds",
+        help="a few streams and messages, no set-up; seconds (with --scenario: those "
+        "scenarios at smoke size)",
+    )
+    p.add_argument(
+        "--live-subs",
+        type=int,
+        default=1000,
+        help="existing subscribers (--live-rate msg/s) whose delivery storm and "
+        "stream-resume-storm measure while they run (default 1,000; 0: none)",
+    )
+    p.add_argument(
+        "--live-rate",
+        type=float,
+        default=100.0,
+        help="msg/s to those subscribers (default 100: 100,000 deliveries/s to 1,000)",
+    )
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="idle-memory: a tracemalloc breakdown per connection (bench/probe.py); "
+        "storm: garbage collections during the storm",
     )
     p.add_argument(
         "--resume-clients",
@@ -83,8 +104,17 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (0 even when a target is missed)."""
     args = _parser().parse_args(argv)
-    servers = ["ssehub"] if args.smoke else _split(args.servers, list(SERVERS), "server")
-    scenarios = _split(args.scenario, list(SCENARIOS), "scenario")
+    if args.servers is None:
+        default = [n for n, cls in SERVERS.items() if cls.by_default]
+        servers = ["ssehub"] if args.smoke else default
+    else:
+        servers = _split(args.servers, list(SERVERS), "server")
+    # --smoke alone: the smoke fan-out; with --scenario, those scenarios at smoke size.
+    scenarios = (
+        ["smoke"]
+        if args.smoke and args.scenario == "all"
+        else _split(args.scenario, list(SCENARIOS), "scenario")
+    )
     cores = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cores) >= 2 and shutil.which("taskset") is not None
     server_core, load_core = (cores[0], cores[1]) if pin else (None, None)
@@ -105,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis.start()
         ctx = Ctx(workdir, redis, server_core, load_core, quick=args.quick, smoke=args.smoke)
         ctx.resume_clients = args.resume_clients
+        ctx.cores = cores
+        ctx.live_subs = max(0, args.live_subs)
+        ctx.live_rate = args.live_rate
+        ctx.probe = args.probe
         if args.client == "c":
             ctx.client_exe = build(workdir)
             if ctx.client_exe is None:
@@ -116,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(Result(name, "all", skipped=reason, ok=False))
                 print(json_line(results[-1]), flush=True)
                 continue
-            for scen in ["smoke"] if args.smoke else scenarios:
+            for scen in scenarios:
                 _log(f"{name}: {scen}")
-                fn = smoke if args.smoke else SCENARIOS[scen]
+                fn = smoke if scen == "smoke" else SCENARIOS[scen]
                 try:
                     got = fn(ctx, cls)
                 except KeyboardInterrupt:
@@ -137,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(format_table(results))
+    for line in storm_ratios(results):
+        print(line)
+    for r in results:
+        if r.extra.get("sites"):
+            print()
+            print(format_sites(r))
     pinning = f"server on core {server_core}, load on core {load_core}" if pin else "no pinning"
     print(f"\n{len(results)} results; {pinning}; load cpu% = load clients + publisher + redis")
     return 130 if interrupted else 0

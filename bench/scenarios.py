@@ -9,14 +9,17 @@ server (the Flask baselines need two descriptors per subscriber) returns a skipp
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .cclient import CLoadClient
 from .loadclient import ClientStats, LoadClient, Target
+from .probe import compare, request
 from .publisher import Publisher, PubResult, payload
 from .report import Result
 from .servers import (
@@ -25,6 +28,7 @@ from .servers import (
     RedisServer,
     Server,
     SsehubClusterServer,
+    SsehubServer,
     busy_pct,
     core_ticks,
     listen_overflows,
@@ -53,6 +57,13 @@ class Ctx:
     smoke: bool = False
     resume_clients: int | None = None  # stream-resume-storm's clients (None: default)
     client_exe: Path | None = None  # the C load client, when it compiled
+    # Every core this run may use (workers-scaling pins the server to the first k).
+    cores: list[int] = field(default_factory=list)
+    # Existing subscribers (at live_rate msg/s) whose delivery storm and
+    # stream-resume-storm measure while they run; 0: none (the bare storm).
+    live_subs: int = 1000
+    live_rate: float = 100.0  # msg/s to them
+    probe: bool = False  # idle-memory and storm: also run the hub under bench/probe.py
     _source: int = 0
 
     def sources(self, n: int) -> list[str]:
@@ -64,6 +75,10 @@ class Ctx:
             self._source += 1
             out.append(f"127.77.{k // 250}.{k % 250 + 1}")
         return out
+
+    def pause(self, seconds: float) -> None:
+        """Sleep to let a server settle: 0.1 s at smoke size, where no figure counts."""
+        time.sleep(0.1 if self.smoke else seconds)
 
     def duration(self, full: float) -> float:
         if self.smoke:
@@ -91,14 +106,18 @@ def rig(
     subs: int,
     serve: list[str] | None = None,
     options: dict[str, dict[str, object]] | None = None,
+    tune: Callable[[Server], None] | None = None,
 ) -> Iterator[Rig]:
     """Start a server, load workers and a publisher; stop all of them whatever happens.
 
     The server is configured with ``serve`` (default: ``channels``): ``[FAMILY]`` for
     subscribers on family members; ``options`` adds to a channel's config entry
-    (``{"stream": key}`` for a stream channel)."""
+    (``{"stream": key}`` for a stream channel); ``tune`` may change the server before
+    it starts (its cores, workers, probe)."""
     server = cls(ctx.workdir, ctx.redis.url, ctx.server_core)
     server.options = options or {}
+    if tune is not None:
+        tune(server)
     server.start(serve if serve is not None else channels)
     client: LoadClient | CLoadClient | None = None
     pub: Publisher | None = None
@@ -119,6 +138,15 @@ def rig(
         if pub is not None:
             pub.close()
         server.stop()
+
+
+def loader(ctx: Ctx, n: int) -> LoadClient | CLoadClient:
+    """Load-client processes for ``n`` more streams, apart from a rig's own."""
+    workers = max(1, math.ceil(n / PER_WORKER))
+    sources = ctx.sources(workers)
+    if ctx.client_exe is not None:
+        return CLoadClient(ctx.client_exe, workers, sources, ctx.workdir)
+    return LoadClient(workers, sources)
 
 
 def connect(
@@ -354,15 +382,17 @@ def _why(r: Result) -> str:
 def idle_memory(ctx: Ctx, cls: type[Server]) -> list[Result]:
     """RSS per idle stream at 10,000 and 19,000 (baselines: 4,000 and 9,000)."""
     counts = (10000, 19000) if cls.max_subs_for() >= 19000 else (4000, 9000)
+    if ctx.smoke:
+        counts = (50, 100)
     out: list[Result] = []
     with rig(ctx, cls, ["c0"], counts[-1]) as r:
-        time.sleep(1.0)
+        ctx.pause(1.0)
         tree = r.server.tree()
         rss0 = tree.rss_bytes()
         for n in counts:
             st = connect(r, n - r.opened, concurrency=1024)
             # No way to ask a server for a GC from outside: let it settle instead.
-            time.sleep(2.0)
+            ctx.pause(2.0)
             rss = tree.rss_bytes()
             res = Result(cls.name, "idle-memory", f"{n}", st.opened, server_rss_mb=rss / 2**20)
             res.extra["rss_per_conn_kb"] = round((rss - rss0) / max(1, st.opened) / 1024, 1)
@@ -374,7 +404,45 @@ def idle_memory(ctx: Ctx, cls: type[Server]) -> list[Result]:
             out.append(res)
             if st.opened < n:
                 break
+    tune = _probe_tune(ctx, cls, 1)
+    if tune is not None:
+        out.append(idle_probe(ctx, cls, tune, 100 if ctx.smoke else counts[0]))
+    elif ctx.probe:
+        out.append(
+            Result(cls.name, "idle-memory", "probe", 0, ok=False,
+                   skipped="--probe: the single-process hub only (tracemalloc sees one process)")
+        )  # fmt: skip
     return out
+
+
+PROBE_TOP = 15
+
+
+def idle_probe(ctx: Ctx, cls: type[Server], tune: Callable[[Server], None], n: int) -> Result:
+    """The hub under bench/probe.py (tracemalloc, one frame): a snapshot with no
+    stream and one with ``n`` idle streams, each after a full collection; what grew,
+    per allocation line, divided by ``n``; and that full collection's time."""
+    with rig(ctx, cls, ["c0"], n, tune=tune) as r:
+        probe_dir = getattr(r.server, "probe_dir", None)
+        assert probe_dir is not None
+        ctx.pause(1.0)
+        empty = request(probe_dir, "empty")
+        st = connect(r, n, concurrency=1024)
+        ctx.pause(2.0)  # as idle-memory: the storm's tail settles
+        idle = request(probe_dir, "idle", timeout=120)
+        res = Result(cls.name, "idle-memory", f"probe {st.opened}", st.opened)
+        res.server_rss_mb = r.server.tree().rss_bytes() / 2**20
+        res.extra["traced_per_conn_b"] = round(
+            (idle["traced_bytes"] - empty["traced_bytes"]) / max(1, st.opened)
+        )
+        res.extra["gc_full_ms"] = idle["collect_ms"]  # gc.collect() with n streams held
+        res.extra["gc_full_empty_ms"] = empty["collect_ms"]
+        res.extra["gc_frozen"] = idle["gc_frozen"]
+        res.extra.update(_gc_delta(empty, idle))
+        res.extra["sites"] = compare(probe_dir, "empty", "idle", st.opened, PROBE_TOP)
+        res.extra["note_probe"] = "under tracemalloc: RSS is not comparable"
+        res.ok = st.opened == n
+        return res
 
 
 def burst(ctx: Ctx, cls: type[Server]) -> list[Result]:
@@ -395,34 +463,164 @@ def burst(ctx: Ctx, cls: type[Server]) -> list[Result]:
         return [res]
 
 
+STORM_SUBS = 10_000
+
+
+def _probe_tune(ctx: Ctx, cls: type[Server], frames: int) -> Callable[[Server], None] | None:
+    """With ``--probe``, on a single-process hub: run it under bench/probe.py."""
+    if not (ctx.probe and issubclass(cls, SsehubServer) and cls.workers == 1):
+        return None
+
+    def tune(server: Server) -> None:
+        assert isinstance(server, SsehubServer)
+        server.probe_dir = ctx.workdir / f"probe-{time.monotonic_ns()}"
+        server.probe_frames = frames
+
+    return tune
+
+
+def _gc_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Collections between two probe answers: per generation count and ms, the longest
+    full (generation 2) one over the whole run so far."""
+    out: dict[str, float] = {}
+    for g in ("gen0", "gen1", "gen2"):
+        out[f"gc_{g}_count"] = after["gc"][g]["count"] - before["gc"][g]["count"]
+        out[f"gc_{g}_ms"] = round(after["gc"][g]["total_ms"] - before["gc"][g]["total_ms"], 1)
+    out["gc_gen2_max_ms"] = after["gc"]["gen2"]["max_ms"]
+    return out
+
+
+class LivePublishing:
+    """Publish ``rate`` msg/s to a rig's channels from a thread, in 1 s runs, until
+    ``stop()``: the live load beside something whose length is not known in advance."""
+
+    def __init__(self, r: Rig, rate: float) -> None:
+        self.r, self.rate = r, rate
+        self.sent = 0
+        self.wall_s = 0.0  # from start() to the end of the last run
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                res = self.r.pub.run(self.r.pub_channels, self.rate, 1.0)
+                self.sent += sum(res.sent)
+                self.wall_s = time.monotonic() - t0
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def halt(self) -> None:
+        """Stop after the current run (if started); never raises."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+
+    def stop(self) -> int:
+        """Stop after the current run; the messages sent."""
+        self.halt()
+        if self.error is not None:
+            raise RuntimeError(f"live publishing failed: {self.error}")
+        return self.sent
+
+
 def connect_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
-    """10,000 clients connecting at once: time until every stream is open, failures."""
-    subs = 10000
-    skip = skip_if_too_many(cls, "storm", "", subs)
+    """10,000 clients connecting at once (to c1): time until every stream is open,
+    failures; meanwhile ``ctx.live_subs`` existing subscribers of c0 get
+    ``ctx.live_rate`` msg/s from the storm's start until its last stream opened: their
+    delivery is the row's latency columns (issue 22: the storm's time, with the p99
+    delivery to existing subscribers beside it)."""
+    subs = 200 if ctx.smoke else STORM_SUBS
+    base = min(ctx.live_subs, 20) if ctx.smoke else ctx.live_subs
+    label = f"{subs}" + (f" + {base}x{ctx.live_rate:g}/s live" if base else "")
+    skip = skip_if_too_many(cls, "storm", label, subs + base)
     if skip:
         return [skip]
-    with rig(ctx, cls, ["c0"], subs) as r:
-        tree = r.server.tree()
-        lo0 = listen_overflows()
-        cpu0, t0 = tree.cpu_s(), time.monotonic()
-        st = connect(r, subs, concurrency=subs, timeout=30)
-        elapsed = time.monotonic() - t0
-        lo1 = listen_overflows()
-        res = Result(cls.name, "storm", "", st.opened)
-        res.server_cpu_pct = 100 * (tree.cpu_s() - cpu0) / elapsed
+    tune = _probe_tune(ctx, cls, 0)
+    with rig(ctx, cls, ["c0"], base, serve=["c0", "c1"], tune=tune) as r:
+        if base:
+            st0 = connect(r, base)
+            if st0.opened < base:
+                return [Result(cls.name, "storm", label, st0.opened, ok=False, error="connect")]
+            ctx.pause(1.0)
+        probe_dir = getattr(r.server, "probe_dir", None)
+        gc0 = request(probe_dir, "storm0", collect=False, snapshot=False) if probe_dir else None
+        stormer = loader(ctx, subs)
+        live = LivePublishing(r, ctx.live_rate)
+        try:
+            r.client.reset()
+            tree = r.server.tree()
+            lo0 = listen_overflows()
+            cpu0, t0 = tree.cpu_s(), time.monotonic()
+            lc0 = core_ticks(ctx.load_core)
+            if base:
+                live.start()
+            stormer.start_connect(
+                Target("127.0.0.1", r.server.port, r.server.paths(["c1"])), subs, subs
+            )
+            stormer.wait_connected(30)
+            st = stormer.wait_open(subs, 30)
+            elapsed = time.monotonic() - t0
+            cpu1 = tree.cpu_s()
+            lo1 = listen_overflows()
+            res = Result(cls.name, "storm", label, st.opened)
+            if base:
+                live.stop()
+                live_figures(ctx, res, r, live)
+            res.extra["load_core_busy_pct"] = busy_pct(lc0, core_ticks(ctx.load_core))
+        finally:
+            live.halt()
+            stormer.close()
+        res.server_cpu_pct = 100 * (cpu1 - cpu0) / elapsed
         res.server_rss_mb = tree.rss_bytes() / 2**20
         res.client_cpu_pct = 100 * st.cpu_s / elapsed
-        res.extra["open_all_s"] = round(max(st.connect_s), 3) if st.connect_s else None
-        res.extra["open_p50_s"] = (
-            round(sorted(st.connect_s)[len(st.connect_s) // 2], 3) if st.connect_s else None
-        )
+        res.extra["open_all_s"] = _seconds(st.connect_s, 1.0)
+        res.extra["open_p50_s"] = _seconds(st.connect_s, 0.5)
         res.extra["failures"] = subs - st.opened
+        res.extra["hub_cpu_s"] = round(cpu1 - cpu0, 2)
+        if probe_dir and gc0 is not None:
+            gc1 = request(probe_dir, "storm1", collect=False, snapshot=False)
+            res.extra.update(_gc_delta(gc0, gc1))
         if lo0 is not None and lo1 is not None:
             res.extra["listen_overflows"] = lo1 - lo0  # system-wide: see listen_overflows
         if st.errors:
             res.extra["errors"] = st.errors
-        res.ok = st.opened == subs and (res.extra["open_all_s"] or 99) <= 5
+        res.ok = (
+            st.opened == subs
+            and (res.extra["open_all_s"] or 99) <= 5
+            and res.lost == 0
+            and not res.extra.get("live_dropped")
+        )
         return [res]
+
+
+def live_figures(ctx: Ctx, res: Result, r: Rig, live: LivePublishing) -> None:
+    """The live subscribers' delivery over ``live``'s publishing (after it stopped):
+    rate, latency columns, loss; waits up to 5 s for what is still on its way."""
+    expected = live.sent * r.opened // max(1, len(r.channels))
+    st = r.client.stats()
+    drain = time.monotonic() + 5
+    while st.events < expected and time.monotonic() < drain:
+        time.sleep(0.1)
+        st = r.client.stats()
+    res.offered_dps = live.rate * r.opened / max(1, len(r.channels))
+    res.achieved_dps = st.events / max(live.wall_s, 1e-3)
+    res.p50_ms, res.p99_ms = st.quantile_ms(0.5), st.quantile_ms(0.99)
+    res.p999_ms = st.quantile_ms(0.999)
+    res.max_ms = st.max_us / 1000 if st.events else None
+    res.lost = max(0, expected - st.events)
+    res.extra["live_subs"] = r.opened
+    res.extra["live_rate"] = live.rate
+    res.extra["live_s"] = round(live.wall_s, 2)
+    res.extra["live_expected"] = expected
+    res.extra["live_received"] = st.events
+    if st.dropped:
+        res.extra["live_dropped"] = st.dropped
 
 
 STORM_BASE = 1000  # existing subscribers whose delivery is measured
@@ -444,13 +642,7 @@ def storm_delivery(ctx: Ctx, cls: type[Server]) -> list[Result]:
         quiet = to_result(
             ctx, r, "storm-delivery", "quiet", measure(ctx, r, STORM_RATE, 3.0), STORM_RATE
         )
-        workers = max(1, math.ceil(storm / PER_WORKER))
-        sources = ctx.sources(workers)
-        stormer: LoadClient | CLoadClient = (
-            CLoadClient(ctx.client_exe, workers, sources, ctx.workdir)
-            if ctx.client_exe is not None
-            else LoadClient(workers, sources)
-        )
+        stormer = loader(ctx, storm)
         try:
             stormer.start_connect(
                 Target("127.0.0.1", r.server.port, r.server.paths(["c1"])), storm, storm
@@ -466,6 +658,148 @@ def storm_delivery(ctx: Ctx, cls: type[Server]) -> list[Result]:
         during.extra["storm_opened"] = opened
         during.ok = opened == storm and during.lost == 0
         return [quiet, during]
+
+
+# --- workers scaling (issue 22) -----------------------------------------------------------
+
+SCALING_SUBS = 2000
+# Over 100 channels (20 subscribers each), not one: on one channel the hub coalesces
+# what arrives together into one write per subscriber, so its cost per delivery falls
+# as the rate rises and a ladder ends at the load side's limit, not the server's (one
+# process held 1.9 M deliveries/s at p99 46 ms there, at the step cap). Here each
+# channel gets a message every 10-50 ms near a core's limit: few coalesce.
+SCALING_CHANNELS = 100
+# Saturation-like steps from a rate one core surely holds (2,500 msg/s x 20 = 50,000
+# deliveries/s), x1.5 a step, until a step misses (p99 > 100 ms, a loss or a drop).
+SCALING_START = 2500.0
+SCALING_STEPS = 12
+
+
+def _scaling_variants(ctx: Ctx) -> list[tuple[str, int, bool]]:
+    """(label, workers, workers process model) for workers 1..N on N cores: the single
+    process, the process model with one worker, then 2..N workers."""
+    n = max(1, len(ctx.cores))
+    return [("single", 1, False), ("workers 1", 1, True)] + [
+        (f"workers {k}", k, True) for k in range(2, n + 1)
+    ]
+
+
+def workers_scaling(ctx: Ctx, cls: type[Server]) -> list[Result]:
+    """For workers 1..N (N: the cores this run may use), the server allowed k cores
+    (``taskset -c`` the first k): the highest deliveries/s it sustains to 2,000
+    subscribers of one channel (steps), and connections/s in a storm of 10,000."""
+    if not issubclass(cls, SsehubServer) or cls.workers != 1:
+        return [
+            Result(cls.name, "workers-scaling", "", 0, ok=False,
+                   skipped="the hub's workers only (ssehub, ssehub-base, ...; it sets workers)")
+        ]  # fmt: skip
+    out: list[Result] = []
+    for label, workers, node in _scaling_variants(ctx):
+        cores = ctx.cores[: max(1, workers)]
+        pinned = ctx.server_core is not None
+        core_spec = ",".join(str(c) for c in cores) if pinned else None
+        shares = pinned and ctx.load_core in cores
+
+        def tune(
+            server: Server, workers: int = workers, node: bool = node, spec: str | None = core_spec
+        ) -> None:
+            assert isinstance(server, SsehubServer)
+            server.core = spec
+            server.workers = workers
+            server.node_model = node
+
+        for res in (
+            _scaling_deliveries(ctx, cls, label, len(cores), tune),
+            _scaling_storm(ctx, cls, label, tune),
+        ):
+            res.extra["workers"] = workers
+            res.extra["process_model"] = "workers" if node else "single"
+            res.extra["cores"] = core_spec or "unpinned"
+            if shares:
+                # The load clients, publisher and Redis run on a core the server may use.
+                res.extra["load_shares_server_cores"] = True
+            out.append(res)
+    return out
+
+
+def _scaling_deliveries(
+    ctx: Ctx, cls: type[Server], label: str, ncores: int, tune: Callable[[Server], None]
+) -> Result:
+    subs = 20 if ctx.smoke else SCALING_SUBS
+    channels = [f"c{i}" for i in range(2 if ctx.smoke else SCALING_CHANNELS)]
+    name = f"{label}: deliveries"
+    steps: list[Result] = []
+    best: Result | None = None
+    with rig(ctx, cls, channels, subs, tune=tune) as r:
+        st = connect(r, subs)
+        if st.opened < subs:
+            return Result(cls.name, "workers-scaling", name, st.opened, ok=False, error="connect")
+        ctx.pause(0.5)
+        rate = 10.0 if ctx.smoke else SCALING_START
+        for _ in range(2 if ctx.smoke else SCALING_STEPS):
+            w = measure(ctx, r, rate, ctx.duration(5))
+            res = to_result(ctx, r, "workers-scaling", name, w, rate)
+            res.extra["hub_us_per_delivery"] = _per_event_us(w.server_cpu_s, w.stats.events)
+            steps.append(res)
+            if not res.ok:
+                break
+            best = res
+            rate = float(math.ceil(rate * 1.5))
+            ctx.pause(0.5)
+    summary = best or Result(cls.name, "workers-scaling", name, subs, ok=False)
+    summary.extra["channels"] = len(channels)
+    # At the first step every variant holds: CPU per delivery there compares them.
+    summary.extra["first_step_us_per_delivery"] = (
+        steps[0].extra["hub_us_per_delivery"] if steps else None
+    )
+    summary.extra = dict(summary.extra)
+    summary.extra["max_sustained_dps"] = round(best.achieved_dps) if best else 0
+    summary.extra["per_core_dps"] = round(best.achieved_dps / ncores) if best else 0
+    summary.extra["reason"] = (
+        f"next step failed ({_why(steps[-1])})"
+        if steps and steps[-1] is not best
+        else f"stopped after {len(steps)} steps"
+    )
+    summary.extra["steps"] = [
+        {
+            "offered_dps": round(s.offered_dps),
+            "achieved_dps": round(s.achieved_dps),
+            "p99_ms": s.p99_ms,
+            "lost": s.lost,
+            "server_cpu_pct": round(s.server_cpu_pct or 0),
+            "hub_us_per_delivery": s.extra["hub_us_per_delivery"],
+            "load_core_busy_pct": s.extra.get("load_core_busy_pct"),
+        }
+        for s in steps
+    ]
+    summary.ok = best is not None
+    return summary
+
+
+def _scaling_storm(
+    ctx: Ctx, cls: type[Server], label: str, tune: Callable[[Server], None]
+) -> Result:
+    subs = 200 if ctx.smoke else STORM_SUBS
+    name = f"{label}: connections"
+    with rig(ctx, cls, ["c0"], subs, tune=tune) as r:
+        ctx.pause(0.5)
+        tree = r.server.tree()
+        cpu0, t0 = tree.cpu_s(), time.monotonic()
+        st = connect(r, subs, concurrency=subs, timeout=30)
+        elapsed = time.monotonic() - t0
+        res = Result(cls.name, "workers-scaling", name, st.opened)
+        res.server_cpu_pct = 100 * (tree.cpu_s() - cpu0) / elapsed
+        res.server_rss_mb = tree.rss_bytes() / 2**20
+        res.client_cpu_pct = 100 * st.cpu_s / elapsed
+        open_all = _seconds(st.connect_s, 1.0)
+        res.extra["open_all_s"] = open_all
+        res.extra["open_p50_s"] = _seconds(st.connect_s, 0.5)
+        res.extra["conns_per_s"] = round(st.opened / open_all) if open_all else None
+        res.extra["failures"] = subs - st.opened
+        if st.errors:
+            res.extra["errors"] = st.errors
+        res.ok = st.opened == subs
+        return res
 
 
 # --- family members (issue 12) ------------------------------------------------------------
@@ -680,7 +1014,9 @@ def stream_resume_storm(ctx: Ctx, cls: type[Server]) -> list[Result]:
     """10,000 clients reconnecting at once to a stream channel, each with a
     ``Last-Event-ID`` 1,000 entries before the end: past the hub's cache (``history``
     100, so from Redis), then within it (``history`` 2,000, from memory)."""
-    subs = ctx.resume_clients or (RESUME_SUBS_QUICK if ctx.quick else RESUME_SUBS)
+    subs = ctx.resume_clients or (
+        50 if ctx.smoke else RESUME_SUBS_QUICK if ctx.quick else RESUME_SUBS
+    )
     skip = _no_streams(cls, "stream-resume-storm", subs)
     if skip:
         return [skip]
@@ -691,56 +1027,82 @@ def resume_storm(ctx: Ctx, cls: type[Server], subs: int, back: int, history: int
     """``subs`` clients at once, each resuming ``back`` entries before the end of a
     stream of RESUME_FILL entries: time until each had its ``back`` missed events, then
     whether all are live (one more entry reaches every one of them); Redis CPU, XRANGE
-    calls, hub CPU and peak RSS."""
+    calls, hub CPU and peak RSS. Meanwhile ``ctx.live_subs`` subscribers of the pub/sub
+    channel c0 get ``ctx.live_rate`` msg/s: their delivery is the row's latency columns."""
     # The hub reads at most the last 1,000 entries when a stream starts (its prefill
     # cap), so with history 2,000 the first 10 of 1,000 still come from Redis.
     where = "redis" if history < back else "memory"
+    base = min(ctx.live_subs, 20) if ctx.smoke else ctx.live_subs
     label = f"{subs}x{back} back, history {history} ({where})"
+    if base:
+        label += f" + {base}x{ctx.live_rate:g}/s live"
     ids = _fill_stream(ctx, RESUME_STREAM, RESUME_FILL)
     resume_id = ids[-back - 1].decode()  # exactly ``back`` entries come after it
     options: dict[str, dict[str, object]] = {"s0": {"stream": RESUME_STREAM, "history": history}}
-    with rig(ctx, cls, ["s0"], subs, options=options) as r:
+    with rig(ctx, cls, ["c0"], base, serve=["c0", "s0"], options=options) as r:
+        quiet: Window | None = None
+        if base:
+            st0 = connect(r, base)
+            if st0.opened < base:
+                return Result(
+                    cls.name, "stream-resume-storm", label, st0.opened, ok=False, error="connect"
+                )
+            time.sleep(0.5)
+            # The live load's own cost: hub CPU per second without the resume.
+            quiet = measure(ctx, r, ctx.live_rate, 1.0 if ctx.smoke else 2.0)
         time.sleep(0.5)  # the hub's start-up reads are done
-        r.client.goal(back)
-        r.client.reset()
-        tree = r.server.tree()
-        xrange0 = ctx.redis.command_calls("xrange")
-        lo0 = listen_overflows()
-        cpu0, rcpu0, t0 = tree.cpu_s(), ctx.redis.cpu_s(), time.monotonic()
-        sc0 = core_ticks(ctx.server_core)
-        target = Target("127.0.0.1", r.server.port, r.server.paths(r.channels), (resume_id,))
-        r.client.start_connect(target, subs, subs)
-        deadline = t0 + RESUME_DEADLINE
-        peak_rss = 0
-        while True:
-            st = r.client.stats()
-            peak_rss = max(peak_rss, tree.rss_bytes())
-            if len(st.done_s) + st.failed + st.dropped >= subs or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        elapsed = time.monotonic() - t0
-        cpu1, rcpu1 = tree.cpu_s(), ctx.redis.cpu_s()
-        sc1 = core_ticks(ctx.server_core)
-        xranges = ctx.redis.command_calls("xrange") - xrange0
-        lo1 = listen_overflows()
-        replayed = st.events
-        caught = len(st.done_s)
-        res = Result(cls.name, "stream-resume-storm", label, st.opened)
-        if caught == subs:
-            # Live: one more entry reaches every stream (when some are still replaying,
-            # their replay would be counted here too: no check then).
+        resumer = loader(ctx, subs)
+        live = LivePublishing(r, ctx.live_rate)
+        try:
+            resumer.goal(back)
+            resumer.reset()
             r.client.reset()
-            t_pub = time.monotonic()
-            with ctx.redis.client() as redis:
-                redis.xadd(RESUME_STREAM, {"data": payload(RESUME_FILL, time.time_ns())})
+            tree = r.server.tree()
+            xrange0 = ctx.redis.command_calls("xrange")
+            lo0 = listen_overflows()
+            cpu0, rcpu0, t0 = tree.cpu_s(), ctx.redis.cpu_s(), time.monotonic()
+            sc0 = core_ticks(ctx.server_core)
+            if base:
+                live.start()
+            target = Target("127.0.0.1", r.server.port, r.server.paths(["s0"]), (resume_id,))
+            resumer.start_connect(target, subs, subs)
+            deadline = t0 + RESUME_DEADLINE
+            peak_rss = 0
             while True:
-                after = r.client.stats()
-                if after.events >= caught or time.monotonic() - t_pub > 10:
+                st = resumer.stats()
+                peak_rss = max(peak_rss, tree.rss_bytes())
+                if len(st.done_s) + st.failed + st.dropped >= subs or time.monotonic() > deadline:
                     break
-                time.sleep(0.05)
-            res.max_ms = after.max_us / 1000 if after.events else None
-            res.extra["live_after"] = after.events
-            res.extra["live_check_ms"] = res.max_ms
+                time.sleep(0.2)
+            elapsed = time.monotonic() - t0
+            cpu1, rcpu1 = tree.cpu_s(), ctx.redis.cpu_s()
+            sc1 = core_ticks(ctx.server_core)
+            if base:
+                live.stop()
+            xranges = ctx.redis.command_calls("xrange") - xrange0
+            lo1 = listen_overflows()
+            replayed = st.events
+            caught = len(st.done_s)
+            res = Result(cls.name, "stream-resume-storm", label, st.opened)
+            if base:
+                live_figures(ctx, res, r, live)
+            if caught == subs:
+                # Live: one more entry reaches every stream (when some are still
+                # replaying, their replay would be counted here too: no check then).
+                resumer.reset()
+                t_pub = time.monotonic()
+                with ctx.redis.client() as redis:
+                    redis.xadd(RESUME_STREAM, {"data": payload(RESUME_FILL, time.time_ns())})
+                while True:
+                    after = resumer.stats()
+                    if after.events >= caught or time.monotonic() - t_pub > 10:
+                        break
+                    time.sleep(0.05)
+                res.extra["live_after"] = after.events
+                res.extra["live_check_ms"] = after.max_us / 1000 if after.events else None
+        finally:
+            live.halt()
+            resumer.close()
         res.server_cpu_pct = 100 * (cpu1 - cpu0) / elapsed
         res.server_rss_mb = peak_rss / 2**20
         res.client_cpu_pct = 100 * st.cpu_s / elapsed
@@ -755,7 +1117,17 @@ def resume_storm(ctx: Ctx, cls: type[Server], subs: int, back: int, history: int
         res.extra["redis_cpu_pct"] = round(100 * (rcpu1 - rcpu0) / elapsed, 1)
         res.extra["xrange_calls"] = xranges
         res.extra["hub_cpu_s"] = round(cpu1 - cpu0, 2)
-        res.extra["hub_us_per_replayed"] = _per_event_us(cpu1 - cpu0, replayed)
+        res.extra["peak_rss_mb"] = round(peak_rss / 2**20, 1)
+        resume_cpu = cpu1 - cpu0
+        if quiet is not None:
+            # What the live load alone cost per second (its quiet window), over the
+            # resume's time, taken out: an estimate of the resume's own CPU.
+            live_cpu = quiet.server_cpu_s / quiet.cpu_wall * elapsed
+            res.extra["hub_cpu_s_live_est"] = round(live_cpu, 2)
+            resume_cpu = max(0.0, resume_cpu - live_cpu)
+            res.extra["hub_cpu_s_resume_est"] = round(resume_cpu, 2)
+            res.extra["live_quiet_p99_ms"] = quiet.stats.quantile_ms(0.99)
+        res.extra["hub_us_per_replayed"] = _per_event_us(resume_cpu, replayed)
         res.extra["server_core_busy_pct"] = busy_pct(sc0, sc1)
         if lo0 is not None and lo1 is not None:
             res.extra["listen_overflows"] = lo1 - lo0  # system-wide: see listen_overflows
@@ -764,7 +1136,12 @@ def resume_storm(ctx: Ctx, cls: type[Server], subs: int, back: int, history: int
         if st.errors:
             res.extra["errors"] = st.errors
         res.extra["elapsed_s"] = round(elapsed, 2)
-        res.ok = caught == subs and replayed == subs * back and res.extra.get("live_after") == subs
+        res.ok = (
+            caught == subs
+            and replayed == subs * back
+            and res.extra.get("live_after") == subs
+            and res.lost == 0
+        )
         return res
 
 
@@ -785,4 +1162,5 @@ SCENARIOS: dict[str, Scenario] = {
     "family-storm": family_storm,
     "stream-fanout": stream_fanout,
     "stream-resume-storm": stream_resume_storm,
+    "workers-scaling": workers_scaling,
 }

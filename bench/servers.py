@@ -35,6 +35,7 @@ __all__ = [
     "RedisServer",
     "Server",
     "SsehubAuthServer",
+    "SsehubBaseServer",
     "SsehubServer",
     "XADD_PREFIX",
     "free_port",
@@ -73,14 +74,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def pinned(argv: list[str], core: int | None) -> list[str]:
-    """Prefix ``taskset -c core`` when pinning is on and taskset exists."""
+def pinned(argv: list[str], core: int | str | None) -> list[str]:
+    """Prefix ``taskset -c core`` when pinning is on and taskset exists (``core``: one
+    core, or a taskset list such as ``0-1``)."""
     if core is None or shutil.which("taskset") is None:
         return argv
     return ["taskset", "-c", str(core), *argv]
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO_DIR
+) -> subprocess.Popen[bytes]:
     """Start a process in its own session, output to ``log``, registered for cleanup."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -89,7 +93,7 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subp
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            cwd=REPO_DIR,
+            cwd=cwd,
             env={**os.environ, **(env or {})},
         )
     _started.append(proc)
@@ -331,7 +335,7 @@ class Server:
     # Redis Stream (``stream: <key>``), resumed by entry id.
     no_streams: str | None = "no Redis Stream channels"
 
-    def __init__(self, workdir: Path, redis_url: str, core: int | None) -> None:
+    def __init__(self, workdir: Path, redis_url: str, core: int | str | None) -> None:
         self.workdir = workdir
         self.redis_url = redis_url
         self.core = core
@@ -370,7 +374,7 @@ class Server:
     def start(self, channels: list[str]) -> None:
         self.port = free_port()
         log = self.workdir / f"{self.name}.log"
-        self.proc = spawn(pinned(self.argv(channels), self.core), log, self.env())
+        self.proc = spawn(pinned(self.argv(channels), self.core), log, self.env(), self.cwd())
         try:
             wait_http(self.proc, self.port, self.ready_path(), 30)
         except RuntimeError as exc:
@@ -380,6 +384,9 @@ class Server:
 
     def env(self) -> dict[str, str]:
         return {}
+
+    def cwd(self) -> Path:
+        return REPO_DIR
 
     def tree(self) -> ProcessTree:
         assert self.proc is not None
@@ -391,15 +398,35 @@ class Server:
 
 
 class SsehubServer(Server):
-    """The hub, as deployed: ``python -m ssehub --config … --port …`` (uvloop)."""
+    """The hub, as deployed: ``python -m ssehub --config … --port …`` (uvloop).
+
+    It runs the code of ``src()`` (this checkout; ``ssehub-base``: ``$BENCH_BASE_SRC``)
+    with this interpreter: the process starts in that tree with ``PYTHONPATH`` on it,
+    so ``import ssehub`` finds its code before anything installed in the venv.
+    A scenario may set, before ``start()``: ``workers`` (> 1: the workers process
+    model), ``node_model`` (with ``workers`` 1: the workers process model with one
+    worker, through ``bench/hub_node.py``, instead of the single process the CLI runs)
+    and ``probe_dir`` (run under ``bench/probe.py``: tracemalloc and gc timings)."""
 
     name = "ssehub"
     no_families: str | None = None
     no_streams: str | None = None
     live_on_id = True
+    workers = 1
+
+    def __init__(self, workdir: Path, redis_url: str, core: int | str | None) -> None:
+        super().__init__(workdir, redis_url, core)
+        self.node_model = False
+        self.probe_dir: Path | None = None
+        self.probe_frames = 1  # tracemalloc frames under the probe (0: gc timings only)
+
+    @classmethod
+    def src(cls) -> Path:
+        """The source tree whose ``ssehub`` package runs."""
+        return REPO_DIR
 
     def config(self, channels: list[str]) -> dict[str, object]:
-        return {
+        config: dict[str, object] = {
             "listen": {"host": "127.0.0.1", "port": self.port},
             "redis": {"url": self.redis_url},
             "heartbeat": 15,
@@ -409,6 +436,9 @@ class SsehubServer(Server):
                 for c in channels
             },
         }
+        if self.workers > 1:
+            config["workers"] = self.workers
+        return config
 
     def publish_name(self, channel: str) -> str:
         stream = self.options.get(channel, {}).get("stream")
@@ -423,15 +453,69 @@ class SsehubServer(Server):
         config = self.config(channels)
         path = self.workdir / "ssehub.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
-        return [
-            sys.executable, "-m", "ssehub",
-            "--config", str(path),
-            "--port", str(self.port),
-            "--log-level", "WARNING",
-        ]  # fmt: skip
+        args = ["--config", str(path), "--port", str(self.port), "--log-level", "WARNING"]
+        if self.probe_dir is not None:
+            # A script by path: sys.path[0] is bench/, so ssehub comes from PYTHONPATH.
+            probe = [sys.executable, str(BENCH_DIR / "probe.py"), "--dir", str(self.probe_dir)]
+            return [*probe, "--frames", str(self.probe_frames), "--", *args]
+        if self.node_model and self.workers == 1:
+            return [sys.executable, str(BENCH_DIR / "hub_node.py"), *args]
+        return [sys.executable, "-m", "ssehub", *args]
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.src())}
+
+    def cwd(self) -> Path:
+        return self.src()
 
     def ready_path(self) -> str:
         return "/readyz"
+
+
+BASE_SRC_ENV = "BENCH_BASE_SRC"
+
+
+def imported_from(src: Path) -> str:
+    """Where ``import ssehub`` resolves with ``src`` as the working directory and on
+    ``PYTHONPATH`` (as the hub is started), or why it fails."""
+    code = "import ssehub, sys; sys.stdout.write(ssehub.__file__ or '')"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=src,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if r.returncode:
+        return "import failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    return r.stdout
+
+
+class SsehubBaseServer(SsehubServer):
+    """The hub of ANOTHER source tree (``$BENCH_BASE_SRC``, e.g. a ``git worktree`` of
+    main), run with this venv: the "before" beside ``ssehub``'s "after" in one run,
+    with the same pinning, Redis and load."""
+
+    name = "ssehub-base"
+    by_default = False  # needs $BENCH_BASE_SRC
+
+    @classmethod
+    def src(cls) -> Path:
+        return Path(os.environ.get(BASE_SRC_ENV, "")).resolve()
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        value = os.environ.get(BASE_SRC_ENV)
+        if not value:
+            return f"${BASE_SRC_ENV} is not set (the source tree to compare with, e.g. a worktree)"
+        src = cls.src()
+        if not (src / "ssehub" / "__init__.py").is_file():
+            return f"${BASE_SRC_ENV}={value}: no ssehub/__init__.py there"
+        where = imported_from(src)
+        if not where.startswith(str(src / "ssehub")):
+            return f"${BASE_SRC_ENV}={value}: ssehub imports from {where or '?'}, not that tree"
+        return None
 
 
 class SsehubMetricsServer(SsehubServer):
@@ -534,9 +618,7 @@ class SsehubWorkersServer(SsehubServer):
 
     name = "ssehub-w2"
     no_streams = "stream channels need workers: 1 (the hub refuses the config)"
-
-    def config(self, channels: list[str]) -> dict[str, object]:
-        return {**super().config(channels), "workers": 2}
+    workers = 2
 
 
 class SsehubClusterServer(SsehubServer):
@@ -761,6 +843,7 @@ class Nchan(Server):
 
 SERVERS: dict[str, type[Server]] = {
     "ssehub": SsehubServer,
+    "ssehub-base": SsehubBaseServer,
     "ssehub+metrics": SsehubMetricsServer,
     "ssehub+presence": SsehubPresenceServer,
     "ssehub+auth": SsehubAuthServer,
