@@ -254,6 +254,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         except RedisError as exc:
             log.warning("stream resume failed", extra=fields(error=str(exc)))
             return await _end(resp)  # the browser comes back with its last id
+        except ConnectionError:
+            # The client left while its replay was being written: nothing to report
+            # (aiohttp would log it as an error with a traceback).
+            return resp
         transport = stream_transport(request)
         if transport is None:
             return resp
