@@ -30,7 +30,7 @@ from . import demo
 from .auth import Access, Denied
 from .compat import close_connection_after, expect, stream_transport
 from .control import CONTROL, refused
-from .cors import add_cors
+from .cors import add_preflight, cors_headers
 from .headers import add_response_headers
 from .presence import add_presence_route
 from .proxy_auth import PROXY, ProxyAuth, Unavailable, add_proxy_auth
@@ -392,6 +392,13 @@ async def not_routed(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
+def _close_after(request: web.Request, response: web.StreamResponse) -> None:
+    # The server keeps no keep-alive timer per connection (see server.py), so a
+    # connection closes once its response is done: say so, or a keep-alive
+    # client would send its next request into a closing socket.
+    close_connection_after(response)
+
+
 def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
     """The public application; streams end cleanly on shutdown. ``control``: the
     process's streams by session and user (its node's, hub/control.py)."""
@@ -407,7 +414,7 @@ def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)
     app.router.add_get("/readyz", readyz, expect_handler=expect)
-    add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"], expect)
+    add_preflight(app, lambda: hub.config.cors, ["/channels/{name}", "/events"], expect)
     if hub.config.demo:
         app.router.add_get("/", demo.index(hub), expect_handler=expect)
     if hub.config.presence.public:
@@ -423,14 +430,7 @@ def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
     # expect handler (see aiohttp_compat.expect); it answers 405/404 as the router would.
     app.router.add_route("*", "/{tail:.*}", not_routed, expect_handler=expect)
 
-    async def close_after(request: web.Request, response: web.StreamResponse) -> None:
-        # The server keeps no keep-alive timer per connection (see server.py), so a
-        # connection closes once its response is done: say so, or a keep-alive
-        # client would send its next request into a closing socket.
-        close_connection_after(response)
-
-    app.on_response_prepare.append(close_after)
-    add_response_headers(app)
+    add_response_headers(app, _close_after, cors_headers(lambda: hub.config.cors))
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")
