@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ssehub.core import sse
 from ssehub.http.compat import (
+    HeadWithBody,
     close_connection_after,
     connections,
     expect,
@@ -134,6 +135,50 @@ async def test_direct_transport_writes_follow_the_writer_in_order(
             assert client.ended_cleanly  # write_eof's last chunk came after the direct ones
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_head_with_body_sends_the_head_with_the_first_bytes_then_forgets_it(
+    serve: Serve, method: str
+) -> None:
+    sent: list[int] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = HeadWithBody(headers={"Content-Type": "text/event-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        sent.append(request.writer.output_size)  # nothing yet: the head waits
+        if method == "GET":
+            await resp.write(b"first\n")
+            sent.append(request.writer.output_size)
+            resp.forget_head()  # what follows needs no header
+            assert not resp.headers
+            await resp.write(b"second\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    _, port = await serve(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"{method} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while not data.endswith(b"0\r\n\r\n") and not (method == "HEAD" and b"\r\n\r\n" in data):
+            chunk = await asyncio.wait_for(reader.read(4096), 5)
+            assert chunk, data
+            data += chunk
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert sent[0] == 0
+    if method == "GET":
+        assert body == b"6\r\nfirst\n\r\n7\r\nsecond\n\r\n0\r\n\r\n"
+        # One write: the head, the chunk's size line, the bytes and their CRLF.
+        assert sent[1] == len(head) + 4 + len(b"6\r\nfirst\n\r\n")
+    else:
+        assert body == b""
 
 
 async def test_route_expect_handler_replaces_aiohttps_own(serve: Serve) -> None:

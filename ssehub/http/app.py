@@ -28,7 +28,7 @@ from ..redis.pubsub import Broker
 from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
-from .compat import close_connection_after, expect, stream_transport
+from .compat import HeadWithBody, close_connection_after, expect, stream_transport
 from .control import CONTROL, refused
 from .cors import add_preflight, cors_headers
 from .headers import add_response_headers
@@ -223,6 +223,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # while the stream waits on Redis below, such events stay out of its replay.
         hub.sessions.open(session)
         await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
+        resp.forget_head()
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
         members = [c.redis for c in channels if c.family is not None and not c.stream]
@@ -273,6 +274,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         live = hub.subscribe(sub, last_event_id, mux, rewind)
         control.track(sub, user, credential)
         request.app[ACCESS].track(sub)
+        # This frame lives as long as the stream: keep only what the end needs.
+        del names, configs, grant, proxied, meta, members, streams, transport
         # A resume longer than the buffer bound goes out as the client reads it:
         # drain() waits on the transport's pause/resume_writing, nothing else.
         with contextlib.suppress(ConnectionError):
@@ -308,9 +311,10 @@ def _future() -> asyncio.Future[str]:
     return asyncio.get_running_loop().create_future()
 
 
-async def _prepare(request: web.Request) -> web.StreamResponse:
-    """Send a stream's headers: 200, ``text/event-stream``, no caching or buffering."""
-    resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+async def _prepare(request: web.Request) -> HeadWithBody:
+    """A stream's headers: 200, ``text/event-stream``, no caching or buffering; sent
+    with the stream's first bytes."""
+    resp = HeadWithBody(status=200, headers=STREAM_HEADERS)
     # HTTP/1.1 bodies are chunked; an HTTP/1.0 body ends when the connection does
     # (every response closes its connection: see close_after in create_app).
     if request.version == HttpVersion11:

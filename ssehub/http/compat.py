@@ -23,6 +23,7 @@ from ..logs import fields
 from .headers import RESPONSE_HEADERS
 
 __all__ = [
+    "HeadWithBody",
     "QuietBadRequests",
     "close_connection_after",
     "connections",
@@ -46,6 +47,29 @@ def stream_transport(request: web.Request) -> asyncio.Transport | None:
     if transport is None or transport.is_closing():
         return None
     return transport
+
+
+class HeadWithBody(web.StreamResponse):
+    """A stream response whose head goes out with its first body bytes, in one write
+    (one send on the socket, not two, for every connection of a storm).
+
+    Relies on: ``StreamResponse._send_headers_immediately`` (aiohttp's switch, False
+    for ``web.Response``): when False, ``prepare()`` only serialises the head into the
+    writer, and the first ``write()`` (or ``write_eof()``) sends it with its bytes.
+    """
+
+    _send_headers_immediately = False
+
+    def forget_head(self) -> None:
+        """Drop the headers once they went out: ~1.3 KB per stream, for as long as it
+        lasts. Call after the first ``write()``.
+
+        Relies on: nothing reads a response's headers once its head was sent (its later
+        writes and ``write_eof()`` do not; aiohttp's own access log would, and is off:
+        see server.py).
+        """
+        assert self._payload_writer is not None, "call after the first write()"
+        self.headers.clear()
 
 
 def close_connection_after(response: web.StreamResponse) -> None:
