@@ -22,6 +22,7 @@ from ssehub.http.compat import (
     connections,
     expect,
     headers_before_routing,
+    read_no_more,
     request_in_progress,
     stream_transport,
 )
@@ -179,6 +180,49 @@ async def test_head_with_body_sends_the_head_with_the_first_bytes_then_forgets_i
         assert sent[1] == len(head) + 4 + len(b"6\r\nfirst\n\r\n")
     else:
         assert body == b""
+
+
+async def test_read_no_more_ignores_what_a_stream_client_sends_and_still_sees_it_leave(
+    serve: Serve,
+) -> None:
+    go_on = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"first\n")
+        read_no_more(request)
+        assert request.protocol._parser is None
+        await go_on.wait()
+        await resp.write(b"second\n")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    _, port = await serve(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"first" not in data:
+            data += await asyncio.wait_for(reader.read(4096), 5)
+        # A pipelined request and bytes no parser would take: neither is answered.
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff garbage\r\n\r\n")
+        await writer.drain()
+        go_on.set()
+        while b"second" not in data:
+            data += await asyncio.wait_for(reader.read(4096), 5)
+        assert data.count(b"HTTP/1.1") == 1 and b"400" not in data
+    finally:
+        writer.close()
+    await asyncio.wait_for(cancelled.wait(), 5)  # the client leaving still ends it
 
 
 async def test_route_expect_handler_replaces_aiohttps_own(serve: Serve) -> None:

@@ -28,7 +28,7 @@ from ..redis.pubsub import Broker
 from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
-from .compat import HeadWithBody, close_connection_after, expect, stream_transport
+from .compat import HeadWithBody, close_connection_after, expect, read_no_more, stream_transport
 from .control import CONTROL, refused
 from .cors import add_preflight, cors_headers
 from .headers import add_response_headers
@@ -224,6 +224,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         hub.sessions.open(session)
         await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
         resp.forget_head()
+        read_no_more(request)
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
         members = [c.redis for c in channels if c.family is not None and not c.stream]
