@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from .config import Config
 from .http.app import TASKS, create_app
+from .http.collector import Collector
 from .http.compat import (
     QuietBadRequests,
     connections,
@@ -121,6 +122,8 @@ class HubServer(Listener):
             max_field_size=limits.max_field_size,
         )
         self._sweeper: asyncio.TimerHandle | None = None
+        # The garbage collector's policy: the supervisor starts it (see collector.py).
+        self.collector = Collector()
         self._unfinished: set[RequestHandler] = set()
         self.port = 0
 
@@ -224,6 +227,8 @@ class HubServer(Listener):
         # Re-armed first, as the heartbeat is: whatever happens below (an aiohttp
         # upgrade breaking what aiohttp_compat reads), the guard does not stop for good.
         self._schedule_sweep()
+        # The same timer: a storm has settled by the next sweep.
+        self.collector.settle(self.hub.connections)
         now_idle = {h for h in connections(self._runner) if not request_in_progress(h)}
         for handler in now_idle & self._unfinished:
             handler.force_close()
@@ -246,6 +251,7 @@ class HubServer(Listener):
         self.node.stopping()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.collector.stop()
         # Stops the listener first, then ends streams (app.on_shutdown), then waits
         # up to shutdown_timeout for handlers before cancelling what is left.
         await self._runner.cleanup()

@@ -17,10 +17,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ssehub.core import sse
 from ssehub.http.compat import (
+    HeadWithBody,
     close_connection_after,
     connections,
     expect,
     headers_before_routing,
+    read_no_more,
     request_in_progress,
     stream_transport,
 )
@@ -134,6 +136,93 @@ async def test_direct_transport_writes_follow_the_writer_in_order(
             assert client.ended_cleanly  # write_eof's last chunk came after the direct ones
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_head_with_body_sends_the_head_with_the_first_bytes_then_forgets_it(
+    serve: Serve, method: str
+) -> None:
+    sent: list[int] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = HeadWithBody(headers={"Content-Type": "text/event-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        sent.append(request.writer.output_size)  # nothing yet: the head waits
+        if method == "GET":
+            await resp.write(b"first\n")
+            sent.append(request.writer.output_size)
+            resp.forget_head()  # what follows needs no header
+            assert not resp.headers
+            await resp.write(b"second\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    _, port = await serve(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"{method} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while not data.endswith(b"0\r\n\r\n") and not (method == "HEAD" and b"\r\n\r\n" in data):
+            chunk = await asyncio.wait_for(reader.read(4096), 5)
+            assert chunk, data
+            data += chunk
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert sent[0] == 0
+    if method == "GET":
+        assert body == b"6\r\nfirst\n\r\n7\r\nsecond\n\r\n0\r\n\r\n"
+        # One write: the head, the chunk's size line, the bytes and their CRLF.
+        assert sent[1] == len(head) + 4 + len(b"6\r\nfirst\n\r\n")
+    else:
+        assert body == b""
+
+
+async def test_read_no_more_ignores_what_a_stream_client_sends_and_still_sees_it_leave(
+    serve: Serve,
+) -> None:
+    go_on = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"first\n")
+        read_no_more(request)
+        assert request.protocol._parser is None
+        await go_on.wait()
+        await resp.write(b"second\n")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", stream)
+    _, port = await serve(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"first" not in data:
+            data += await asyncio.wait_for(reader.read(4096), 5)
+        # A pipelined request and bytes no parser would take: neither is answered.
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff garbage\r\n\r\n")
+        await writer.drain()
+        go_on.set()
+        while b"second" not in data:
+            data += await asyncio.wait_for(reader.read(4096), 5)
+        assert data.count(b"HTTP/1.1") == 1 and b"400" not in data
+    finally:
+        writer.close()
+    await asyncio.wait_for(cancelled.wait(), 5)  # the client leaving still ends it
 
 
 async def test_route_expect_handler_replaces_aiohttps_own(serve: Serve) -> None:

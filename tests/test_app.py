@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import socket
+import struct
 
+import pytest
 import redis.asyncio as aioredis
 
 from .conftest import StartHub
@@ -332,3 +336,46 @@ async def test_responses_say_connection_close(start_hub: StartHub) -> None:
     for path in ["/healthz", "/readyz", "/channels/nope"]:
         _, headers, _ = await http_request(hub.port, path)
         assert headers["connection"] == "close", path
+
+
+async def test_a_client_leaving_mid_resume_from_redis_is_no_error(
+    start_hub: StartHub, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its socket while its stream is caught up from Redis (its
+    Last-Event-ID older than the hub's memory) has left: nothing is logged as an error,
+    and the hub goes on serving others."""
+    stream = "test:leaving"
+    await redis_client.delete(stream)
+    hub = await start_hub({"orders": {"stream": stream, "history": 2}}, wait_ready=False)
+    await wait_until(lambda: hub.ready, timeout=10)
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(3000):  # ~3 MB to replay: far more than socket buffers hold
+        pipe.xadd(stream, {"data": f"{i} " + "x" * 1000})
+    ids = [m.decode() for m in await pipe.execute()]
+    await wait_until(lambda: hub.hub.channels["orders"].stream_pos == ids[-1], timeout=10)
+    caplog.set_level(logging.DEBUG)
+    for _ in range(5):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", hub.port))
+        await loop.sock_sendall(
+            sock,
+            b"GET /channels/orders HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+            b"Last-Event-ID: " + ids[0].encode() + b"\r\n\r\n",
+        )
+        got = b""
+        while ids[5].encode() not in got:  # the resume from Redis is under way
+            got += await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+        # Unread bytes in its receive buffer: the close is a reset, at once.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        await wait_until(lambda: hub.hub.channels["orders"].holds == 0, timeout=5)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+    back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": ids[-3]})
+    try:
+        assert [e.id for e in await back.next_events(2)] == ids[-2:]
+    finally:
+        await back.close()

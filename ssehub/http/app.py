@@ -28,9 +28,9 @@ from ..redis.pubsub import Broker
 from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
-from .compat import close_connection_after, expect, stream_transport
+from .compat import HeadWithBody, close_connection_after, expect, read_no_more, stream_transport
 from .control import CONTROL, refused
-from .cors import add_cors
+from .cors import add_preflight, cors_headers
 from .headers import add_response_headers
 from .presence import add_presence_route
 from .proxy_auth import PROXY, ProxyAuth, Unavailable, add_proxy_auth
@@ -223,6 +223,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         # while the stream waits on Redis below, such events stay out of its replay.
         hub.sessions.open(session)
         await resp.write(sse.retry(hub.config.retry_ms) + session_event(session))
+        resp.forget_head()
+        read_no_more(request)
         # A new family member is not live until Redis confirms its subscription:
         # a position given before that could miss what is published meanwhile.
         members = [c.redis for c in channels if c.family is not None and not c.stream]
@@ -254,6 +256,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         except RedisError as exc:
             log.warning("stream resume failed", extra=fields(error=str(exc)))
             return await _end(resp)  # the browser comes back with its last id
+        except ConnectionError:
+            # The client left while its replay was being written: nothing to report
+            # (aiohttp would log it as an error with a traceback).
+            return resp
         transport = stream_transport(request)
         if transport is None:
             return resp
@@ -269,6 +275,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         live = hub.subscribe(sub, last_event_id, mux, rewind)
         control.track(sub, user, credential)
         request.app[ACCESS].track(sub)
+        # This frame lives as long as the stream: keep only what the end needs.
+        del names, configs, grant, proxied, meta, members, streams, transport
         # A resume longer than the buffer bound goes out as the client reads it:
         # drain() waits on the transport's pause/resume_writing, nothing else.
         with contextlib.suppress(ConnectionError):
@@ -304,9 +312,10 @@ def _future() -> asyncio.Future[str]:
     return asyncio.get_running_loop().create_future()
 
 
-async def _prepare(request: web.Request) -> web.StreamResponse:
-    """Send a stream's headers: 200, ``text/event-stream``, no caching or buffering."""
-    resp = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+async def _prepare(request: web.Request) -> HeadWithBody:
+    """A stream's headers: 200, ``text/event-stream``, no caching or buffering; sent
+    with the stream's first bytes."""
+    resp = HeadWithBody(status=200, headers=STREAM_HEADERS)
     # HTTP/1.1 bodies are chunked; an HTTP/1.0 body ends when the connection does
     # (every response closes its connection: see close_after in create_app).
     if request.version == HttpVersion11:
@@ -388,6 +397,13 @@ async def not_routed(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
+def _close_after(request: web.Request, response: web.StreamResponse) -> None:
+    # The server keeps no keep-alive timer per connection (see server.py), so a
+    # connection closes once its response is done: say so, or a keep-alive
+    # client would send its next request into a closing socket.
+    close_connection_after(response)
+
+
 def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
     """The public application; streams end cleanly on shutdown. ``control``: the
     process's streams by session and user (its node's, hub/control.py)."""
@@ -403,7 +419,7 @@ def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
     app.router.add_get("/events", stream, expect_handler=expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect)
     app.router.add_get("/readyz", readyz, expect_handler=expect)
-    add_cors(app, lambda: hub.config.cors, ["/channels/{name}", "/events"], expect)
+    add_preflight(app, lambda: hub.config.cors, ["/channels/{name}", "/events"], expect)
     if hub.config.demo:
         app.router.add_get("/", demo.index(hub), expect_handler=expect)
     if hub.config.presence.public:
@@ -419,14 +435,7 @@ def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
     # expect handler (see aiohttp_compat.expect); it answers 405/404 as the router would.
     app.router.add_route("*", "/{tail:.*}", not_routed, expect_handler=expect)
 
-    async def close_after(request: web.Request, response: web.StreamResponse) -> None:
-        # The server keeps no keep-alive timer per connection (see server.py), so a
-        # connection closes once its response is done: say so, or a keep-alive
-        # client would send its next request into a closing socket.
-        close_connection_after(response)
-
-    app.on_response_prepare.append(close_after)
-    add_response_headers(app)
+    add_response_headers(app, _close_after, cors_headers(lambda: hub.config.cors))
 
     async def end_streams(app: web.Application) -> None:
         app[HUB].close_all("shutdown")

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import socket
 
 from ..config import Config, Listen
+from ..http.collector import freeze
 from ..http.control import ControlCollector
 from ..logs import fields
 from ..node import Node, listen_socket
@@ -236,8 +236,7 @@ async def supervise(config: Config, log_level: str | None = None) -> int:
     capture_signals(stop, sup.reload)
     try:
         await sup.start()
-        gc.collect()
-        gc.freeze()
+        freeze()  # main serves no stream: its start-up objects only
         await stop.wait()
         if sup.node.tasks.failed is not None:
             log.error("stopping: a task failed", extra=fields(task=sup.node.tasks.failed))

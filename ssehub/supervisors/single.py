@@ -8,7 +8,6 @@ fresh one -- when a long-lived task ended unexpectedly (see tasks.py).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 
 from ..config import Config
@@ -31,10 +30,9 @@ async def serve(config: Config) -> int:
     server.tasks.on_failure = stop.set
     capture_signals(stop, server.reload)
     await server.start()
-    # Everything allocated so far lives as long as the process: keep it out of
-    # the collector's way, so full collections only walk per-connection objects.
-    gc.collect()
-    gc.freeze()
+    # Everything allocated so far lives as long as the process: out of the
+    # collector's way, as each storm's connections will be once it settled.
+    server.collector.start()
     try:
         await stop.wait()
         if server.tasks.failed is not None:

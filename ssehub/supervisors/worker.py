@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import signal
 import socket
@@ -314,8 +313,7 @@ async def serve(
     await broker.connect(receiver.reader)
     await server.start()
     broker.send_ready(server.port)
-    gc.collect()
-    gc.freeze()
+    server.collector.start()  # as the single process does (see http/collector.py)
     try:
         await stop.wait()
         if node.tasks.failed is not None:
