@@ -7,8 +7,10 @@ import json
 
 import redis.asyncio as aioredis
 
+from ssehub.hub.backfill import MAX_COUNT, MIN_COUNT, Window
+
 from .conftest import StartHub
-from .sseclient import SSEClient, wait_until
+from .sseclient import SSEClient, open_stream, wait_until
 from .test_streams import key, start, xadd
 
 
@@ -176,3 +178,58 @@ async def test_entries_the_format_rejects_are_skipped_by_every_client_sharing_th
             assert [e.id for e in events] == good[start_at:]
     finally:
         await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_windows_of_many_members_stay_within_a_quarter_of_the_hubs_history_bytes(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """Clients resuming 20 family members of their choosing from their first entries:
+    the members' windows together never hold more than a quarter of
+    ``limits.history_bytes`` (each at most a sixteenth of that), the least recently
+    used are dropped, and every client still gets every entry exactly once."""
+    members = [f"m{i}" for i in range(20)]
+    streams = {m: await fill(redis_client, key(f"many:{m}"), 100, size=80) for m in members}
+    limits = {"history_bytes": 256 * 1024}  # windows: 64 KiB in all, 4 KiB each
+    channels = {"fam.*": {"stream": key("many:*"), "history": 2}}
+    hub = await start(start_hub, channels, limits=limits)
+    backfill = hub.hub.backfill
+    largest_total = largest_one = 0
+
+    def watch() -> bool:
+        nonlocal largest_total, largest_one
+        sizes = [w.size for w in backfill.windows.values()]
+        largest_total = max(largest_total, sum(sizes))
+        largest_one = max([largest_one, *sizes])
+        return False
+
+    first = await asyncio.gather(*(open_stream(hub.port, f"/channels/fam.{m}") for m in members))
+    for c in first:
+        await c.close()
+    watcher = asyncio.create_task(wait_until(watch, timeout=60, interval=0))
+    clients = list(
+        await asyncio.gather(
+            *(
+                SSEClient.connect(hub.port, f"/channels/fam.{m}", {"Last-Event-ID": ids[0]})
+                for m, ids in streams.items()
+            )
+        )
+    )
+    try:
+        for m, c in zip(members, clients, strict=True):
+            events = await c.next_events(99, timeout=15)
+            assert [e.id for e in events] == streams[m][1:]
+        assert 0 < largest_one <= 4 * 1024
+        assert 16 * 1024 < largest_total <= 64 * 1024
+    finally:
+        watcher.cancel()
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+def test_a_first_read_asks_for_a_few_entries_then_about_a_read_of_bytes() -> None:
+    """Entries may be up to ``max_message_bytes`` each: a window's first XRANGE asks
+    for MIN_COUNT of them, later ones for about ``read_bytes`` by the mean size seen."""
+    window = Window()
+    assert window.count() == MIN_COUNT
+    assert window.count(size=10 * 1000, entries=10, read_bytes=64 * 1000) == 64
+    assert window.count(size=10 * 1_000_000, entries=10) == MIN_COUNT  # never fewer
+    assert window.count(size=10 * 10, entries=10) == MAX_COUNT  # never more

@@ -14,8 +14,12 @@ into one write.
 A window holds every entry of its stream after ``lo`` up to ``hi`` (both entry ids or
 markers; ``lo`` excluded): nothing between two of its entries is missing, so a position
 inside it tells at once whether it is an entry of the stream. It is bounded by the
-channel's ``history_bytes`` (the oldest or newest end is dropped past it, whichever is
-farther from the read being made) and dropped when no resume used it for a heartbeat.
+channel's ``history_bytes`` and by a sixteenth of what all windows together may hold
+(the oldest or newest end is dropped past it, whichever is farther from the read being
+made), and dropped when no resume used it for a heartbeat. All windows together hold at
+most ``limit`` bytes (a quarter of ``limits.history_bytes``): past it the least recently
+used are dropped, so that clients naming many family members cannot make the hub read
+and keep a window for each.
 """
 
 from __future__ import annotations
@@ -64,10 +68,13 @@ class Window:
         """True when every entry after ``order`` up to ``hi`` is here."""
         return bool(self.hi) and stream_order(self.lo) <= order <= stream_order(self.hi)
 
-    def count(self) -> int:
-        """The COUNT of the next XRANGE: about READ_BYTES of entries."""
-        mean = self.size // len(self.raws) if self.raws else 0
-        return MAX_COUNT if not mean else max(MIN_COUNT, min(MAX_COUNT, READ_BYTES // mean))
+    def count(self, size: int = 0, entries: int = 0, read_bytes: int = READ_BYTES) -> int:
+        """The COUNT of the next XRANGE: about ``read_bytes`` of entries, by their mean
+        size here and in what is being read into it (``size`` bytes in ``entries``)."""
+        entries += len(self.raws)
+        mean = (self.size + size) // entries if entries else 0
+        # Nothing read yet: a first read of a few, whatever size the entries have.
+        return MIN_COUNT if not mean else max(MIN_COUNT, min(MAX_COUNT, read_bytes // mean))
 
     def prepend(self, lo: str, ids: list[str], raws: list[bytes]) -> None:
         """Entries before the window (``ids`` ending at or before its ``lo``); the
@@ -122,8 +129,10 @@ class Window:
 class Backfill:
     """Every stream channel's window (see the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:
         self.windows: dict[Channel, Window] = {}
+        # Bytes all windows may hold together (0: no bound but each channel's).
+        self.limit = limit
         self.reads = 0  # XRANGE calls made for windows (for tests and metrics)
 
     def holds(self, channel: Channel, entry_id: str) -> bool | None:
@@ -147,12 +156,12 @@ class Backfill:
         ``RedisError`` when it cannot."""
         window = self._window(channel)
         order = stream_order(position)
-        if not window.covers(order) or (
-            order == stream_order(window.hi) and window.hi != channel.stream_pos
-        ):
+        # Until the window holds what follows ``position`` (an extension's trim may
+        # drop it again when the bound is small: then it is read again from here).
+        while not window.covers(order) or self._at_end(window, order, channel):
             async with window.lock:  # whoever came first may have read it meanwhile
                 if window.covers(order):
-                    if order == stream_order(window.hi) and window.hi != channel.stream_pos:
+                    if self._at_end(window, order, channel):
                         await self._forward(streams, channel, window, encode)
                 else:
                     if window.hi and order > stream_order(window.lo):
@@ -163,14 +172,18 @@ class Backfill:
         window.used = asyncio.get_running_loop().time()
         i = bisect.bisect_right(window.orders, order)
         if i == len(window.ids):
-            # Nothing after it in the window. Left behind a trim, the client reads again.
-            return [], [], window.hi if window.covers(order) else position
+            return [], [], window.hi  # nothing after it up to the stream's position
         j, size = i, 0
         raws = window.raws
         while j < len(raws) and size < page_bytes:
             size += len(raws[j])
             j += 1
         return raws[i:j], window.ids[i:j], window.ids[j - 1]
+
+    @staticmethod
+    def _at_end(window: Window, order: tuple[int, int], channel: Channel) -> bool:
+        """True when ``order`` is the window's end and the stream goes further."""
+        return order == stream_order(window.hi) and window.hi != channel.stream_pos
 
     def beat(self, idle: float) -> None:
         """Drop the windows no resume used for ``idle`` seconds."""
@@ -192,13 +205,13 @@ class Backfill:
         entry) up to the window's start, or to the stream's position when it is empty."""
         empty = not window.hi
         until = channel.stream_pos if empty else window.lo
-        max_bytes = channel.config.history_bytes
+        max_bytes = self._bound(channel)
         after = just_before(position)
         ids: list[str] = []
         raws: list[bytes] = []
         size = 0
         while True:
-            count = window.count()
+            count = window.count(size, len(raws), min(READ_BYTES, max_bytes))
             entries = await streams.read_range(channel.redis, after.encode(), until.encode(), count)
             self.reads += 1
             for entry_id, fields in entries:
@@ -219,16 +232,39 @@ class Backfill:
         if empty:
             window.hi = until
         window.trim(max_bytes, keep_old=True)
+        self._spill(window)
 
     async def _forward(
         self, streams: StreamSource, channel: Channel, window: Window, encode: Encode
     ) -> None:
         """One read past the window's end, towards the stream's position."""
         until = channel.stream_pos
-        count = window.count()
+        bound = self._bound(channel)
+        count = window.count(read_bytes=min(READ_BYTES, bound))
         entries = await streams.read_range(channel.redis, window.hi.encode(), until.encode(), count)
         self.reads += 1
         ids = [entry_id.decode() for entry_id, _ in entries]
         raws = [encode(i, fields) for i, (_, fields) in zip(ids, entries, strict=True)]
         window.append(ids[-1] if len(entries) == count else until, ids, raws)
-        window.trim(channel.config.history_bytes, keep_old=False)
+        window.trim(bound, keep_old=False)
+        self._spill(window)
+
+    def _bound(self, channel: Channel) -> int:
+        """The most one window of ``channel`` holds."""
+        share = self.limit // 16
+        return min(channel.config.history_bytes, share) if share else channel.config.history_bytes
+
+    def _spill(self, keep: Window) -> None:
+        """Past ``limit`` for all windows: drop the least recently used others. Clients
+        keep no window between pages (a page is a slice), so a dropped one is freed
+        once the extension being read into it, if any, is served; its clients' next
+        pages read a new one."""
+        total = sum(w.size for w in self.windows.values())
+        if not self.limit or total <= self.limit:
+            return
+        for channel, window in sorted(self.windows.items(), key=lambda cw: cw[1].used):
+            if window is not keep:
+                del self.windows[channel]
+                total -= window.size
+                if total <= self.limit:
+                    return

@@ -95,6 +95,8 @@ class Hub:
         self.fanout.apply(config)
         self.replays.apply(config)
         self.budget.limit = config.limits.history_bytes
+        # Resumes' windows of stream entries: at most a quarter of that besides.
+        self.backfill.limit = config.limits.history_bytes // 4
         self.budget._settle()
         if self._expiry is not None:  # the interval may have changed: re-arm at once
             self._expiry.cancel()
