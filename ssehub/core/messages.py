@@ -33,11 +33,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import sse
+
 __all__ = [
     "MAX_ID_LENGTH",
     "MAX_SESSION_ID",
     "Event",
     "Rejected",
+    "encode_event",
     "parse",
     "parse_entry",
     "not_json",
@@ -237,3 +240,14 @@ def parse_juggernaut(payload: bytes, max_bytes: int) -> tuple[list[str], Event]:
         raise Rejected("bad_field", "no channel given")
     event = Event(data=_data_text(obj["data"]), exclude=_except(obj))
     return list(dict.fromkeys(channels)), event
+
+
+def encode_event(event: Event, event_id: str) -> bytes:
+    """``event``'s SSE bytes with ``event_id``; ``Rejected`` when a field cannot be
+    sent (a line break in ``event``, a lone surrogate that a JSON escape let through)."""
+    try:
+        return sse.encode(event.data, event=event.event, id=event_id, retry=event.retry)
+    except sse.EncodeError as exc:
+        raise Rejected("bad_field", str(exc)) from None
+    except UnicodeEncodeError:
+        raise Rejected("invalid_utf8", "lone surrogate") from None

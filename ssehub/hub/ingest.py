@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..core import sse
 from ..core.history import Entry, entry
 from ..core.ids import Numbering
-from ..core.messages import Event, Rejected, parse, parse_entry, parse_juggernaut
+from ..core.messages import Event, Rejected, encode_event, parse, parse_entry, parse_juggernaut
 from ..logs import fields
 from .channel import Channel
 from .registry import Registry
@@ -146,11 +145,6 @@ class Ingest:
         numbering = self.numbering
         seq = numbering.seq + 1
         event_id = event.id if event.id is not None else f"{numbering.epoch}-{seq}"
-        try:
-            raw = sse.encode(event.data, event=event.event, id=event_id, retry=event.retry)
-        except sse.EncodeError as exc:
-            raise Rejected("bad_field", str(exc)) from None
-        except UnicodeEncodeError:  # a lone surrogate that got past the parser
-            raise Rejected("invalid_utf8", "lone surrogate") from None
+        raw = encode_event(event, event_id)
         numbering.seq = seq
         self.deliver(channel, entry(seq, event_id, raw), event.id is not None, event.exclude)

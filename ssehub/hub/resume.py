@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..config import Config
 from ..core import sse
 from ..core.ids import compact, just_before, parse_stream_id, split_mux_id, stream_order
-from ..core.messages import Rejected, parse_entry
+from ..core.messages import Rejected, encode_event, parse_entry
 from .backfill import Backfill, Encode
 from .channel import Channel, streams_of
 from .stats import Stats
@@ -83,9 +83,8 @@ def encoder(hub: Source, channel: Channel) -> Encode:
 
     def encode(entry_id: str, fields: dict[bytes, bytes]) -> bytes:
         try:
-            event = parse_entry(fmt, entry_id, fields, limit)
-            return sse.encode(event.data, event=event.event, id=entry_id, retry=event.retry)
-        except (Rejected, sse.EncodeError):
+            return encode_event(parse_entry(fmt, entry_id, fields, limit), entry_id)
+        except Rejected:
             return b""
 
     return encode
