@@ -133,7 +133,6 @@ class Backfill:
         self.windows: dict[Channel, Window] = {}
         # Bytes all windows may hold together (0: no bound but each channel's).
         self.limit = limit
-        self.reads = 0  # XRANGE calls made for windows (for tests and metrics)
 
     def holds(self, channel: Channel, entry_id: str) -> bool | None:
         """See ``Window.holds``; None when ``channel`` has no window."""
@@ -213,7 +212,6 @@ class Backfill:
         while True:
             count = window.count(size, len(raws), min(READ_BYTES, max_bytes))
             entries = await streams.read_range(channel.redis, after.encode(), until.encode(), count)
-            self.reads += 1
             for entry_id, fields in entries:
                 after = entry_id.decode()
                 raw = encode(after, fields)
@@ -242,7 +240,6 @@ class Backfill:
         bound = self._bound(channel)
         count = window.count(read_bytes=min(READ_BYTES, bound))
         entries = await streams.read_range(channel.redis, window.hi.encode(), until.encode(), count)
-        self.reads += 1
         ids = [entry_id.decode() for entry_id, _ in entries]
         raws = [encode(i, fields) for i, (_, fields) in zip(ids, entries, strict=True)]
         window.append(ids[-1] if len(entries) == count else until, ids, raws)
