@@ -498,6 +498,8 @@ async def test_rewind_on_events_and_family_members(
         await xadd(redis_client, "test:room:1", data=f"r{i}")
         await redis_client.publish("news", f"n{i}")
     await member.next_events(3)
+    # The pub/sub messages reach the hub apart from the stream entries: all in first.
+    await wait_until(lambda: len(hub.hub.channels["news"].history) == 3)
     c = await open_stream(hub.port, "/events?channel=news&channel=room.1&rewind=2")
     try:
         # Each channel's last two, in the order the hub took them in (ids only grow).
