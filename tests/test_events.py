@@ -74,6 +74,8 @@ async def test_one_last_event_id_resumes_every_channel(
     await redis_client.publish("b", "b2")
     await redis_client.publish("a", "a2")
     await redis_client.publish("b", "b3")
+    # Pub/sub reaches the hub on its own connection: resume only once all five are in.
+    await wait_until(lambda: hub.hub.seq == 5)
     resumed = await mux(hub.port, ["a", "b"], events[-1].id)
     try:
         assert [(e.event, e.data) for e in resumed.events] == [
@@ -99,6 +101,7 @@ async def test_resume_gap_is_signalled_per_channel(
     for i in range(3):
         await redis_client.publish("small", f"s{i + 2}")
         await redis_client.publish("big", f"b{i}")
+    await wait_until(lambda: hub.hub.seq == 7)
     resumed = await mux(hub.port, ["small", "big"], first.id)
     try:
         gap = [json.loads(e.data) for e in resumed.events if e.event == GAP_EVENT]
