@@ -168,6 +168,40 @@ async def test_a_family_member_whose_key_is_no_stream_ends_alone(
             await c.close()
 
 
+async def test_a_listed_channel_whose_key_is_fixed_serves_again_without_a_reload(
+    start_hub: StartHub, redis_client: aioredis.Redis
+) -> None:
+    """A listed channel's key that holds no stream is tried again at each heartbeat:
+    browsers wait meanwhile (heartbeats, never an error), and once the key is fixed in
+    Redis the channel serves them without a reload."""
+    await redis_client.delete("sr:listed")
+    await redis_client.set("sr:listed", "not a stream")
+    hub = await start_hub(
+        {"orders": {"stream": "sr:listed"}},
+        wait_ready=False,
+        heartbeat=0.2,
+        redis={"url": hub_url(redis_client), "reconnect_min": 0.01, "reconnect_max": 0.05},
+    )
+    await wait_until(lambda: hub.ready, timeout=10)
+    c = await SSEClient.connect(hub.port, "/channels/orders")
+    try:
+        assert c.status == 200
+        # Tried again, refused again, counted each time; the browser waits with heartbeats.
+        await wait_until(lambda: hub.hub.stats.stream_errors["orders"] >= 2, timeout=5)
+        await c.read_until(lambda c: c.body.count(b":\n") >= 2 and not c.eof)
+        assert c.parser.last_id == ""
+        async with redis_client.pipeline(transaction=True) as fix:  # one step for the hub
+            fix.delete("sr:listed")
+            fix.xadd("sr:listed", {"data": "first"})
+            first = (await fix.execute())[1]
+        await c.read_until(lambda c: c.parser.last_id == first.decode(), timeout=5)
+        await redis_client.xadd("sr:listed", {"data": "after the fix"})
+        assert [e.data for e in await c.next_events(1)] == ["after the fix"]
+        assert hub.streams.reconnects == 0 and hub.streams.ready
+    finally:
+        await c.close()
+
+
 def hub_url(client: aioredis.Redis) -> str:
     kw = client.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/0"

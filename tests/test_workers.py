@@ -367,6 +367,45 @@ async def test_a_stream_channel_is_served_by_every_worker_with_entry_ids(
         assert one(m, "ssehub_messages_received_total", channel="orders") == 4  # parsed once
 
 
+async def test_a_listed_stream_key_fixed_in_redis_serves_every_worker_again(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    clients: list[SSEClient],
+) -> None:
+    """Main's reader is refused a key that holds no stream; it asks again each heartbeat,
+    and once the key is fixed every worker's waiting browsers go live."""
+    key = "test:workers:fixed"
+    await redis_client.set(key, "not a stream")
+    channels = f"{{orders: {{stream: '{key}'}}}}"
+    config = write_config(tmp_path / "hub.yaml", redis_server.url, channels, "heartbeat: 0.2\n")
+    node = Node(config)
+    try:
+        for _ in range(SPREAD):
+            clients.append(await SSEClient.connect(node.port, "/channels/orders"))
+        assert {c.status for c in clients} == {200}
+        # Refused at start and at least once more: the browsers wait, with no position.
+        for c in clients:
+            await c.read_until(lambda c: c.body.count(b":\n") >= 2, timeout=5)
+        m = await scrape(node.admin_port)
+        assert one(m, "ssehub_stream_errors_total", channel="orders") >= 2
+        assert not any(c.parser.last_id for c in clients)
+        async with redis_client.pipeline(transaction=True) as fix:
+            fix.delete(key)
+            fix.xadd(key, {"data": "first"})
+            first = (await fix.execute())[1].decode()
+        for c in clients:
+            await c.read_until(lambda c: c.parser.last_id == first, timeout=10)
+        added = await xadd(redis_client, key, "after the fix")
+        for c in clients:
+            assert pairs(await c.next_events(1)) == [(added, "after the fix")]
+        m = await scrape(node.admin_port)
+        per = [one(m, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
+        assert sum(per) == SPREAD and all(per)  # every worker had some waiting
+    finally:
+        node.stop()
+
+
 async def test_a_stream_client_resumes_on_any_worker_from_the_cache_and_from_redis(
     tmp_path: Path,
     redis_server: RedisServer,

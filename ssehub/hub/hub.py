@@ -86,6 +86,9 @@ class Hub:
         self._heartbeat: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._member_sweep: asyncio.TimerHandle | None = None
+        # Keys of listed stream channels Redis refused to read: asked for again at each
+        # heartbeat, so a key fixed in Redis (DEL, then XADD) serves again without a reload.
+        self._refused_streams: set[bytes] = set()
         self._apply(config)
 
     def _apply(self, config: Config) -> None:
@@ -264,14 +267,25 @@ class Hub:
 
     def stream_failed(self, key: bytes, reason: str) -> None:
         """Redis refused to read ``key`` (it holds no stream: with a family, a name a
-        client chose), and the reader dropped it: its members go, ending their streams;
-        a listed channel's streams end (its key is read again after a reload)."""
+        client chose), and the reader dropped it: its members go, ending their streams
+        (a browser that comes back tries the key once more); a listed channel's streams
+        end, and its key is tried again at the next heartbeat (browsers that come back
+        meanwhile wait with heartbeats, as while Redis is away)."""
         for channel in list(self._by_stream.get(key, ())):
             self.stats.stream_errors[channel.label] += 1
             if channel.family is not None:
                 self.registry.remove_member(channel, "stream_error")
             else:
+                self._refused_streams.add(key)
                 self._end(channel, "stream_error")
+
+    def _retry_refused_streams(self) -> None:
+        """Ask the reader again for listed channels' keys it was refused (one start read
+        each per heartbeat: a key still wrong fails again, alone, and is counted)."""
+        keys = {k for k in self._refused_streams if k in self._by_stream}
+        self._refused_streams.clear()
+        if keys and self._streams is not None:
+            self._streams.want(keys)
 
     def signal_outage(self, seq: int | None = None) -> None:
         """After a Redis outage: tell every stream that events may have been lost.
@@ -405,6 +419,8 @@ class Hub:
         self.fanout.beat(interval)
         self.replays.beat()
         self.backfill.beat(interval)
+        if self._refused_streams:
+            self._retry_refused_streams()
 
     def _sweep_members(self) -> None:
         loop = asyncio.get_running_loop()
