@@ -80,6 +80,21 @@ def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.sock
     return sock
 
 
+def check_backlog(backlog: int) -> None:
+    """Warn when the kernel queues fewer connections than ``listen.backlog`` asks:
+    Linux silently caps a listening socket's backlog at ``net.core.somaxconn``."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            cap = int(f.read())
+    except (OSError, ValueError):
+        return  # not Linux, or not readable here: nothing known to warn about
+    if backlog > cap:
+        log.warning(
+            "listen.backlog capped by the kernel: raise net.core.somaxconn",
+            extra=fields(backlog=backlog, somaxconn=cap),
+        )
+
+
 class Listener:
     """What a node's owner hears besides the hub's own changes (each a no-op here)."""
 

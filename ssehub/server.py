@@ -28,7 +28,7 @@ from .http.metrics import Metrics
 from .hub.control import Control
 from .hub.hub import Hub
 from .logs import enable_access_log, fields
-from .node import Listener, Node, listen_socket
+from .node import Listener, Node, check_backlog, listen_socket
 from .redis.control import ControlPlane
 from .redis.events import EventsWriter
 from .redis.pubsub import Broker, BrokerState
@@ -204,8 +204,9 @@ class HubServer(Listener):
         listen = self.config.listen
         sock = listen_socket(listen.host, listen.port, self._reuse_port)
         self.port = sock.getsockname()[1]
-        # A large backlog so a reconnect storm of thousands queues instead of failing.
-        site = web.SockSite(self._runner, sock, backlog=4096)
+        if not self._reuse_port:  # (workers: main checks it once for the node)
+            check_backlog(listen.backlog)
+        site = web.SockSite(self._runner, sock, backlog=listen.backlog)
         await site.start()
         await self.node.start()
         self._schedule_sweep()

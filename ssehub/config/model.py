@@ -29,6 +29,9 @@ from .checks import (
 class Listen:
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata=_check(_port))
+    # Connections the kernel queues before the hub accepts them: a reconnect storm of
+    # thousands queues instead of being refused. Linux caps it at net.core.somaxconn.
+    backlog: int = field(default=4096, metadata=_check(_positive))
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +351,8 @@ class Config:
 
     def with_listen(self, host: str | None = None, port: int | None = None) -> Config:
         """Return a copy with the listener overridden (CLI ``--host``/``--port``)."""
-        listen = Listen(
+        listen = dataclasses.replace(
+            self.listen,
             host=self.listen.host if host is None else host,
             port=self.listen.port if port is None else port,
         )

@@ -24,11 +24,11 @@ import dataclasses
 import logging
 import socket
 
-from ..config import Config, Listen
+from ..config import Config
 from ..http.collector import freeze
 from ..http.control import ControlCollector
 from ..logs import fields
-from ..node import Node, listen_socket
+from ..node import Node, check_backlog, listen_socket
 from .feed import Kind, Op, frame
 from .node_metrics import NodeMetrics
 from .process import EXIT_FAILED, capture_signals, raise_fd_limit
@@ -104,7 +104,8 @@ class Supervisor:
 
     def _worker_config(self, config: Config) -> Config:
         # Workers listen on the port main bound; the admin listener is main's.
-        return dataclasses.replace(config, admin=None, listen=Listen(config.listen.host, self.port))
+        listen = dataclasses.replace(config.listen, port=self.port)
+        return dataclasses.replace(config, admin=None, listen=listen)
 
     # --- what workers say ---------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class Supervisor:
         # Bound, never listening: it holds the port (and picks it for port 0) while
         # the workers' own SO_REUSEPORT sockets take the connections.
         self._sock = listen_socket(listen.host, listen.port, reuse_port=True)
+        check_backlog(listen.backlog)
         self.port = self._sock.getsockname()[1]
         # The admin listener, the sources, the writer, the hub's timers (in main: the
         # members' grace sweeps).
