@@ -40,7 +40,7 @@ from .redis.cluster_streams import ClusterStreamReader
 from .redis.control import ControlPlane
 from .redis.events import EventsWriter
 from .redis.factory import create_broker, create_control, create_stream_reader, create_writer
-from .redis.pubsub import Broker, BrokerState
+from .redis.pubsub import Broker, BrokerState, PubSubSource
 from .redis.streams import Entry as StreamEntry
 from .redis.streams import StreamReader, StreamSource
 from .tasks import Tasks
@@ -118,7 +118,7 @@ class Feed(Protocol):
     """A worker's upstream: the node's feed, standing where the Redis sources stand."""
 
     @property
-    def broker(self) -> Broker: ...
+    def broker(self) -> PubSubSource: ...
     @property
     def streams(self) -> StreamSource: ...
     @property
@@ -148,12 +148,13 @@ class Node:
         self.hub = hub = Hub(config) if hub is None else hub
         self.listener = Listener() if listener is None else listener
         self.reporter: EventsWriter | None = None
-        self.broker: Broker
+        self.broker: PubSubSource
         self.streams: StreamSource
-        # The node's stream reader, where it reads Redis (not in a worker).
+        # The node's subscriber and stream reader, where it reads Redis (not in a worker).
+        self.subscriber: Broker | None = None
         self.reader: StreamReader | ClusterStreamReader | None = None
         if feed is None:
-            self.broker = create_broker(
+            self.broker = self.subscriber = create_broker(
                 config.redis,
                 hub.redis_channels(),
                 hub.publish,

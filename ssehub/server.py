@@ -31,7 +31,7 @@ from .logs import enable_access_log, fields
 from .node import Listener, Node, check_backlog, listen_socket
 from .redis.control import ControlPlane
 from .redis.events import EventsWriter
-from .redis.pubsub import Broker, BrokerState
+from .redis.pubsub import BrokerState, PubSubSource
 from .redis.streams import StreamSource
 from .tasks import Tasks
 
@@ -141,7 +141,7 @@ class HubServer(Listener):
         return self.node.hub
 
     @property
-    def broker(self) -> Broker:
+    def broker(self) -> PubSubSource:
         return self.node.broker
 
     @property

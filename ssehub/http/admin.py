@@ -13,7 +13,7 @@ from aiohttp import web
 from ..hub.control import Control
 from ..hub.hub import Hub
 from ..redis.control import ControlPlane
-from ..redis.pubsub import Broker
+from ..redis.pubsub import PubSubSource
 from .app import BROKER, HUB, healthz, readyz
 from .control import add_disconnect_route
 from .headers import add_response_headers
@@ -34,7 +34,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_admin_app(
     hub: Hub,
-    broker: Broker,
+    broker: PubSubSource,
     metrics_: Metrics,
     control: Control | None = None,
     plane: ControlPlane | None = None,

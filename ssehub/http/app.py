@@ -24,7 +24,7 @@ from ..hub.hub import Hub, Refused, Unknown
 from ..hub.resume import MAX_STREAMS_PER_EVENTS, resume_streams
 from ..hub.sessions import META_PARAM, BadMeta, meta_of, session_event
 from ..logs import fields
-from ..redis.pubsub import Broker
+from ..redis.pubsub import PubSubSource
 from ..tasks import Tasks
 from . import demo
 from .auth import Access, Denied
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 BUSY_EVENT = "ssehub-busy"
 
 HUB = web.AppKey("hub", Hub)
-BROKER = web.AppKey("broker", Broker)
+BROKER = web.AppKey("broker", PubSubSource)
 ACCESS = web.AppKey("access", Access)
 # The process's long-lived tasks: one that ended unexpectedly makes it unready.
 TASKS = web.AppKey("tasks", Tasks)
@@ -404,7 +404,7 @@ def _close_after(request: web.Request, response: web.StreamResponse) -> None:
     close_connection_after(response)
 
 
-def create_app(hub: Hub, broker: Broker, control: Control) -> web.Application:
+def create_app(hub: Hub, broker: PubSubSource, control: Control) -> web.Application:
     """The public application; streams end cleanly on shutdown. ``control``: the
     process's streams by session and user (its node's, hub/control.py)."""
     app = web.Application()

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from ..core.history import REASONS
 from ..hub.hub import Hub
-from ..redis.pubsub import Broker, BrokerState
+from ..redis.pubsub import BrokerState, PubSubSource
 
 if TYPE_CHECKING:
     from ..redis.events import EventsWriter
@@ -67,7 +67,7 @@ DELAY_BUCKETS = (
 class HubCollector(Collector):
     """Metric families built from ``hub.stats``, the channels and the broker on each scrape."""
 
-    def __init__(self, hub: Hub, broker: Broker) -> None:
+    def __init__(self, hub: Hub, broker: PubSubSource) -> None:
         self.hub = hub
         self.broker = broker
 
@@ -253,7 +253,9 @@ class ReporterCollector(Collector):
 class Metrics:
     """One hub's registry: the scrape-time collector plus the delivery-delay histogram."""
 
-    def __init__(self, hub: Hub, broker: Broker, reporter: EventsWriter | None = None) -> None:
+    def __init__(
+        self, hub: Hub, broker: PubSubSource, reporter: EventsWriter | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(HubCollector(hub, broker))
         if reporter is not None:

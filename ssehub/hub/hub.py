@@ -43,7 +43,7 @@ from .sessions import Roster, Sessions
 from .stats import Stats
 
 if TYPE_CHECKING:
-    from ..redis.pubsub import Broker
+    from ..redis.pubsub import PubSubSource
     from ..redis.streams import StreamSource
 
 __all__ = ["GAP_EVENT", "Hub", "Refused", "Replay", "Stats", "Tap", "Unknown"]
@@ -79,7 +79,7 @@ class Hub:
         self._by_stream = self.registry.by_stream
         # The Redis side (set by the server): pub/sub channels through the broker,
         # stream channels through the stream reader.
-        self._broker: Broker | None = None
+        self._broker: PubSubSource | None = None
         self._streams: StreamSource | None = None
         self._tap: Tap | None = None
         self._connections = 0
@@ -108,11 +108,11 @@ class Hub:
     # --- the parts, as the server and the HTTP app see them --------------------------
 
     @property
-    def broker(self) -> Broker | None:
+    def broker(self) -> PubSubSource | None:
         return self._broker
 
     @broker.setter
-    def broker(self, broker: Broker | None) -> None:
+    def broker(self, broker: PubSubSource | None) -> None:
         self._broker = self.registry.broker = broker
 
     @property

@@ -29,7 +29,7 @@ import ssl
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 from redis.connection import parse_url
@@ -41,7 +41,7 @@ from .discovery import command
 from .info import MIN_SHARDED_VERSION, MIN_VERSION, CloseDiagnosis, check_version, parse_info
 from .source import BrokerState, SessionEnded, Source
 
-__all__ = ["Broker", "BrokerState"]
+__all__ = ["Broker", "BrokerState", "PubSubSource"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,23 @@ class _PubSubProtocol(asyncio.Protocol):
         while not self._replies.empty():
             out.append(self._replies.get_nowait())
         return out
+
+
+class PubSubSource(Protocol):
+    """What the hub, the HTTP app and the metrics need of the pub/sub side: a ``Broker``
+    (or its Sentinel and Cluster forms) where the node reads Redis, a worker's feed
+    (``supervisors/worker.py``) where main reads it for the node."""
+
+    state: BrokerState
+    reconnects: int
+
+    @property
+    def ready(self) -> bool: ...
+    def want(self, channels: Iterable[bytes]) -> None: ...
+    def drop(self, channels: Iterable[bytes]) -> None: ...
+    def set_channels(self, channels: Iterable[str | bytes]) -> None: ...
+    async def wait_subscribed(self, channels: Iterable[bytes], timeout: float) -> bool: ...
+    async def run(self) -> None: ...
 
 
 class Broker(Source):

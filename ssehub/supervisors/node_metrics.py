@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from ..http.metrics import HubCollector, Metrics, ReporterCollector
 from ..hub.hub import Hub
 from ..redis.events import EventsWriter
-from ..redis.pubsub import Broker
+from ..redis.pubsub import PubSubSource
 from .slots import Slot
 
 __all__ = ["NodeCollector", "NodeMetrics"]
@@ -50,7 +50,7 @@ class NodeMetrics(Metrics):
         slots: Sequence[Slot],
         ask: Callable[[Slot], None],
         hub: Hub,
-        broker: Broker,
+        broker: PubSubSource,
         writer: EventsWriter,
         local: Collector | None = None,
     ) -> None:

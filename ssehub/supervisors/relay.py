@@ -111,8 +111,8 @@ class Relay(Listener):
         it in the snapshot, and the frames after it from now on."""
         self.flush()
         node = self._node()
-        hub, broker, reader = node.hub, node.broker, node.reader
-        assert reader is not None
+        hub, broker, reader = node.hub, node.subscriber, node.reader
+        assert broker is not None and reader is not None
         members = [c for c in hub.channels.values() if c.family is not None]
         return snapshot.take(
             hub,

@@ -18,7 +18,6 @@ from before it accepts a single connection.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import socket
@@ -31,7 +30,7 @@ from ..config import Config, RedisConfig
 from ..core.waiters import Changes
 from ..node import Node
 from ..redis.factory import create_replays
-from ..redis.pubsub import Broker, BrokerState
+from ..redis.pubsub import BrokerState
 from ..redis.streams import Entry
 from ..server import HubServer
 from .feed import Batch, FrameProtocol, FrameReader, Kind, Op
@@ -100,16 +99,16 @@ class FeedStreams:
         await self.replays.run()
 
 
-class FeedBroker(Broker):
-    """The worker's input: the node's feed, read like the broker reads Redis; with
-    ``streams`` and ``sink``, the worker node's upstream (see node.Feed)."""
+class FeedBroker:
+    """The worker's input: the node's feed, read like the broker reads Redis (a
+    ``PubSubSource``: the node's Redis state, as main reports it); with ``streams``
+    and ``sink``, the worker node's upstream (see node.Feed)."""
 
     def __init__(self, config: Config, hub: WorkerHub, sock: socket.socket) -> None:
-        # It never connects to Redis (main does, for the node), so it has no address of
-        # its own: the node's URL, a Cluster's or Sentinel's, is not a plain one to parse.
-        plain = dataclasses.replace(config.redis, url=_NO_REDIS, cluster=False, sentinel=None)
-        super().__init__(plain, (), _no_message)
         self.hub = hub
+        # Main's subscriber's (main reads Redis for the node; a worker never connects).
+        self.state = BrokerState.CONNECTING
+        self.reconnects = 0
         self.node: Node | None = None  # the worker's node, once built on this feed
         self._sock = sock
         self.proto: FrameProtocol | None = None
@@ -120,9 +119,13 @@ class FeedBroker(Broker):
         self.sink = FeedSink(self)
 
     @property
-    def broker(self) -> Broker:
+    def broker(self) -> FeedBroker:
         """The feed stands where the pub/sub source stands (see node.Feed)."""
         return self
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BrokerState.UP
 
     # The node's broker (in main) follows members; a worker's hub asks main instead.
     def want(self, channels: Any) -> None:
@@ -275,14 +278,6 @@ class FeedSink:
             and loop.time() < deadline
         ):
             await asyncio.sleep(0.01)
-
-
-# The feed's stand-in for a Redis URL (see FeedBroker).
-_NO_REDIS = "unix:///nonexistent/ssehub-feed"
-
-
-def _no_message(channel: bytes, payload: bytes) -> None:  # pragma: no cover - never called
-    pass
 
 
 async def serve(
