@@ -224,12 +224,15 @@ async def test_reconnect_false_refuses_the_user_on_every_node_and_nodes_started_
     message = {"disconnect": {"user": "42", "reconnect": False, "refuse_seconds": 2}}
     await redis_client.publish("ssehub:control", json.dumps(message))
     await ended_with(target, "disconnected", reconnect=False)
+    # Each node hears the message on its own connection, and stores the refusal in Redis
+    # in a task of its own: the stream's end on one node says neither happened elsewhere.
+    await wait_until(lambda: all(n.control.refused_until("42", "") for n in nodes))
     headers = {"Authorization": f"Bearer {user_token('42')}", "Accept": "text/event-stream"}
     for node in nodes:
         status, head, body = await http_request(node.port, "/channels/user.42", headers=headers)
         assert status == 403 and b"refused" in body and 1 <= int(head["retry-after"]) <= 2
     # Kept in Redis: a node that starts now refuses the user too.
-    assert await redis_client.zscore("ssehub:control:refusals", "user:42")
+    await wait_until(lambda: redis_client.zscore("ssehub:control:refusals", "user:42"))
     late = await start_hub(CHANNELS, auth=auth)
     await wait_until(lambda: late.control.refused_until("42", ""))
     assert (await http_request(late.port, "/channels/user.42", headers=headers))[0] == 403
@@ -340,11 +343,13 @@ async def test_max_stream_seconds_ends_streams_cleanly_and_they_resume(
     start_hub: StartHub, redis_client: aioredis.Redis, clients: list[SSEClient]
 ) -> None:
     hub = await start_hub({"chat": {}}, limits={"max_stream_seconds": 1}, admin=ADMIN)
+    # From before the stream opened: the hub's lifetime counts from then, however late
+    # this test gets to see the first event.
+    started = time.monotonic()
     client = await open_stream(hub.port, "/channels/chat")
     clients.append(client)
     await redis_client.publish("chat", "before")
     (event,) = await client.next_events(1)
-    started = time.monotonic()
     await client.read_to_eof(timeout=5)
     lived = time.monotonic() - started
     assert client.ended_cleanly and 0.5 <= lived <= 3.0, lived  # 75-100% of 1 s, a 1 s tick

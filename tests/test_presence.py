@@ -164,14 +164,18 @@ async def test_a_slow_client_cut_gets_unsubscribe_reason_slow(
 
 
 async def test_shutdown_unsubscribes_every_stream(
-    start_hub: StartHub, heard: Callable[..., Any]
+    start_hub: StartHub, heard: Callable[..., Any], redis_client: aioredis.Redis
 ) -> None:
     got = await heard("ssehub:events")
     hub = await start_hub({"chat": {}, "lobby": {"presence": True}}, events=EVENTS)
     clients = [await open_stream(hub.port, f"/channels/{n}") for n in ("chat", "lobby", "lobby")]
     await wait_until(lambda: len(got) == 3)
     await hub.stop()
-    # Written before stop() returned: the node's last batch.
+    # Written before stop() returned: the node's last batch. Redis passes messages on in
+    # the order it ran them, so a marker published now is heard after all of that batch
+    # (the listener reads on its own connection, and may not have it all yet).
+    await redis_client.publish("ssehub:events", json.dumps({"type": "marker"}))
+    await wait_until(lambda: got[-1]["type"] == "marker")
     gone = [m for m in got if m["type"] == "unsubscribe"]
     assert sorted(m["session_id"] for m in gone) == sorted(c.session for c in clients)
     assert {m["reason"] for m in gone} == {"shutdown"}
@@ -496,6 +500,11 @@ async def test_the_event_writer_is_counted_on_metrics(
     c = await open_stream(hub.port, "/channels/chat")
     await c.close()
     await wait_until(lambda: len(of(got, "unsubscribe", c.session)) == 1)
+    # The writer counts a batch once Redis' answer reaches it, on another connection than
+    # the listener's: heard is not yet counted.
+    reporter = hub.reporter
+    assert reporter is not None
+    await wait_until(lambda: reporter.published >= 2)
     m = await scrape(hub.admin_port)
     assert one(m, "ssehub_roster_events_published_total") == 2  # subscribe, unsubscribe
     assert one(m, "ssehub_roster_events_dropped_total") == 0

@@ -220,6 +220,8 @@ async def test_two_hub_nodes_serve_the_same_ids(
     (event,) = await c.next_events(1)
     await c.close()
     missed = await xadd(redis_client, stream, data="moved")
+    # Node two reads the stream on its own connection: resume there once it has both.
+    await wait_until(lambda: two.hub.channels["orders"].stream_pos == missed)
     moved = await open_stream(two.port, "/channels/orders", last_id=event.id)
     try:
         assert event.id == entry
@@ -522,6 +524,8 @@ async def test_a_deeply_nested_entry_loses_nothing_else_live_or_on_resume(
     stream = key("deep-json")
     hub = await start(start_hub, {"orders": {"stream": stream, "format": "json", "history": 2}})
     first = await xadd(redis_client, stream, data='"before"')
+    # A position the reader has not reached yet would be unknown_id, not a resume.
+    await wait_until(lambda: hub.hub.channels["orders"].stream_pos == first)
     c = await open_stream(hub.port, "/channels/orders", last_id=first)
     try:
         pipe = redis_client.pipeline(transaction=True)  # one XREAD batch for the reader
@@ -580,8 +584,9 @@ async def test_an_entry_id_out_of_redis_range_is_unknown_id_and_never_reaches_re
     stream = key(f"range-{part}")
     first = await xadd(redis_client, stream, data="a")
     hub = await start(start_hub, {"orders": {"stream": stream, "history": 1}})
-    for i in range(3):
-        await xadd(redis_client, stream, data=f"b {i}")
+    later = [await xadd(redis_client, stream, data=f"b {i}") for i in range(3)]
+    # All three in before the resume: else they would arrive live, behind the gap.
+    await wait_until(lambda: hub.hub.channels["orders"].stream_pos == later[-1])
     ms = first.split("-")[0]
     last_id = f"{ms}-{2**64}" if part == "seq" else f"{2**64}-0"
     back = await SSEClient.connect(hub.port, "/channels/orders", {"Last-Event-ID": last_id})
