@@ -479,6 +479,12 @@ async def test_events_and_presence_are_written_and_read_on_a_cluster(cluster: Re
                 writer.join(room, f"s{i}", {"n": i}, True)
             await wait_until(lambda: sorted(heard) == [f"s{i}" for i in range(len(rooms))], 10)
             for i, room in enumerate(rooms):
+
+                async def written(room: str = room) -> bool:
+                    return bool((await reader.page(room, 0, 10))["count"])
+
+                # The writer stores presence after it published the events: heard first.
+                await wait_until(written, timeout=10)
                 page = await reader.page(room, 0, 10)
                 assert page["count"] == 1, page
                 member = {"session_id": f"s{i}", "node": "cnode", "meta": {"n": i}}

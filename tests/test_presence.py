@@ -256,6 +256,12 @@ async def test_meta_is_strict_json_or_the_text_so_every_answer_stays_json(
     try:
         await wait_until(lambda: len(got) == 2)
         assert got[1]["meta"] == meta
+
+        async def both_listed() -> bool:
+            return bool((await presence(hub.admin_port, "lobby"))["count"] == 2)
+
+        # The writer stores presence after it published the events: heard first.
+        await wait_until(both_listed)
         answer = await presence(hub.admin_port, "lobby")  # parsed strictly
         assert {m["session_id"]: m["meta"] for m in answer["members"]} == {
             other.session: "ann",
@@ -312,7 +318,9 @@ async def test_presence_across_two_nodes(start_hub: StartHub, redis_client: aior
             ]
 
         async def settled() -> bool:
-            return all(x["count"] == 2 for x in await answers())
+            # (room.8's stream opened last: its entry may come in a later write)
+            room_8 = await presence(one.admin_port, "room.8")
+            return all(x["count"] == 2 for x in await answers()) and room_8["count"] >= 1
 
         await wait_until(settled)
         for answer in await answers():

@@ -253,6 +253,12 @@ async def test_writer_presence_and_replay_reads_follow_the_master(
         async with running_writer(config, "snode") as writer, events_heard(old) as heard:
             writer.join("room.a", "s1", None, True)
             await wait_until(lambda: heard == ["s1"], 10)
+
+            async def written() -> bool:
+                return bool((await reader.page("room.a", 0, 10))["count"])
+
+            # The writer stores presence after it published the event: heard first.
+            await wait_until(written, timeout=10)
             assert (await reader.page("room.a", 0, 10))["count"] == 1
         with redis.Redis(port=old) as r:
             first = r.xadd("s:replay", {"data": "one"}).decode()
