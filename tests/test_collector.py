@@ -3,6 +3,7 @@ storm's connections frozen once it settled (unfrozen once most of them are gone)
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Iterator
 
@@ -24,6 +25,18 @@ def collectors() -> Iterator[list[Collector]]:
     for c in started:
         c.stop()
     gc.unfreeze()
+
+
+@contextlib.contextmanager
+def held(collector: Collector) -> Iterator[None]:
+    """The server's sweeps (one every request_timeout) leave ``collector`` alone while
+    the block's streams come or go: one that came half-way would freeze, or unfreeze,
+    at a count this test never meant (seen: frozen_at 42 of 60 on a loaded machine)."""
+    collector.active = False
+    try:
+        yield
+    finally:
+        collector.active = True
 
 
 def test_start_makes_full_collections_rarer_and_times_them(collectors: list[Collector]) -> None:
@@ -59,8 +72,10 @@ async def test_a_settled_storm_is_frozen_then_unfrozen_once_it_is_gone(
     sweeps = hub.collector.freezes
     await wait_until(lambda: hub.hub.connections == 30)
     frozen = gc.get_freeze_count()
-    for _ in range(30):  # 60 open: past the growth of 40
-        clients.append(await open_stream(hub.port, "/channels/chat"))
+    with held(hub.collector):
+        for _ in range(30):  # 60 open: past the growth of 40
+            clients.append(await open_stream(hub.port, "/channels/chat"))
+        await wait_until(lambda: hub.hub.connections == 60)
     await wait_until(lambda: hub.collector.freezes == sweeps + 1)
     assert hub.collector.frozen_at == 60
     # Each connection's objects: its transport, protocol, parser, request, tasks...
@@ -70,8 +85,10 @@ async def test_a_settled_storm_is_frozen_then_unfrozen_once_it_is_gone(
     for c in clients:
         assert [e.data for e in await c.next_events(1)] == ["after the freeze"]
     # Less than half of them left: everything is unfrozen, for a full review.
-    for c in clients[:40]:
-        await c.close()
+    with held(hub.collector):
+        for c in clients[:40]:
+            await c.close()
+        await wait_until(lambda: hub.hub.connections == 20)
     await wait_until(lambda: gc.get_freeze_count() == 0)
     assert hub.collector.frozen_at == 20
     assert hub.collector.freezes == sweeps + 1
