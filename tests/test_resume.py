@@ -258,6 +258,9 @@ async def test_epochs_are_unique_per_process_even_within_one_millisecond(
     assert one.hub.epoch != two.hub.epoch
     assert one.hub.epoch[:8] == two.hub.epoch[:8]  # the same millisecond
     ids = await publish_and_collect(one.port, redis_client, "chat", 1)
+    # Two takes the message in on its own connection: in before the resume, not live
+    # behind it (the test reads only what the resume itself sent).
+    await wait_until(lambda: two.hub.seq == 1)
     client = await open_stream(two.port, "/channels/chat", ids[0])
     try:
         assert [json.loads(e.data)["reason"] for e in client.events] == ["unknown_id"]

@@ -423,7 +423,12 @@ async def test_events_ids_carry_every_stream_position_and_resume_exactly_on_anot
     for i in range(2, 6):
         await xadd(redis_client, key("mux-a"), data=f"a{i}")
     missed_b = [await xadd(redis_client, key("mux-b"), data=f"b{i}") for i in range(2, 6)]
-    await wait_until(lambda: two.hub.channels["b"].stream_pos == missed_b[-1])
+    # (chat's message too: it reaches node two on another connection than the entries)
+    await wait_until(
+        lambda: (
+            two.hub.channels["b"].stream_pos == missed_b[-1] and two.hub.stats.received["chat"] == 1
+        )
+    )
     back = await SSEClient.connect(two.port, path, {"Last-Event-ID": last})
     try:
         events = await back.next_events(9)
