@@ -367,17 +367,19 @@ async def test_a_stream_channel_is_served_by_every_worker_with_entry_ids(
         assert one(m, "ssehub_messages_received_total", channel="orders") == 4  # parsed once
 
 
-async def test_a_listed_stream_key_fixed_in_redis_serves_every_worker_again(
+async def test_a_listed_stream_key_refused_ends_and_waits_on_every_worker_until_fixed(
     tmp_path: Path,
     redis_server: RedisServer,
     redis_client: aioredis.Redis,
     clients: list[SSEClient],
 ) -> None:
     """Main's reader is refused a key that holds no stream; it asks again each heartbeat,
-    and once the key is fixed every worker's waiting browsers go live."""
-    key = "test:workers:fixed"
+    and once the key is fixed every worker's waiting browsers go live. Broken again
+    while live, every worker ends its streams, as one process does."""
+    key, nudge = "test:workers:fixed", "test:workers:nudge"
+    await redis_client.delete(nudge)
     await redis_client.set(key, "not a stream")
-    channels = f"{{orders: {{stream: '{key}'}}}}"
+    channels = f"{{orders: {{stream: '{key}'}}, other: {{stream: '{nudge}'}}}}"
     config = write_config(tmp_path / "hub.yaml", redis_server.url, channels, "heartbeat: 0.2\n")
     node = Node(config)
     try:
@@ -402,6 +404,26 @@ async def test_a_listed_stream_key_fixed_in_redis_serves_every_worker_again(
         m = await scrape(node.admin_port)
         per = [one(m, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
         assert sum(per) == SPREAD and all(per)  # every worker had some waiting
+        async with redis_client.pipeline(transaction=True) as breaking:
+            breaking.delete(key)
+            breaking.set(key, "not a stream")
+            await breaking.execute()
+        await xadd(redis_client, nudge, "the shared XREAD runs again")
+        for c in clients:
+            await c.read_to_eof(timeout=10)
+            assert c.ended_cleanly
+        m = await scrape(node.admin_port)
+        assert one(m, "ssehub_connections_closed_total", reason="stream_error") == SPREAD
+        # A browser that comes back waits (no position) until the key is fixed again.
+        back = await SSEClient.connect(node.port, "/channels/orders")
+        clients.append(back)
+        await back.read_until(lambda c: c.body.count(b":\n") >= 2, timeout=5)
+        assert back.parser.last_id == ""
+        async with redis_client.pipeline(transaction=True) as fix:
+            fix.delete(key)
+            fix.xadd(key, {"data": "again"})
+            fixed = (await fix.execute())[1].decode()
+        await back.read_until(lambda c: c.parser.last_id == fixed, timeout=10)
     finally:
         node.stop()
 

@@ -271,12 +271,24 @@ class Hub:
         (a browser that comes back tries the key once more); a listed channel's streams
         end, and its key is tried again at the next heartbeat (browsers that come back
         meanwhile wait with heartbeats, as while Redis is away)."""
+        listed = False
         for channel in list(self._by_stream.get(key, ())):
             self.stats.stream_errors[channel.label] += 1
             if channel.family is not None:
                 self.registry.remove_member(channel, "stream_error")
             else:
-                self._refused_streams.add(key)
+                listed = True
+        if listed:
+            self._refused_streams.add(key)
+            self.end_listed_stream(key)
+            if self._tap is not None:  # (a member's removal reaches the workers as such)
+                self._tap.stream_failed(key)
+
+    def end_listed_stream(self, key: bytes) -> None:
+        """End the streams of the listed channels read from ``key`` (with workers: main's
+        reader was refused it, and each worker ends its own)."""
+        for channel in list(self._by_stream.get(key, ())):
+            if channel.family is None:
                 self._end(channel, "stream_error")
 
     def _retry_refused_streams(self) -> None:

@@ -55,6 +55,9 @@ class Kind(enum.IntEnum):
     STATS = 12  # main: (STATS,) asks; worker: (STATS, [Metric, ...]) answers
     CONTROL = 13  # (CONTROL, Command): a control message (core/control.py) for the streams
     REFUSALS = 14  # (REFUSALS, [Refuse]): refused reconnects read from Redis
+    # (STREAM_FAILED, key): main's reader was refused a listed channel's stream key (it
+    # asks again at each heartbeat, and says STREAM ... started once it reads it)
+    STREAM_FAILED = 15
     # main -> a new worker, before anything else (see snapshot.py)
     SNAPSHOT = 20  # (SNAPSHOT, dict): the node's state but its histories
     HISTORY = 21  # (HISTORY, channel name, [Entry, ...], [seq with a publisher id, ...])

@@ -58,6 +58,9 @@ class Relay(Listener):
     def removed(self, channel: Channel) -> None:
         self.push((Kind.REMOVED, channel.name))
 
+    def stream_failed(self, key: bytes) -> None:
+        self.push((Kind.STREAM_FAILED, key))
+
     def outage(self, seq: int) -> None:
         self.push((Kind.OUTAGE, seq))
 

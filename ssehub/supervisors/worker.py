@@ -202,6 +202,11 @@ class FeedBroker:
             if op[3]:
                 self.streams.live.add(op[1])
                 self.streams.wake()
+        elif kind == Kind.STREAM_FAILED:
+            # Its streams here end as in one process; new ones wait until main reads it.
+            self.streams.live.discard(op[1])
+            hub.end_listed_stream(op[1])
+            self.streams.wake()
         elif kind == Kind.STREAMS:
             self.streams.state = BrokerState(op[1])
             self.streams.wake()
