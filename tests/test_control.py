@@ -21,7 +21,7 @@ from .redis_server import RedisServer
 from .sseclient import SSEClient, http_request, open_stream, wait_until
 from .test_auth import SECRET, token
 from .test_metrics import one, scrape
-from .test_workers import Node, spread, write_config
+from .test_workers import SPREAD, WORKERS, Node, spread, write_config
 
 KEY = "k" * 24
 ADMIN = {"host": "127.0.0.1", "port": 0}
@@ -312,6 +312,53 @@ async def test_a_disconnect_reaches_streams_on_every_worker(
     finally:
         node.stop()
         await redis_client.delete("ssehub:control:refusals")
+
+
+@pytest.mark.slow
+async def test_max_per_user_counts_the_users_streams_on_the_whole_node(
+    tmp_path: Path, redis_server: RedisServer, clients: list[SSEClient], auth: dict[str, Any]
+) -> None:
+    """With workers, main counts a user's streams for the node: two, not two per worker."""
+    extra = f"auth: {{secret_file: {auth['secret_file']}}}\nlimits: {{max_per_user: 2}}\n"
+    config = write_config(
+        tmp_path / "hub.yaml", redis_server.url, "{chat: {}, 'user.*': {auth: token}}", extra
+    )
+    node = Node(config)
+    headers = {"Authorization": f"Bearer {user_token('42')}", "Accept": "text/event-stream"}
+
+    async def attempt() -> SSEClient:
+        """One stream of user 42: its position line, or the busy event and the end."""
+        c = await SSEClient.connect(node.port, "/channels/user.42", headers)
+        clients.append(c)
+        await c.read_until(lambda c: c.parser.last_id or c.events)
+        return c
+
+    try:
+        # SO_REUSEPORT spreads them over both workers: counted per process, up to four
+        # would get in.
+        tried = [await attempt() for _ in range(SPREAD)]
+        accepted = [c for c in tried if c.parser.last_id]
+        assert len(accepted) == 2
+        for c in tried:
+            if c not in accepted:
+                await c.read_to_eof()
+                (event,) = c.events
+                assert json.loads(event.data)["reason"] == "max_per_user"
+        m = await scrape(node.admin_port)
+        per = [one(m, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
+        assert sum(per) == 2
+        assert one(m, "ssehub_connections_closed_total", reason="limit") == SPREAD - 2
+        # Another user is not counted; one of 42's streams ends: room for one more.
+        clients.append(await user_stream(node.port, "7"))
+        await accepted[0].close()
+
+        async def one_more() -> bool:
+            return bool((await attempt()).parser.last_id)
+
+        await wait_until(one_more, timeout=5)
+        assert not (await attempt()).parser.last_id  # and only one
+    finally:
+        node.stop()
 
 
 # --- limits per user and per stream lifetime ------------------------------------------------

@@ -191,6 +191,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return await _turn_away(hub, await _prepare(request), exc.reason)
     sub: Subscriber | None = None
     session = ""
+    hold = 0  # the node's count of this user's streams (with workers), until track()
     try:
         if mux and sum(c.stream for c in channels) > MAX_STREAMS_PER_EVENTS:
             raise web.HTTPBadRequest(
@@ -209,6 +210,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
         resp = await _prepare(request)
         if request.method == "HEAD":
             return resp
+        # With workers, limits.max_per_user counts the node's streams: main's answer.
+        if control.gate is not None:
+            hold = await control.hold_user(user)
+            if hold < 0:
+                return await _turn_away(hub, resp, "max_per_user")
         # Again: the awaits above let others in.
         refusal = _over_limit(hub, channels, mux, control, user)
         if refusal is not None:
@@ -273,7 +279,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         sub.session = session
         sub.meta = meta
         live = hub.subscribe(sub, last_event_id, mux, rewind)
-        control.track(sub, user, credential)
+        control.track(sub, user, credential, hold)
+        hold = 0  # the stream holds it now: forget() gives it back
         request.app[ACCESS].track(sub)
         # This frame lives as long as the stream: keep only what the end needs.
         del names, configs, grant, proxied, meta, members, streams, transport
@@ -285,6 +292,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 live = hub.catch_up(sub)
         await sub.waiter
     finally:
+        control.release_user(hold)  # (a stream that never registered)
         if sub is not None:
             hub.unsubscribe(sub)
             control.forget(sub)

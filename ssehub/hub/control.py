@@ -20,7 +20,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import Config
 from ..core import sse
@@ -38,7 +38,7 @@ from ..core.control import (
 if TYPE_CHECKING:
     from .channel import Subscriber
 
-__all__ = ["Control", "ControlStats"]
+__all__ = ["Control", "ControlStats", "UserGate"]
 
 # How often the lifetime timer looks at its heap (seconds).
 _TICK = 1.0
@@ -68,6 +68,17 @@ class ControlStats:
         self.proxy: Counter[str] = Counter()  # auth: proxy, by outcome
 
 
+class UserGate(Protocol):
+    """Counts a user's streams where the node's processes meet (with workers: main), so
+    that ``limits.max_per_user`` bounds them on the node, not in each process."""
+
+    async def hold(self, user: str) -> int:
+        """A token (> 0) for one more stream of ``user``; -1: the node has enough."""
+        ...
+
+    def release(self, token: int) -> None: ...
+
+
 class Control:
     """Streams of this process by session and user; what control commands do to them."""
 
@@ -78,6 +89,10 @@ class Control:
         # session id -> (stream, user, credential); "" where there is none.
         self._streams: dict[str, tuple[Subscriber, str, str]] = {}
         self._users: dict[str, set[Subscriber]] = {}
+        # With workers: main counts users' streams for the node (supervisors/worker.py),
+        # and each stream here holds a token of it (session id -> token).
+        self.gate: UserGate | None = None
+        self._holds: dict[str, int] = {}
         # (end time, tie-break, stream): streams to end for limits.max_stream_seconds.
         self._ends: list[tuple[float, int, Subscriber]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -101,9 +116,24 @@ class Control:
         limit = self._get_config().limits.max_per_user
         return bool(user and limit and len(self._users.get(user, ())) >= limit)
 
-    def track(self, sub: Subscriber, user: str = "", credential: str = "") -> None:
-        """A stream registered (in the step that subscribed it)."""
+    async def hold_user(self, user: str) -> int:
+        """Count one more stream of ``user`` on the node, before it registers: 0 when
+        nothing is counted beyond this process (no gate, no limit, no user), a token to
+        give ``track`` (or ``release_user``), or -1 when the node has enough of them."""
+        if self.gate is None or not user or not self._get_config().limits.max_per_user:
+            return 0
+        return await self.gate.hold(user)
+
+    def release_user(self, token: int) -> None:
+        """Give back a ``hold_user`` token of a stream that never registered."""
+        if token > 0 and self.gate is not None:
+            self.gate.release(token)
+
+    def track(self, sub: Subscriber, user: str = "", credential: str = "", hold: int = 0) -> None:
+        """A stream registered (in the step that subscribed it), with its ``hold_user``."""
         self._streams[sub.session] = (sub, user, credential)
+        if hold > 0:
+            self._holds[sub.session] = hold
         if user:
             self._users.setdefault(user, set()).add(sub)
         seconds = self._get_config().limits.max_stream_seconds
@@ -114,6 +144,8 @@ class Control:
     def forget(self, sub: Subscriber) -> None:
         """The stream ended (its heap entry, if any, goes when its time comes)."""
         entry = self._streams.pop(sub.session, None)
+        hold = self._holds.pop(sub.session, 0) if self._holds else 0
+        self.release_user(hold)
         if entry is not None and entry[1]:
             subs = self._users.get(entry[1])
             if subs is not None:

@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     # (STREAM_FAILED, key): main's reader was refused a listed channel's stream key (it
     # asks again at each heartbeat, and says STREAM ... started once it reads it)
     STREAM_FAILED = 15
+    USER_ANSWER = 16  # (USER_ANSWER, token, granted): main's answer to a USER_HOLD
     # main -> a new worker, before anything else (see snapshot.py)
     SNAPSHOT = 20  # (SNAPSHOT, dict): the node's state but its histories
     HISTORY = 21  # (HISTORY, channel name, [Entry, ...], [seq with a publisher id, ...])
@@ -70,6 +71,10 @@ class Kind(enum.IntEnum):
     JOIN = 34  # (JOIN, channel, session, meta, presence): a stream registered
     LEAVE = 35  # (LEAVE, channel, session, meta, reason, presence): a stream ended
     REFUSE = 36  # (REFUSE, Refuse): a session here was refused by its credential
+    # (USER_HOLD, user, token): one more stream of ``user`` here (limits.max_per_user
+    # counts the node's); USER_RELEASE (token): it ended, or never registered
+    USER_HOLD = 37
+    USER_RELEASE = 38
 
 
 _LEN = struct.Struct("!I")

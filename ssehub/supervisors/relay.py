@@ -11,6 +11,7 @@ node), refusals by credential (the control plane).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ class Relay(Listener):
         self._out = Batch(self._to_all)
         self.push = self._out.push
         self.flush = self._out.flush
+        # Streams per user on the node (every worker's), for limits.max_per_user.
+        self.users: Counter[str] = Counter()
 
     def _node(self) -> Node:
         assert self.node is not None
@@ -154,6 +157,10 @@ class Relay(Listener):
             self._hold(slot, op[1], op[2])
         elif kind == Kind.RELEASE:
             self._release(slot, op[2])
+        elif kind == Kind.USER_HOLD:
+            self._user_hold(slot, op[1], op[2])
+        elif kind == Kind.USER_RELEASE:
+            self._user_release(slot, op[1])
         else:
             return False
         return True
@@ -170,6 +177,22 @@ class Relay(Listener):
         if channel is not None:
             self._node().hub.release([channel])
 
+    def _user_hold(self, slot: Slot, user: str, token: int) -> None:
+        """One more stream of ``user`` on ``slot``, if the node has fewer than the limit."""
+        limit = self._node().config.limits.max_per_user
+        granted = not limit or self.users[user] < limit
+        if granted:
+            self.users[user] += 1
+            slot.users[token] = user
+        self.send(slot, [(Kind.USER_ANSWER, token, granted)])
+
+    def _user_release(self, slot: Slot, token: int) -> None:
+        user = slot.users.pop(token, None)
+        if user is not None:
+            self.users[user] -= 1
+            if self.users[user] <= 0:
+                del self.users[user]
+
     def gone(self, slot: Slot) -> None:
         """A worker exited: every stream it had not reported ended did end with it, and
         its holds go."""
@@ -180,3 +203,5 @@ class Relay(Listener):
         slot.sessions.clear()
         node.hub.release(list(slot.held.values()))
         slot.held.clear()
+        for token in list(slot.users):
+            self._user_release(slot, token)

@@ -69,6 +69,8 @@ class Slot:
         # (one hub hold each): a name may stand for two members in turn, when a
         # reload drops one and the worker makes it again before it let the old go.
         self.held: dict[int, Channel] = {}
+        # Its streams counted against limits.max_per_user: token -> user.
+        self.users: dict[int, str] = {}
         self.stats: list[Metric] = []
         self.stats_waiter: asyncio.Future[None] | None = None
         # Its streams' registrations not yet ended: (channel, session) -> (meta,

@@ -18,11 +18,12 @@ from before it accepts a single connection.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .. import logs
@@ -39,9 +40,12 @@ from .process import run as run_loop
 from .snapshot import Receiver
 from .worker_hub import WorkerHub
 
-__all__ = ["FeedBroker", "FeedSink", "FeedStreams", "main"]
+__all__ = ["FeedBroker", "FeedSink", "FeedStreams", "FeedUsers", "main"]
 
 log = logging.getLogger("ssehub.supervisors.worker")  # also when run as __main__
+
+# Seconds a stream waits for main to count it against limits.max_per_user.
+_USER_ANSWER_TIMEOUT = 5.0
 
 
 class FeedStreams:
@@ -117,6 +121,7 @@ class FeedBroker:
         self._changed = Changes()
         self.streams = FeedStreams(config.redis, hub)
         self.sink = FeedSink(self)
+        self.users = FeedUsers(self._reply)
 
     @property
     def broker(self) -> FeedBroker:
@@ -202,6 +207,8 @@ class FeedBroker:
             if op[3]:
                 self.streams.live.add(op[1])
                 self.streams.wake()
+        elif kind == Kind.USER_ANSWER:
+            self.users.answer(op[1], op[2])
         elif kind == Kind.STREAM_FAILED:
             # Its streams here end as in one process; new ones wait until main reads it.
             self.streams.live.discard(op[1])
@@ -248,6 +255,42 @@ class FeedBroker:
     def _reply(self, op: Op) -> None:
         if self.proto is not None:
             self.proto.send([op])
+
+
+class FeedUsers:
+    """A worker's ``UserGate``: main counts every worker's streams per user (relay.py)
+    and answers each hold, so that ``limits.max_per_user`` bounds the node's."""
+
+    def __init__(self, reply: Callable[[Op], None]) -> None:
+        self._reply = reply
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[bool]] = {}
+
+    async def hold(self, user: str) -> int:
+        token = next(self._tokens)
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting[token] = answer
+        self._reply((Kind.USER_HOLD, user, token))
+        try:
+            # Main answers within its next loop iteration (it does not only when it is
+            # gone, and then this worker stops too): no answer in time is a busy answer.
+            granted = await asyncio.wait_for(answer, _USER_ANSWER_TIMEOUT)
+        except TimeoutError:
+            granted = False
+        finally:
+            # Not waited for any more: an answer still to come gives its hold back.
+            self._waiting.pop(token, None)
+        return token if granted else -1
+
+    def answer(self, token: int, granted: bool) -> None:
+        answer = self._waiting.pop(token, None)
+        if answer is not None and not answer.done():
+            answer.set_result(granted)
+        elif granted:  # the stream stopped waiting (it left, or timed out): give it back
+            self.release(token)
+
+    def release(self, token: int) -> None:
+        self._reply((Kind.USER_RELEASE, token))
 
 
 class FeedSink:
@@ -305,6 +348,7 @@ async def serve(
     # session refused here by its credential goes to main, which tells every node.
     node.control.load(header["refusals"])
     node.control.on_refuse = lambda refusal: broker._reply((Kind.REFUSE, refusal))
+    node.control.gate = broker.users  # limits.max_per_user: main counts the node's
     # Only SIGTERM, from main: SIGINT and SIGHUP are ignored (see main()).
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     server = HubServer(config, node=node, reuse_port=True)  # (no systemd: main's)
