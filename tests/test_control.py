@@ -4,6 +4,8 @@ of workers; refused reconnects (in memory, fed by the channel, loaded at start).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -349,7 +351,8 @@ async def test_max_per_user_counts_the_users_streams_on_the_whole_node(
         assert sum(per) == 2
         assert one(m, "ssehub_connections_closed_total", reason="limit") == SPREAD - 2
         # Another user is not counted; one of 42's streams ends: room for one more.
-        clients.append(await user_stream(node.port, "7"))
+        other = await user_stream(node.port, "7")
+        clients.append(other)
         await accepted[0].close()
 
         async def one_more() -> bool:
@@ -357,6 +360,26 @@ async def test_max_per_user_counts_the_users_streams_on_the_whole_node(
 
         await wait_until(one_more, timeout=5)
         assert not (await attempt()).parser.last_id  # and only one
+        # A worker holding some of 42's streams dies: their counts go with it.
+        await other.close()
+
+        async def per_worker() -> list[int]:
+            m = await scrape(node.admin_port)
+            return [int(one(m, "ssehub_worker_connections", worker=str(i))) for i in range(WORKERS)]
+
+        async def only_42s() -> bool:
+            return sum(await per_worker()) == 2
+
+        await wait_until(only_42s, timeout=5)
+        per = await per_worker()
+        victim = next(i for i, n in enumerate(per) if n)
+        mark = len(node.lines)
+        os.kill(node.worker_pids()[victim], signal.SIGKILL)
+        node.wait_for(rf"worker ready worker={victim}", mark)
+        alive = 2 - per[victim]
+        for _ in range(2 - alive):
+            await wait_until(one_more, timeout=5)
+        assert not (await attempt()).parser.last_id
     finally:
         node.stop()
 
