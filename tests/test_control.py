@@ -350,6 +350,11 @@ async def test_max_per_user_counts_the_users_streams_on_the_whole_node(
         per = [one(m, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
         assert sum(per) == 2
         assert one(m, "ssehub_connections_closed_total", reason="limit") == SPREAD - 2
+        # A client that is no EventSource gets 503 on either worker, as in one process.
+        plain = {"Authorization": headers["Authorization"]}
+        for _ in range(6):
+            status, head, _ = await http_request(node.port, "/channels/user.42", headers=plain)
+            assert status == 503 and "retry-after" in head
         # Another user is not counted; one of 42's streams ends: room for one more.
         other = await user_stream(node.port, "7")
         clients.append(other)

@@ -205,18 +205,18 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if last_event_id is not None:
             rewind = 0
         refusal = _over_limit(hub, channels, mux, control, user)
+        if refusal is None and control.gate is not None:
+            # With workers, limits.max_per_user counts the node's streams: main answers.
+            hold = await control.hold_user(user)
+            if hold < 0:
+                refusal = "max_per_user"
         if refusal is not None and not wants_stream:
             return _unavailable(hub, refusal)
         resp = await _prepare(request)
         if request.method == "HEAD":
             return resp
-        # With workers, limits.max_per_user counts the node's streams: main's answer.
-        if control.gate is not None:
-            hold = await control.hold_user(user)
-            if hold < 0:
-                return await _turn_away(hub, resp, "max_per_user")
-        # Again: the awaits above let others in.
-        refusal = _over_limit(hub, channels, mux, control, user)
+        # Again: the awaits above let others in (the node's count is held already).
+        refusal = "max_per_user" if hold < 0 else _over_limit(hub, channels, mux, control, user)
         if refusal is not None:
             return await _turn_away(hub, resp, refusal)
         # The first bytes go through aiohttp's writer, which sends the buffered
