@@ -19,8 +19,10 @@ from aiohttp import web
 from ssehub.server import HubServer
 
 from .conftest import StartHub
-from .redis_server import free_port
+from .redis_server import RedisServer, free_port
 from .sseclient import SSEClient, http_request, open_stream
+from .test_metrics import one, scrape
+from .test_workers import SPREAD, WORKERS, Node, write_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "proxy_auth_app.py"
 BUSY = {"Accept": "text/event-stream"}
@@ -204,6 +206,54 @@ async def test_a_connect_storm_makes_one_call_per_session_in_flight(
     m = (await http_request(hub.admin_port, "/metrics"))[2].decode()
     assert 'ssehub_auth_proxy_total{outcome="called"} 5.0' in m
     assert 'ssehub_auth_proxy_total{outcome="granted"} 200.0' in m
+
+
+@pytest.mark.slow
+async def test_with_workers_the_node_asks_once_per_session_and_every_worker_decides(
+    app: App, tmp_path: Path, redis_server: RedisServer, clients: list[SSEClient]
+) -> None:
+    """Main asks the application for its workers: one call per session in flight on the
+    node and one cache, not one per worker; each worker decides on main's answer."""
+    app.delay = 0.3  # the storm arrives while the first answer is on its way
+    url = f"http://127.0.0.1:{app.port}/auth"
+    extra = f"auth: {{proxy: {{url: '{url}', cookies: [sid], timeout: 5}}}}\n"
+    channels = "{chat: {}, 'user.*': {auth: proxy}, 'news.*': {auth: proxy}}"
+    node = Node(write_config(tmp_path / "hub.yaml", redis_server.url, channels, extra))
+    try:
+        storm = await asyncio.gather(
+            *(
+                open_stream(node.port, "/channels/user.42", headers=cookie("user42"))
+                for _ in range(SPREAD)
+            )
+        )
+        clients.extend(storm)
+        m = await scrape(node.admin_port)
+        per = [one(m, "ssehub_worker_connections", worker=str(i)) for i in range(WORKERS)]
+        assert sum(per) == SPREAD and all(per)  # both workers asked
+        assert len(app.calls) == 1
+        # The node's cache answers later streams on any worker; a denial is 403 on each.
+        clients.extend(
+            [
+                await open_stream(node.port, "/channels/news.x", headers=cookie("user42"))
+                for _ in range(6)
+            ]
+        )
+        for _ in range(6):
+            status, _, _ = await http_request(node.port, "/channels/user.7", headers=cookie("x"))
+            assert status == 403
+        assert len(app.calls) == 2
+        # The application failing is main's answer too: the busy stream, as in one process.
+        busy = await SSEClient.connect(node.port, "/channels/user.9", {**cookie("broken"), **BUSY})
+        clients.append(busy)
+        await busy.read_to_eof()
+        assert json.loads(busy.events[0].data)["reason"] == "auth_unavailable"
+        m = await scrape(node.admin_port)
+        assert one(m, "ssehub_auth_proxy_total", outcome="called") == 3
+        assert one(m, "ssehub_auth_proxy_total", outcome="unavailable") == 1
+        assert one(m, "ssehub_auth_proxy_total", outcome="granted") == SPREAD + 6
+        assert one(m, "ssehub_auth_proxy_total", outcome="denied") == 6
+    finally:
+        node.stop()
 
 
 async def test_the_example_application_runs_as_the_docs_show(

@@ -17,8 +17,9 @@ guessed and the door never opens without an answer.
 
 **Cost.** Answers are cached by the cookies sent (at most ``cache_size``, each for
 ``cache_seconds`` and never past its ``expire_at``), denials too, so reconnects cost
-nothing. At most one call per cookie set is in flight (per process: with ``workers: N``
-each worker asks for itself): a storm of connects of one session waits for one answer
+nothing. At most one call per cookie set is in flight on the node (with ``workers: N``
+the workers ask main, which asks the application: see ``remote``): a storm of
+connects of one session waits for one answer
 (a failed call fails its waiters too, rather than each trying again), and aiohttp's
 connector holds at most 100 connections to the application. A stream's ``expire_at``
 ends it as a token's ``exp`` does (``ssehub-auth-expired`` first), so the application
@@ -32,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -44,7 +45,7 @@ from ..logs import fields
 from .auth import Denied, matches
 from .auth import _pattern as claim_pattern  # one definition of the claim syntax
 
-__all__ = ["PROXY", "ProxyAuth", "ProxyGrant", "Unavailable", "add_proxy_auth"]
+__all__ = ["PROXY", "ProxyAuth", "ProxyGrant", "Remote", "Unavailable", "add_proxy_auth"]
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,23 @@ class ProxyGrant:
         return matches(self.claims, name)
 
 
-class ProxyAuth:
-    """Asks the application about streams of ``auth: proxy`` channels; caches the answers."""
+# Where a worker's ProxyAuth gets its answers: main's ``answer`` (supervisors/worker.py).
+Remote = Callable[[str, list[str], dict[str, str]], Awaitable[ProxyGrant]]
 
-    def __init__(self, get_config: Callable[[], Config], stats: ControlStats) -> None:
+
+class ProxyAuth:
+    """Asks the application about streams of ``auth: proxy`` channels; caches the answers.
+
+    ``remote``: with workers, a worker's answers come from main (which caches them and
+    calls the application for the whole node); the worker decides on them.
+    """
+
+    def __init__(
+        self, get_config: Callable[[], Config], stats: ControlStats, remote: Remote | None = None
+    ) -> None:
         self._get_config = get_config
         self._stats = stats.proxy
+        self.remote = remote
         self._session: aiohttp.ClientSession | None = None
         self._cache: dict[str, ProxyGrant] = {}
         self._config: ProxyAuthConfig | None = None  # what the cached answers were asked with
@@ -105,6 +117,16 @@ class ProxyAuth:
         names = [name for name, cfg in channels if cfg.auth == "proxy"]
         if not names:
             return None
+        proxy = self._proxy()
+        cookies = {n: request.cookies[n] for n in proxy.cookies if n in request.cookies}
+        key = json.dumps(sorted(cookies.items()), separators=(",", ":"))
+        if self.remote is not None:
+            answer = await self.remote(key, names, cookies)
+        else:
+            answer = await self.answer(key, names, cookies)
+        return self._decide(answer, names)
+
+    def _proxy(self) -> ProxyAuthConfig:
         auth = self._get_config().auth
         if auth is None or auth.proxy is None:  # pragma: no cover - config validation
             raise Unavailable("no auth.proxy configured")
@@ -112,13 +134,18 @@ class ProxyAuth:
             # A reload changed it (another URL, other cookies): no answer carries over.
             self._config = auth.proxy
             self._cache.clear()
-        cookies = {n: request.cookies[n] for n in auth.proxy.cookies if n in request.cookies}
-        key = json.dumps(sorted(cookies.items()), separators=(",", ":"))
+        return auth.proxy
+
+    async def answer(self, key: str, names: list[str], cookies: dict[str, str]) -> ProxyGrant:
+        """The application's answer for ``cookies`` (``key``, their canonical form) about
+        ``names``: cached, or asked for once however many wait for it; raises
+        Unavailable."""
+        proxy = self._proxy()
         while True:
             cached = self._cache.get(key)
             if cached is not None and cached.answers(names, time.time()):
                 self._stats["cached"] += 1
-                return self._decide(cached, names)
+                return cached
             pending = self._inflight.get(key)
             if pending is None:
                 break
@@ -127,7 +154,7 @@ class ProxyAuth:
         future: asyncio.Future[ProxyGrant] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            answer = await self._call(auth.proxy, key, names, cookies)
+            answer = await self._call(proxy, key, names, cookies)
         except BaseException as exc:
             if isinstance(exc, Unavailable):
                 self._stats["unavailable"] += 1
@@ -138,8 +165,8 @@ class ProxyAuth:
             future.set_result(answer)
         finally:
             del self._inflight[key]
-        self._remember(key, answer, auth.proxy)
-        return self._decide(answer, names)
+        self._remember(key, answer, proxy)
+        return answer
 
     def _decide(self, answer: ProxyGrant, names: Sequence[str]) -> ProxyGrant:
         denied = [n for n in names if not answer.allows(n)]

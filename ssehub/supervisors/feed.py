@@ -59,6 +59,9 @@ class Kind(enum.IntEnum):
     # asks again at each heartbeat, and says STREAM ... started once it reads it)
     STREAM_FAILED = 15
     USER_ANSWER = 16  # (USER_ANSWER, token, granted): main's answer to a USER_HOLD
+    # (PROXY_ANSWER, token, ProxyGrant | str): the application's answer to a PROXY_ASK,
+    # or why there is none (the application unavailable)
+    PROXY_ANSWER = 17
     # main -> a new worker, before anything else (see snapshot.py)
     SNAPSHOT = 20  # (SNAPSHOT, dict): the node's state but its histories
     HISTORY = 21  # (HISTORY, channel name, [Entry, ...], [seq with a publisher id, ...])
@@ -75,6 +78,9 @@ class Kind(enum.IntEnum):
     # counts the node's); USER_RELEASE (token): it ended, or never registered
     USER_HOLD = 37
     USER_RELEASE = 38
+    # (PROXY_ASK, token, key, channel names, cookies): an ``auth: proxy`` stream here
+    # (main asks the application, once per session in flight on the node, and caches)
+    PROXY_ASK = 39
 
 
 _LEN = struct.Struct("!I")

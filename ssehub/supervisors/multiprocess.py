@@ -223,6 +223,7 @@ class Supervisor:
             self._gone(slot)
         # The writer writes the streams' unsubscribes; then admin, Redis, the watchers.
         await self.node.close()
+        await self.relay.close()
         if self._sock is not None:
             self._sock.close()
         self.notifier.close()

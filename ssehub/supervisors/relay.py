@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core.control import Command, Refuse
 from ..core.history import Entry
+from ..http.proxy_auth import ProxyAuth, ProxyGrant, Unavailable
 from ..hub.channel import Channel
 from ..hub.hub import Refused, Unknown
 from ..node import Listener, Node
@@ -41,6 +42,8 @@ class Relay(Listener):
         self.flush = self._out.flush
         # Streams per user on the node (every worker's), for limits.max_per_user.
         self.users: Counter[str] = Counter()
+        # auth: proxy, asked for the workers (made on first use).
+        self.proxy: ProxyAuth | None = None
 
     def _node(self) -> Node:
         assert self.node is not None
@@ -161,6 +164,8 @@ class Relay(Listener):
             self._user_hold(slot, op[1], op[2])
         elif kind == Kind.USER_RELEASE:
             self._user_release(slot, op[1])
+        elif kind == Kind.PROXY_ASK:
+            node.tasks.spawn(self._proxy_answer(slot, *op[1:]), "ssehub-proxy", forever=False)
         else:
             return False
         return True
@@ -192,6 +197,26 @@ class Relay(Listener):
             self.users[user] -= 1
             if self.users[user] <= 0:
                 del self.users[user]
+
+    async def _proxy_answer(
+        self, slot: Slot, token: int, key: str, names: list[str], cookies: dict[str, str]
+    ) -> None:
+        """Ask the application for a worker's stream (or answer from the node's cache)."""
+        node = self._node()
+        if self.proxy is None:
+            self.proxy = ProxyAuth(lambda: node.config, node.control.stats)
+        result: ProxyGrant | str
+        try:
+            result = await self.proxy.answer(key, names, cookies)
+        except Unavailable as exc:
+            result = str(exc) or "unavailable"
+        if slot.link is not None:
+            self.send(slot, [(Kind.PROXY_ANSWER, token, result)])
+
+    async def close(self) -> None:
+        """Close what main opened for its workers (the application's HTTP session)."""
+        if self.proxy is not None:
+            await self.proxy.close()
 
     def gone(self, slot: Slot) -> None:
         """A worker exited: every stream it had not reported ended did end with it, and

@@ -29,6 +29,7 @@ from typing import Any
 from .. import logs
 from ..config import Config, RedisConfig
 from ..core.waiters import Changes
+from ..http.proxy_auth import PROXY, ProxyGrant, Unavailable
 from ..node import Node
 from ..redis.factory import create_replays
 from ..redis.pubsub import BrokerState
@@ -40,12 +41,14 @@ from .process import run as run_loop
 from .snapshot import Receiver
 from .worker_hub import WorkerHub
 
-__all__ = ["FeedBroker", "FeedSink", "FeedStreams", "FeedUsers", "main"]
+__all__ = ["FeedBroker", "FeedProxy", "FeedSink", "FeedStreams", "FeedUsers", "main"]
 
 log = logging.getLogger("ssehub.supervisors.worker")  # also when run as __main__
 
 # Seconds a stream waits for main to count it against limits.max_per_user.
 _USER_ANSWER_TIMEOUT = 5.0
+# Seconds past auth.proxy.timeout a stream waits for main's answer from the application.
+_PROXY_MARGIN = 1.0
 
 
 class FeedStreams:
@@ -122,6 +125,7 @@ class FeedBroker:
         self.streams = FeedStreams(config.redis, hub)
         self.sink = FeedSink(self)
         self.users = FeedUsers(self._reply)
+        self.proxy = FeedProxy(self._reply, lambda: hub.config)
 
     @property
     def broker(self) -> FeedBroker:
@@ -209,6 +213,8 @@ class FeedBroker:
                 self.streams.wake()
         elif kind == Kind.USER_ANSWER:
             self.users.answer(op[1], op[2])
+        elif kind == Kind.PROXY_ANSWER:
+            self.proxy.answer(op[1], op[2])
         elif kind == Kind.STREAM_FAILED:
             # Its streams here end as in one process; new ones wait until main reads it.
             self.streams.live.discard(op[1])
@@ -293,6 +299,39 @@ class FeedUsers:
         self._reply((Kind.USER_RELEASE, token))
 
 
+class FeedProxy:
+    """A worker's ``auth: proxy`` answers (http/proxy_auth.Remote): main asks the
+    application for the node, once per session in flight, and caches its answers."""
+
+    def __init__(self, reply: Callable[[Op], None], get_config: Callable[[], Config]) -> None:
+        self._reply = reply
+        self._get_config = get_config
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[ProxyGrant | str]] = {}
+
+    async def __call__(self, key: str, names: list[str], cookies: dict[str, str]) -> ProxyGrant:
+        token = next(self._tokens)
+        answer: asyncio.Future[ProxyGrant | str] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = answer
+        self._reply((Kind.PROXY_ASK, token, key, names, cookies))
+        auth = self._get_config().auth
+        timeout = (auth.proxy.timeout if auth and auth.proxy else 0.0) + _PROXY_MARGIN
+        try:
+            result = await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            raise Unavailable("no answer from the main process") from None
+        finally:
+            self._waiting.pop(token, None)
+        if isinstance(result, str):
+            raise Unavailable(result)
+        return result
+
+    def answer(self, token: int, result: ProxyGrant | str) -> None:
+        answer = self._waiting.pop(token, None)
+        if answer is not None and not answer.done():
+            answer.set_result(result)
+
+
 class FeedSink:
     """A worker's roster sink: its streams' joins and leaves go to the main process,
     which writes them to Redis for the node (one frame per event-loop iteration)."""
@@ -352,6 +391,7 @@ async def serve(
     # Only SIGTERM, from main: SIGINT and SIGHUP are ignored (see main()).
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     server = HubServer(config, node=node, reuse_port=True)  # (no systemd: main's)
+    server.app[PROXY].remote = broker.proxy  # auth: proxy: main asks for the node
     for ops in receiver.later:
         broker._apply(ops)
     await broker.connect(receiver.reader)
