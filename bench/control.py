@@ -109,11 +109,14 @@ async def _subscribe(port: int, path: str, cookie: str = "") -> asyncio.StreamRe
 
 
 async def _count(reader: asyncio.StreamReader, counter: list[int]) -> None:
+    tail = b""  # a field split across two reads is counted once, in the second
     while True:
         data = await reader.read(1 << 20)
         if not data:
             return
+        data = tail + data
         counter[0] += data.count(b"\ndata: ")
+        tail = data[-6:]  # shorter than the 7-byte mark: never counted twice
 
 
 async def _publish(
