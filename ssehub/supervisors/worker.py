@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .. import logs
 from ..config import Config, RedisConfig
@@ -44,6 +44,8 @@ from .worker_hub import WorkerHub
 __all__ = ["FeedBroker", "FeedProxy", "FeedSink", "FeedStreams", "FeedUsers", "main"]
 
 log = logging.getLogger("ssehub.supervisors.worker")  # also when run as __main__
+
+T = TypeVar("T")
 
 # Seconds a stream waits for main to count it against limits.max_per_user.
 _USER_ANSWER_TIMEOUT = 5.0
@@ -263,37 +265,56 @@ class FeedBroker:
             self.proto.send([op])
 
 
+class _Asks(Generic[T]):
+    """Questions this worker asks main, each by a token, and their answers."""
+
+    def __init__(self, reply: Callable[[Op], None]) -> None:
+        self._reply = reply
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[T]] = {}
+
+    async def ask(self, op: Callable[[int], Op], timeout: float) -> tuple[int, T]:
+        """Send ``op(token)``; the token and main's answer. TimeoutError after
+        ``timeout`` (main answers within its next loop iteration, unless it is gone, and
+        then this worker stops too)."""
+        token = next(self._tokens)
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = answer
+        self._reply(op(token))
+        try:
+            return token, await asyncio.wait_for(answer, timeout)
+        finally:
+            self._waiting.pop(token, None)  # an answer still to come finds nobody
+
+    def answer(self, token: int, value: T) -> bool:
+        """Hand main's answer to its question; False when nobody waits for it any more."""
+        answer = self._waiting.pop(token, None)
+        if answer is None or answer.done():
+            return False
+        answer.set_result(value)
+        return True
+
+
 class FeedUsers:
     """A worker's ``UserGate``: main counts every worker's streams per user (relay.py)
     and answers each hold, so that ``limits.max_per_user`` bounds the node's."""
 
     def __init__(self, reply: Callable[[Op], None]) -> None:
         self._reply = reply
-        self._tokens = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._asks: _Asks[bool] = _Asks(reply)
 
     async def hold(self, user: str) -> int:
-        token = next(self._tokens)
-        answer = asyncio.get_running_loop().create_future()
-        self._waiting[token] = answer
-        self._reply((Kind.USER_HOLD, user, token))
         try:
-            # Main answers within its next loop iteration (it does not only when it is
-            # gone, and then this worker stops too): no answer in time is a busy answer.
-            granted = await asyncio.wait_for(answer, _USER_ANSWER_TIMEOUT)
+            token, granted = await self._asks.ask(
+                lambda token: (Kind.USER_HOLD, user, token), _USER_ANSWER_TIMEOUT
+            )
         except TimeoutError:
-            granted = False
-        finally:
-            # Not waited for any more: an answer still to come gives its hold back.
-            self._waiting.pop(token, None)
+            return -1  # no answer in time: a busy answer
         return token if granted else -1
 
     def answer(self, token: int, granted: bool) -> None:
-        answer = self._waiting.pop(token, None)
-        if answer is not None and not answer.done():
-            answer.set_result(granted)
-        elif granted:  # the stream stopped waiting (it left, or timed out): give it back
-            self.release(token)
+        if not self._asks.answer(token, granted) and granted:
+            self.release(token)  # the stream stopped waiting (it left, or timed out)
 
     def release(self, token: int) -> None:
         self._reply((Kind.USER_RELEASE, token))
@@ -304,32 +325,24 @@ class FeedProxy:
     application for the node, once per session in flight, and caches its answers."""
 
     def __init__(self, reply: Callable[[Op], None], get_config: Callable[[], Config]) -> None:
-        self._reply = reply
         self._get_config = get_config
-        self._tokens = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[ProxyGrant | str]] = {}
+        self._asks: _Asks[ProxyGrant | str] = _Asks(reply)
 
     async def __call__(self, key: str, names: list[str], cookies: dict[str, str]) -> ProxyGrant:
-        token = next(self._tokens)
-        answer: asyncio.Future[ProxyGrant | str] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = answer
-        self._reply((Kind.PROXY_ASK, token, key, names, cookies))
         auth = self._get_config().auth
         timeout = (auth.proxy.timeout if auth and auth.proxy else 0.0) + _PROXY_MARGIN
         try:
-            result = await asyncio.wait_for(answer, timeout)
+            _, result = await self._asks.ask(
+                lambda token: (Kind.PROXY_ASK, token, key, names, cookies), timeout
+            )
         except TimeoutError:
             raise Unavailable("no answer from the main process") from None
-        finally:
-            self._waiting.pop(token, None)
         if isinstance(result, str):
             raise Unavailable(result)
         return result
 
     def answer(self, token: int, result: ProxyGrant | str) -> None:
-        answer = self._waiting.pop(token, None)
-        if answer is not None and not answer.done():
-            answer.set_result(result)
+        self._asks.answer(token, result)
 
 
 class FeedSink:
