@@ -327,27 +327,45 @@ def many_channels(ctx: Ctx, cls: type[Server]) -> list[Result]:
     return [fanout_one(ctx, cls, "channels", 10000, 5000, 10.0)]
 
 
+def climb(
+    ctx: Ctx,
+    r: Any,
+    scenario: str,
+    label: Callable[[float], str],
+    rate: float,
+    steps: int,
+    note: Callable[[Result, Any], None] | None = None,
+) -> tuple[list[Result], Result | None]:
+    """Offer ``rate`` msg/s, then x1.5 a step, until a step fails (loss, or p99 past the
+    bound) or after ``steps``: every step's result (``note`` adds to each from its
+    window), and the last one that held (None: the first failed)."""
+    results: list[Result] = []
+    best: Result | None = None
+    for _ in range(steps):
+        w = measure(ctx, r, rate, ctx.duration(5))
+        res = to_result(ctx, r, scenario, label(rate), w, rate)
+        if note is not None:
+            note(res, w)
+        results.append(res)
+        if not res.ok:
+            break
+        # A client-bound step goes on: the load core's busy share also counts other
+        # users of the machine, and the step's own verdict (loss, p99) still holds.
+        best = res
+        rate = float(math.ceil(rate * 1.5))
+        ctx.pause(0.5)
+    return results, best
+
+
 def saturation(ctx: Ctx, cls: type[Server]) -> list[Result]:
     """1,000 subscribers; from 1 msg/s, x1.5 a step until p99 > 100 ms or loss."""
     subs = 1000
-    results: list[Result] = []
-    best: Result | None = None
     with rig(ctx, cls, ["c0"], subs) as r:
         st = connect(r, subs)
         if st.opened < subs:
             return [Result(cls.name, "saturation", "", st.opened, ok=False, error="connect")]
-        rate = 1.0  # the Flask baselines fail at 5 msg/s x 1,000 already
-        for _ in range(20):
-            w = measure(ctx, r, rate, ctx.duration(5))
-            res = to_result(ctx, r, "saturation", f"step {rate:g}/s", w, rate)
-            results.append(res)
-            if not res.ok:
-                break
-            # A client-bound step goes on: the load core's busy share also counts other
-            # users of the machine, and the step's own verdict (loss, p99) still holds.
-            best = res
-            rate = float(math.ceil(rate * 1.5))
-            time.sleep(0.5)
+        # From 1 msg/s: the Flask baselines fail at 5 msg/s x 1,000 already.
+        results, best = climb(ctx, r, "saturation", lambda rate: f"step {rate:g}/s", 1.0, 20)
     summary = Result(cls.name, "saturation", "max", subs)
     if best is not None:
         summary.achieved_dps = best.achieved_dps
@@ -728,24 +746,22 @@ def _scaling_deliveries(
     subs = 20 if ctx.smoke else SCALING_SUBS
     channels = [f"c{i}" for i in range(2 if ctx.smoke else SCALING_CHANNELS)]
     name = f"{label}: deliveries"
-    steps: list[Result] = []
-    best: Result | None = None
     with rig(ctx, cls, channels, subs, tune=tune) as r:
         st = connect(r, subs)
         if st.opened < subs:
             return Result(cls.name, "workers-scaling", name, st.opened, ok=False, error="connect")
         ctx.pause(0.5)
-        rate = 10.0 if ctx.smoke else SCALING_START
-        for _ in range(2 if ctx.smoke else SCALING_STEPS):
-            w = measure(ctx, r, rate, ctx.duration(5))
-            res = to_result(ctx, r, "workers-scaling", name, w, rate)
-            res.extra["hub_us_per_delivery"] = _per_event_us(w.server_cpu_s, w.stats.events)
-            steps.append(res)
-            if not res.ok:
-                break
-            best = res
-            rate = float(math.ceil(rate * 1.5))
-            ctx.pause(0.5)
+        steps, best = climb(
+            ctx,
+            r,
+            "workers-scaling",
+            lambda rate: name,
+            10.0 if ctx.smoke else SCALING_START,
+            2 if ctx.smoke else SCALING_STEPS,
+            lambda res, w: res.extra.update(
+                hub_us_per_delivery=_per_event_us(w.server_cpu_s, w.stats.events)
+            ),
+        )
     summary = best or Result(cls.name, "workers-scaling", name, subs, ok=False)
     summary.extra["channels"] = len(channels)
     # At the first step every variant holds: CPU per delivery there compares them.
