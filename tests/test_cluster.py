@@ -536,3 +536,40 @@ async def test_a_part_that_dies_ends_the_cluster_source_loudly(
         role = ClusterStreamReader(config, print, print, lambda key: 0)
         role.want([b"cs:part"])
     await ends_by_itself(role.run(), RuntimeError, "a bug in a part", 10)
+
+
+@pytest.mark.slow
+async def test_a_listed_channels_key_fixed_on_its_master_serves_again_without_a_reload(
+    cluster: RedisCluster, start_hub: StartHub
+) -> None:
+    """A listed channel's key that holds no stream is asked for again at each heartbeat
+    on its slot's reader, and serves once fixed (as in one Redis)."""
+    key = "cs:listed"
+
+    def owner() -> redis.Redis:
+        return redis.Redis(port=cluster.owner(key), socket_timeout=5)
+
+    def break_it() -> None:
+        with owner() as r:
+            r.delete(key)
+            r.set(key, "not a stream")
+
+    def fix_it() -> str:
+        with owner() as r, r.pipeline(transaction=True) as fix:
+            fix.delete(key)
+            fix.xadd(key, {"data": "first"})
+            return str(fix.execute()[1].decode())
+
+    await asyncio.to_thread(break_it)
+    hub = await start_stream_hub(start_hub, cluster, {"listed": {"stream": key}}, heartbeat=0.2)
+    c = await SSEClient.connect(hub.port, "/channels/listed")
+    try:
+        assert c.status == 200
+        await wait_until(lambda: hub.hub.stats.stream_errors["listed"] >= 2, timeout=10)
+        assert c.parser.last_id == ""
+        first = await asyncio.to_thread(fix_it)
+        await c.read_until(lambda c: c.parser.last_id == first, timeout=10)
+        sent = await asyncio.to_thread(xadd, cluster, key, "after the fix")
+        assert [(e.id, e.data) for e in await c.next_events(1)] == [(sent, "after the fix")]
+    finally:
+        await c.close()
